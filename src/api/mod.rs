@@ -1,0 +1,69 @@
+//! The HTTP API: ① enqueue and ⑦ poll. [`router`] builds the routes apart from [`serve`], so
+//! tests call it without a socket.
+
+pub mod enqueue;
+pub mod error;
+pub mod health;
+pub mod jobs;
+pub mod waiters;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+
+use crate::client::Client;
+use crate::shutdown::Shutdown;
+pub use error::ApiError;
+use waiters::Waiters;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// Enqueues and reads jobs.
+    pub client: Client,
+    /// Long polls waiting for jobs to finish.
+    pub waiters: Arc<Waiters>,
+    /// Fires when the server drains: long polls answer at once with the current state.
+    pub shutdown: Shutdown,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+impl AppState {
+    /// State for `client`, listening for finished jobs on its store.
+    pub fn new(client: Client, shutdown: Shutdown, max_payload_bytes: usize) -> AppState {
+        let waiters = Waiters::start(client.store().clone(), shutdown.force.clone());
+        // The body holds the payload plus a little JSON around it.
+        AppState {
+            client,
+            waiters,
+            shutdown,
+            max_body_bytes: max_payload_bytes + 64 * 1024,
+        }
+    }
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/jobs", post(enqueue::enqueue).get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves `router` on `addr` until the shutdown drains it: stops accepting, lets open requests
+/// finish (long polls answer with the current state), then returns.
+pub async fn serve(addr: SocketAddr, state: AppState) -> std::io::Result<()> {
+    let shutdown = state.shutdown.clone();
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "api listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.drain.cancelled().await })
+        .await
+}

@@ -1,0 +1,222 @@
+//! ③ Publishing with publisher confirms. Confirms are pipelined: a batch is written in full,
+//! then every confirm is awaited, so a batch costs one round trip, not one per message. A
+//! publish returns `Ok` only once the broker has taken responsibility for every message.
+
+use chrono::Utc;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::Mutex;
+
+use super::{BrokerError, Context, QueueNames, topology};
+use crate::job::JobId;
+use crate::wire::WireJob;
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The queue (through the default exchange).
+    pub queue: String,
+    /// The body.
+    pub body: Vec<u8>,
+    /// The `message_id` property: the job id.
+    pub id: JobId,
+    /// Extra headers, such as a dead letter's reason.
+    pub headers: Option<FieldTable>,
+}
+
+impl Outgoing {
+    /// A job message, routed to the work queue or, if it is not due yet, to a delay tier.
+    pub fn job(names: &QueueNames, job: &WireJob) -> Outgoing {
+        let queue = match job.run_at {
+            Some(at) => names.next_hop((at - Utc::now()).num_milliseconds()),
+            None => names.work.clone(),
+        };
+        Outgoing {
+            queue,
+            body: job.to_body(),
+            id: job.id,
+            headers: None,
+        }
+    }
+
+    /// A dead letter: the original body with the reason and job id in headers.
+    pub fn dead(names: &QueueNames, id: JobId, body: Vec<u8>, reason: &str) -> Outgoing {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-apiary-reason".into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        headers.insert(
+            "x-apiary-job-id".into(),
+            AMQPValue::LongString(id.to_string().into()),
+        );
+        Outgoing {
+            queue: names.dead.clone(),
+            body,
+            id,
+            headers: Some(headers),
+        }
+    }
+}
+
+/// Where a publisher gets its channel: its own connection, opened on demand and reopened after
+/// a failure, or a channel lent by a worker's session.
+enum Source {
+    Own {
+        url: String,
+        name: String,
+        conn: Option<Connection>,
+    },
+    Lent,
+}
+
+/// Publishes with confirms on one channel. Cheap to share behind an `Arc`; concurrent callers
+/// pipeline on the same channel.
+pub struct Publisher {
+    source: Mutex<Source>,
+    channel: Mutex<Option<Channel>>,
+    names: QueueNames,
+}
+
+impl Publisher {
+    /// A publisher with its own connection to `url`, opened at first use and reopened after a
+    /// failure. `declare` the topology on first connect so producers may publish before any
+    /// worker started.
+    pub fn new(url: &str, name: &str, names: QueueNames) -> Publisher {
+        Publisher {
+            source: Mutex::new(Source::Own {
+                url: url.to_string(),
+                name: name.to_string(),
+                conn: None,
+            }),
+            channel: Mutex::new(None),
+            names,
+        }
+    }
+
+    /// A publisher on a channel of an existing connection (a worker's session). It does not
+    /// reconnect: the session does.
+    pub async fn on(conn: &Connection, names: QueueNames) -> Result<Publisher, BrokerError> {
+        let channel = conn
+            .create_channel()
+            .await
+            .context("opening a publish channel")?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("enabling confirms")?;
+        Ok(Publisher {
+            source: Mutex::new(Source::Lent),
+            channel: Mutex::new(Some(channel)),
+            names,
+        })
+    }
+
+    /// The queue names this publisher routes to.
+    pub fn names(&self) -> &QueueNames {
+        &self.names
+    }
+
+    /// The open channel, opening a connection first if this publisher owns one.
+    async fn channel(&self) -> Result<Channel, BrokerError> {
+        let mut slot = self.channel.lock().await;
+        if let Some(ch) = slot.as_ref()
+            && ch.status().connected()
+        {
+            return Ok(ch.clone());
+        }
+        let mut source = self.source.lock().await;
+        let Source::Own { url, name, conn } = &mut *source else {
+            return Err(BrokerError::Disconnected);
+        };
+        if conn.as_ref().is_none_or(|c| !c.status().connected()) {
+            *conn = Some(super::connect(url, name).await?);
+        }
+        let Some(c) = conn.as_ref() else {
+            return Err(BrokerError::Disconnected);
+        };
+        let ch = c
+            .create_channel()
+            .await
+            .context("opening a publish channel")?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("enabling confirms")?;
+        topology::declare(&ch, &self.names).await?;
+        *slot = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// Opens the channel if it is not open: readiness, and failing early.
+    pub async fn ensure_connected(&self) -> Result<(), BrokerError> {
+        self.channel().await.map(|_| ())
+    }
+
+    /// Whether the channel is open right now (for readiness).
+    pub async fn is_connected(&self) -> bool {
+        self.channel
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
+    }
+
+    /// Publishes jobs, each to the work queue or its first delay tier.
+    pub async fn publish_jobs(&self, jobs: &[WireJob]) -> Result<(), BrokerError> {
+        let out: Vec<Outgoing> = jobs.iter().map(|j| Outgoing::job(&self.names, j)).collect();
+        self.publish(&out).await
+    }
+
+    /// Publishes persistent messages and waits for every confirm.
+    pub async fn publish(&self, messages: &[Outgoing]) -> Result<(), BrokerError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let channel = self.channel().await?;
+        let result = publish_on(&channel, messages).await;
+        if result.is_err() && !channel.status().connected() {
+            // Forget the dead channel so the next call opens a new one.
+            *self.channel.lock().await = None;
+        }
+        result
+    }
+}
+
+/// Writes every message, then awaits every confirm.
+async fn publish_on(channel: &Channel, messages: &[Outgoing]) -> Result<(), BrokerError> {
+    let json: ShortString = "application/json".into();
+    let mut pending = Vec::with_capacity(messages.len());
+    for m in messages {
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(json.clone())
+            .with_message_id(m.id.to_string().into());
+        if let Some(h) = &m.headers {
+            props = props.with_headers(h.clone());
+        }
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                m.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &m.body,
+                props,
+            )
+            .await
+            .context("publishing")?;
+        pending.push(confirm);
+    }
+    let mut nacked = 0;
+    for confirm in pending {
+        let c = confirm.await.context("waiting for a publisher confirm")?;
+        if !c.is_ack() {
+            nacked += 1;
+        }
+    }
+    if nacked > 0 {
+        Err(BrokerError::Nacked(nacked))
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,126 @@
+//! The queues, all derived from one name so deployments sharing a broker stay apart:
+//!
+//! - `<queue>`: the work queue; producers publish here through the default exchange.
+//! - `<queue>.delay.<ms>`: delay tiers. Each has a fixed message TTL and dead-letters expired
+//!   messages back into the work queue, so a wait is durable in the broker and never in a
+//!   worker's memory. Fixed per-queue TTLs keep expiry in arrival order, and tiers keep a long
+//!   wait from blocking a short one behind it.
+//! - `<queue>.dead`: dead letters, with the reason in the `x-apiary-reason` header.
+
+use lapin::Channel;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
+
+use super::{BrokerError, Context};
+
+/// Delay tiers in milliseconds, finest first. A wait uses the longest tier that does not
+/// overshoot it, then another, until it is due.
+pub const DELAY_TIERS_MS: [u64; 7] = [100, 1_000, 5_000, 25_000, 120_000, 600_000, 3_600_000];
+
+/// The broker names of one deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueNames {
+    /// The work queue.
+    pub work: String,
+    /// The dead-letter queue.
+    pub dead: String,
+}
+
+impl QueueNames {
+    /// The names derived from the work queue's name.
+    pub fn new(queue: &str) -> Self {
+        QueueNames {
+            work: queue.to_string(),
+            dead: format!("{queue}.dead"),
+        }
+    }
+
+    /// The delay queue of a tier.
+    pub fn delay(&self, tier_ms: u64) -> String {
+        format!("{}.delay.{tier_ms}", self.work)
+    }
+
+    /// Every queue name, for declaring and deleting.
+    pub fn all(&self) -> Vec<String> {
+        let mut names = vec![self.work.clone(), self.dead.clone()];
+        names.extend(DELAY_TIERS_MS.iter().map(|t| self.delay(*t)));
+        names
+    }
+
+    /// Where a message due in `remaining_ms` goes next: the longest tier that does not
+    /// overshoot, or the work queue when the wait is shorter than the finest tier.
+    pub fn next_hop(&self, remaining_ms: i64) -> String {
+        match tier_for(remaining_ms) {
+            Some(tier) => self.delay(tier),
+            None => self.work.clone(),
+        }
+    }
+}
+
+/// The longest tier not longer than `remaining_ms`.
+pub fn tier_for(remaining_ms: i64) -> Option<u64> {
+    let remaining = u64::try_from(remaining_ms).ok()?;
+    DELAY_TIERS_MS
+        .iter()
+        .rev()
+        .copied()
+        .find(|t| *t <= remaining)
+}
+
+/// Declares every queue, durable. Idempotent: declaring an existing queue with the same
+/// arguments is a no-op, so `migrate`, workers and producers may all call it.
+pub async fn declare(channel: &Channel, names: &QueueNames) -> Result<(), BrokerError> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(names.work.as_str().into(), durable, FieldTable::default())
+        .await
+        .context("declaring the work queue")?;
+    channel
+        .queue_declare(names.dead.as_str().into(), durable, FieldTable::default())
+        .await
+        .context("declaring the dead-letter queue")?;
+    for tier in DELAY_TIERS_MS {
+        let mut args = FieldTable::default();
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier as i64));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(names.work.as_str().into()),
+        );
+        channel
+            .queue_declare(names.delay(tier).as_str().into(), durable, args)
+            .await
+            .context("declaring a delay queue")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_never_overshoot() {
+        assert_eq!(tier_for(50), None);
+        assert_eq!(tier_for(100), Some(100));
+        assert_eq!(tier_for(999), Some(100));
+        assert_eq!(tier_for(1_000), Some(1_000));
+        assert_eq!(tier_for(4 * 3_600_000), Some(3_600_000));
+        assert_eq!(tier_for(-5), None);
+    }
+
+    #[test]
+    fn names_derive_from_the_queue() {
+        let n = QueueNames::new("q1");
+        assert_eq!(n.dead, "q1.dead");
+        assert_eq!(n.next_hop(30_000), "q1.delay.25000");
+        assert_eq!(n.next_hop(10), "q1");
+        assert_eq!(n.all().len(), 2 + DELAY_TIERS_MS.len());
+    }
+}

@@ -1,0 +1,171 @@
+//! The `apiary` command line: one subcommand per role. Every setting is also an environment
+//! variable; `apiary --help` lists them with their defaults.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use crate::api::{self, AppState};
+use crate::broker::{self, QueueNames};
+use crate::client::Client;
+use crate::config::Config;
+use crate::handler::Registry;
+use crate::job::NewJob;
+use crate::shutdown::Shutdown;
+use crate::store;
+use crate::worker::Worker;
+
+/// Apiary: background jobs on RabbitMQ, deduplicated and recorded in Postgres.
+#[derive(Debug, Parser)]
+#[command(name = "apiary", version, about, long_about = None)]
+pub struct Cli {
+    /// Settings, from flags or environment variables.
+    #[command(flatten)]
+    pub config: Config,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the database if missing, apply migrations and declare the RabbitMQ queues.
+    /// Safe to run concurrently and repeatedly.
+    Migrate,
+    /// Serve the HTTP API.
+    Api {
+        /// Listen on a non-loopback address without API tokens. Anyone who can reach the
+        /// port can then enqueue and read jobs.
+        #[arg(long)]
+        insecure_listen_any: bool,
+    },
+    /// Consume and run jobs with the built-in handlers (echo, sleep, fail, tally).
+    Worker,
+    /// Enqueue one job and print its id.
+    Enqueue {
+        /// The handler name.
+        kind: String,
+        /// The payload, as JSON.
+        #[arg(default_value = "null")]
+        payload: String,
+        /// Idempotency key: an existing (kind, dedup key) returns that job instead.
+        #[arg(long)]
+        dedup_key: Option<String>,
+        /// Attempts allowed.
+        #[arg(long)]
+        max_attempts: Option<i32>,
+        /// Run no earlier than this RFC 3339 instant.
+        #[arg(long)]
+        run_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// Run no earlier than this many milliseconds from now.
+        #[arg(long)]
+        delay_ms: Option<u64>,
+    },
+    /// Print a job as JSON.
+    Job {
+        /// The job id.
+        id: uuid::Uuid,
+    },
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = cli.config.validate()?;
+    match cli.command {
+        Command::Migrate => migrate(&cfg).await,
+        Command::Api {
+            insecure_listen_any,
+        } => serve_api(cfg, insecure_listen_any).await,
+        Command::Worker => {
+            let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
+            let worker = Worker::new(cfg, Registry::builtins(), shutdown)?;
+            worker.run().await?;
+            Ok(())
+        }
+        Command::Enqueue {
+            kind,
+            payload,
+            dedup_key,
+            max_attempts,
+            run_at,
+            delay_ms,
+        } => {
+            let payload: Value =
+                serde_json::from_str(&payload).context("the payload is not valid JSON")?;
+            let client = Client::new(&cfg)?;
+            client.store().check_schema().await?;
+            let job = NewJob {
+                id: None,
+                kind,
+                payload,
+                dedup_key,
+                max_attempts,
+                run_at,
+                delay_ms,
+            };
+            let enqueued = client.enqueue(job).await?;
+            println!("{}", enqueued.job.id);
+            if !enqueued.created {
+                eprintln!("(already existed: {})", enqueued.job.status());
+            }
+            Ok(())
+        }
+        Command::Job { id } => {
+            let store = store::Store::connect_lazy(&cfg.database_url, 2)?;
+            let job = store
+                .get_job(id)
+                .await?
+                .with_context(|| format!("no job with id {id}"))?;
+            println!("{}", serde_json::to_string_pretty(&job)?);
+            Ok(())
+        }
+    }
+}
+
+async fn migrate(cfg: &Config) -> anyhow::Result<()> {
+    store::migrate(&cfg.database_url)
+        .await
+        .context("migrating Postgres")?;
+    let conn = broker::connect(&cfg.amqp_url, "apiary migrate")
+        .await
+        .context("connecting to RabbitMQ")?;
+    let channel = conn.create_channel().await.context("opening a channel")?;
+    broker::topology::declare(&channel, &QueueNames::new(&cfg.queue))
+        .await
+        .context("declaring queues")?;
+    let _ = conn.close(200, "done".into()).await;
+    tracing::info!(queue = %cfg.queue, "database migrated and queues declared");
+    Ok(())
+}
+
+async fn serve_api(cfg: Config, insecure_listen_any: bool) -> anyhow::Result<()> {
+    check_listen_addr(cfg.http_addr, insecure_listen_any)?;
+    let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
+    let client = Client::new(&cfg)?;
+    client.store().check_schema().await?;
+    let state = AppState::new(client, shutdown, cfg.max_payload_bytes);
+    api::serve(cfg.http_addr, state)
+        .await
+        .context("serving the API")?;
+    tracing::info!("api stopped");
+    Ok(())
+}
+
+/// Without tokens the API is open to anyone who reaches it, so it listens on loopback unless
+/// told otherwise.
+fn check_listen_addr(addr: SocketAddr, insecure_listen_any: bool) -> anyhow::Result<()> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if insecure_listen_any {
+        tracing::warn!(%addr, "listening beyond loopback WITHOUT authentication (--insecure-listen-any)");
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to listen on {addr} without authentication: use a loopback address, or pass \
+         --insecure-listen-any to accept unauthenticated requests from the network"
+    )
+}

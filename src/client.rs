@@ -1,0 +1,249 @@
+//! ① Enqueueing: the library's way in, used by the API and the CLI too, so all three share
+//! one semantics. A job is recorded in Postgres with an outbox entry, published with a
+//! confirm, and only then reported enqueued.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::Utc;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::broker::{BrokerError, Publisher, QueueNames};
+use crate::config::Config;
+use crate::job::{InvalidJob, Job, JobId, JobStatus, JobStatusText, NewJob};
+use crate::store::insert_job::{Inserted, JobRow};
+use crate::store::{Store, StoreError};
+use crate::wire::WireJob;
+
+/// Why an enqueue failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    /// The job itself is wrong; nothing was written.
+    #[error("invalid job: {0}")]
+    Invalid(#[from] InvalidJob),
+    /// Postgres failed; nothing was recorded.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The jobs were recorded but the broker did not confirm them. They are not lost: the
+    /// outbox relay publishes them once the broker is back. Enqueueing again with the same
+    /// ids or dedup keys is safe.
+    #[error(
+        "jobs recorded but not yet published ({source}); they will be published when RabbitMQ is back"
+    )]
+    NotPublished {
+        /// The broker's error.
+        source: BrokerError,
+        /// The recorded jobs.
+        ids: Vec<JobId>,
+    },
+}
+
+/// The result of enqueueing one job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Enqueued {
+    /// The job, as recorded.
+    pub job: Job,
+    /// False when the id or `(kind, dedup_key)` already existed and this is that job.
+    pub created: bool,
+}
+
+/// Enqueues jobs and reads them back. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    store: Store,
+    publisher: Arc<Publisher>,
+    confirmed: mpsc::UnboundedSender<Vec<JobId>>,
+    max_attempts: i32,
+    max_payload_bytes: usize,
+}
+
+impl Client {
+    /// A client for `cfg`'s Postgres and RabbitMQ. Connections open on first use. Must be
+    /// called within a tokio runtime.
+    pub fn new(cfg: &Config) -> Result<Client, StoreError> {
+        let store = Store::connect_lazy(&cfg.database_url, cfg.db_pool)?;
+        let name = format!("apiary client pid {}", std::process::id());
+        let publisher = Arc::new(Publisher::new(
+            &cfg.amqp_url,
+            &name,
+            QueueNames::new(&cfg.queue),
+        ));
+        Ok(Client::from_parts(store, publisher, cfg))
+    }
+
+    /// A client on an existing store and publisher.
+    pub fn from_parts(store: Store, publisher: Arc<Publisher>, cfg: &Config) -> Client {
+        let (confirmed, rx) = mpsc::unbounded_channel();
+        tokio::spawn(clean_outbox(store.clone(), rx));
+        Client {
+            store,
+            publisher,
+            confirmed,
+            max_attempts: cfg.max_attempts,
+            max_payload_bytes: cfg.max_payload_bytes,
+        }
+    }
+
+    /// The store, for reading jobs.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The publisher, for readiness checks.
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
+    /// Enqueues one job. Returns once it is recorded and the broker has confirmed it, or, if
+    /// its id or `(kind, dedup_key)` exists, returns that job and writes nothing.
+    pub async fn enqueue(&self, job: NewJob) -> Result<Enqueued, EnqueueError> {
+        let mut out = self.enqueue_many(vec![job]).await?;
+        out.pop()
+            .ok_or_else(|| EnqueueError::Invalid(InvalidJob::new("kind", "no job given")))
+    }
+
+    /// Enqueues many jobs in one statement and one pipelined publish. All are validated
+    /// first: one invalid job rejects the batch and writes nothing.
+    pub async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, EnqueueError> {
+        let now = Utc::now();
+        let mut rows = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            job.validate(self.max_payload_bytes)?;
+            let payload = serde_json::value::to_raw_value(&job.payload)
+                .map_err(|e| InvalidJob::new("payload", e.to_string()))?;
+            rows.push(JobRow {
+                id: job.id.unwrap_or_else(Uuid::now_v7),
+                kind: job.kind.clone(),
+                payload,
+                dedup_key: job.dedup_key.clone(),
+                max_attempts: job.max_attempts.unwrap_or(self.max_attempts),
+                run_at: job.due_at(now),
+            });
+        }
+        let inserted = self.store.insert_jobs(&rows).await?;
+
+        let fresh: Vec<WireJob> = rows
+            .iter()
+            .zip(&inserted)
+            .filter(|(_, ins)| matches!(ins, Inserted::New(_)))
+            .map(|(r, _)| wire_of(r))
+            .collect();
+        if !fresh.is_empty() {
+            let publish = || async { self.publisher.publish_jobs(&fresh).await };
+            // A brief broker hiccup should not fail the call; a longer outage does, and the
+            // relay publishes the recorded jobs later.
+            let retried = publish
+                .retry(
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(50))
+                        .with_max_times(3),
+                )
+                .await;
+            if let Err(source) = retried {
+                return Err(EnqueueError::NotPublished {
+                    source,
+                    ids: fresh.iter().map(|j| j.id).collect(),
+                });
+            }
+            let _ = self.confirmed.send(fresh.iter().map(|j| j.id).collect());
+        }
+
+        let existing: Vec<JobId> = inserted
+            .iter()
+            .filter_map(|i| match i {
+                Inserted::Existing(id) => Some(*id),
+                Inserted::New(_) => None,
+            })
+            .collect();
+        let mut found = if existing.is_empty() {
+            Vec::new()
+        } else {
+            self.store.get_jobs(&existing).await?
+        };
+        let mut out = Vec::with_capacity(jobs.len());
+        for ((job, row), ins) in jobs.into_iter().zip(rows).zip(inserted) {
+            match ins {
+                Inserted::New(created_at) => out.push(Enqueued {
+                    job: new_record(job, row, created_at),
+                    created: true,
+                }),
+                Inserted::Existing(id) => {
+                    let pos = found.iter().position(|j| j.id == id);
+                    let Some(pos) = pos else {
+                        return Err(EnqueueError::Store(StoreError::Query {
+                            context: "reading an existing job",
+                            source: sqlx::Error::RowNotFound,
+                        }));
+                    };
+                    // Two requests in one batch may share a key: clone, don't take.
+                    let job = if existing.iter().filter(|e| **e == id).count() > 1 {
+                        found[pos].clone()
+                    } else {
+                        found.swap_remove(pos)
+                    };
+                    out.push(Enqueued {
+                        job,
+                        created: false,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The job with this id.
+    pub async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        self.store.get_job(id).await
+    }
+}
+
+fn wire_of(row: &JobRow) -> WireJob {
+    WireJob {
+        id: row.id,
+        kind: row.kind.clone(),
+        payload: row.payload.clone(),
+        dedup_key: row.dedup_key.clone(),
+        max_attempts: Some(row.max_attempts),
+        run_at: row.run_at,
+    }
+}
+
+/// The record of a job just inserted, built without reading it back.
+fn new_record(job: NewJob, row: JobRow, created_at: chrono::DateTime<Utc>) -> Job {
+    Job {
+        id: row.id,
+        kind: row.kind,
+        status: JobStatusText(JobStatus::Queued),
+        payload: job.payload,
+        dedup_key: row.dedup_key,
+        attempts: 0,
+        max_attempts: row.max_attempts,
+        result: None,
+        error: None,
+        errors: serde_json::Value::Array(Vec::new()),
+        duplicate_of: None,
+        run_at: row.run_at,
+        next_attempt_at: None,
+        created_at,
+        started_at: None,
+        finished_at: None,
+    }
+}
+
+/// Deletes the outbox rows of confirmed jobs in batches, off the enqueue's path. A row this
+/// misses (the process stopped first) is republished by the relay: a harmless duplicate.
+async fn clean_outbox(store: Store, mut rx: mpsc::UnboundedReceiver<Vec<JobId>>) {
+    while let Some(mut ids) = rx.recv().await {
+        while let Ok(more) = rx.try_recv() {
+            ids.extend(more);
+            if ids.len() >= 4096 {
+                break;
+            }
+        }
+        if let Err(e) = store.delete_outbox(&ids).await {
+            tracing::debug!(error = %e, "outbox cleanup failed; the relay will republish those jobs");
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! What a job is: its id, its status and the transitions between statuses, the record the
+//! store keeps ([`Job`]) and what a producer asks for ([`NewJob`]).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// A job's identifier: a UUID, v7 when Apiary makes it so ids sort by creation time.
+pub type JobId = Uuid;
+
+/// Kinds are `[a-z0-9_.-]{1,64}`: short, printable, safe in metric labels and URLs.
+pub const MAX_KIND_LEN: usize = 64;
+/// Dedup keys are at most this many bytes.
+pub const MAX_DEDUP_KEY_BYTES: usize = 256;
+/// The largest allowed `max_attempts`.
+pub const MAX_ATTEMPTS_LIMIT: i32 = 1000;
+
+/// Where a job stands. Stored as lower-case text; the schema's CHECK lists the same names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Recorded and published; no worker has claimed it yet (or it is scheduled for later).
+    Queued,
+    /// A worker holds the claim and is running the handler.
+    Running,
+    /// An attempt failed with a retryable error; the next attempt waits in a delay queue.
+    Retrying,
+    /// The handler returned a result, committed with the job's own database writes.
+    Succeeded,
+    /// Ended without a result and without a dead letter (reserved for operator action).
+    Failed,
+    /// Failed permanently or ran out of attempts; its message sits in the dead-letter queue.
+    Dead,
+    /// A raw message repeated the `(kind, dedup_key)` of another job; see `duplicate_of`.
+    Duplicate,
+    /// Cancelled before it could finish.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// Every status, in the order of a job's life.
+    pub const ALL: [JobStatus; 8] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Retrying,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Dead,
+        JobStatus::Duplicate,
+        JobStatus::Cancelled,
+    ];
+
+    /// The name stored in Postgres and shown in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Retrying => "retrying",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Dead => "dead",
+            JobStatus::Duplicate => "duplicate",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the job has ended: no worker will run it again unless an operator replays it.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded
+                | JobStatus::Failed
+                | JobStatus::Dead
+                | JobStatus::Duplicate
+                | JobStatus::Cancelled
+        )
+    }
+
+    /// Whether a job may move from `self` to `next`. The store's guarded statements encode the
+    /// same table in their `WHERE` clauses; this is the readable version, checked by tests.
+    pub fn can_become(self, next: JobStatus) -> bool {
+        use JobStatus::*;
+        match (self, next) {
+            (Queued | Retrying, Running) => true,
+            // An expired lease is taken over by another worker: running again, one more attempt.
+            (Running, Running) => true,
+            (Running, Succeeded | Retrying | Dead | Cancelled | Queued) => true,
+            (Queued | Retrying, Cancelled | Dead) => true,
+            // Replay of a dead or failed job.
+            (Dead | Failed, Queued) => true,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for JobStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown status {s:?}; expected one of {}",
+                    JobStatus::ALL.map(JobStatus::as_str).join(", ")
+                )
+            })
+    }
+}
+
+/// A job as the store records it and the API returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Job {
+    /// The job's id.
+    pub id: JobId,
+    /// The handler name.
+    pub kind: String,
+    /// Where the job stands.
+    #[sqlx(try_from = "String")]
+    pub status: JobStatusText,
+    /// The handler's input.
+    pub payload: Value,
+    /// The producer's idempotency key, if any: one job per `(kind, dedup_key)`.
+    pub dedup_key: Option<String>,
+    /// Attempts started so far.
+    pub attempts: i32,
+    /// Attempts allowed before the job is dead.
+    pub max_attempts: i32,
+    /// The handler's result, once succeeded.
+    pub result: Option<Value>,
+    /// The last error, if any attempt failed.
+    pub error: Option<String>,
+    /// Every failed attempt's error: `[{"attempt": n, "error": "...", "at": "..."}]`.
+    pub errors: Value,
+    /// For a `duplicate`: the job that owns the dedup key.
+    pub duplicate_of: Option<JobId>,
+    /// When a scheduled job becomes due.
+    pub run_at: Option<DateTime<Utc>>,
+    /// When a retrying job's next attempt is due.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// When the job was recorded.
+    pub created_at: DateTime<Utc>,
+    /// When the latest attempt started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When the job reached a final status.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// [`JobStatus`] as read from a text column; a thin wrapper so `FromRow` can convert it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobStatusText(pub JobStatus);
+
+impl TryFrom<String> for JobStatusText {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse().map(JobStatusText)
+    }
+}
+
+impl Job {
+    /// The job's status.
+    pub fn status(&self) -> JobStatus {
+        self.status.0
+    }
+}
+
+/// What a producer asks for. Build with [`NewJob::new`] and the `with_*` methods.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewJob {
+    /// The id to use; a new UUIDv7 when absent.
+    #[serde(default)]
+    pub id: Option<JobId>,
+    /// The handler name, `[a-z0-9_.-]{1,64}`.
+    pub kind: String,
+    /// The handler's input: any JSON.
+    #[serde(default)]
+    pub payload: Value,
+    /// Idempotency key: enqueueing an existing `(kind, dedup_key)` returns the existing job.
+    #[serde(default)]
+    pub dedup_key: Option<String>,
+    /// Attempts allowed; the configured default when absent.
+    #[serde(default)]
+    pub max_attempts: Option<i32>,
+    /// Run no earlier than this instant.
+    #[serde(default)]
+    pub run_at: Option<DateTime<Utc>>,
+    /// Run no earlier than this many milliseconds from now (an alternative to `run_at`).
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+}
+
+impl NewJob {
+    /// A job of `kind` with `payload`, everything else defaulted.
+    pub fn new(kind: impl Into<String>, payload: Value) -> Self {
+        NewJob {
+            id: None,
+            kind: kind.into(),
+            payload,
+            dedup_key: None,
+            max_attempts: None,
+            run_at: None,
+            delay_ms: None,
+        }
+    }
+
+    /// Sets the dedup key.
+    pub fn with_dedup_key(mut self, key: impl Into<String>) -> Self {
+        self.dedup_key = Some(key.into());
+        self
+    }
+
+    /// Sets the attempt budget.
+    pub fn with_max_attempts(mut self, n: i32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+
+    /// Sets the id instead of letting Apiary make one.
+    pub fn with_id(mut self, id: JobId) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// Schedules the job for `at`.
+    pub fn with_run_at(mut self, at: DateTime<Utc>) -> Self {
+        self.run_at = Some(at);
+        self
+    }
+
+    /// Checks the fields a producer controls; the error names the field.
+    pub fn validate(&self, max_payload_bytes: usize) -> Result<(), InvalidJob> {
+        validate_kind(&self.kind)?;
+        if let Some(key) = &self.dedup_key {
+            validate_dedup_key(key)?;
+        }
+        if let Some(n) = self.max_attempts {
+            validate_max_attempts(n)?;
+        }
+        if self.run_at.is_some() && self.delay_ms.is_some() {
+            return Err(InvalidJob::new(
+                "delay_ms",
+                "give either run_at or delay_ms, not both",
+            ));
+        }
+        if let Some(ms) = self.delay_ms
+            && ms > MAX_DELAY_MS
+        {
+            return Err(InvalidJob::new(
+                "delay_ms",
+                format!("must be at most {MAX_DELAY_MS} (one year)"),
+            ));
+        }
+        // Serialising again costs an allocation, but only at the edge, once per enqueue.
+        let size = serde_json::to_vec(&self.payload)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        if size > max_payload_bytes {
+            return Err(InvalidJob::new(
+                "payload",
+                format!("is {size} bytes; the limit is {max_payload_bytes}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// When the job becomes due, from `run_at` or `delay_ms`; `None` means now.
+    pub fn due_at(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match (self.run_at, self.delay_ms) {
+            (Some(at), _) => Some(at),
+            (None, Some(ms)) => Some(now + chrono::Duration::milliseconds(ms as i64)),
+            (None, None) => None,
+        }
+    }
+}
+
+/// The longest allowed delay: one year.
+pub const MAX_DELAY_MS: u64 = 365 * 24 * 3600 * 1000;
+
+/// A producer's input that cannot become a job; names the field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidJob {
+    /// The offending field, as named in the wire format.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl InvalidJob {
+    /// An error about `field`.
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        InvalidJob {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Checks a kind: `[a-z0-9_.-]{1,64}`.
+pub fn validate_kind(kind: &str) -> Result<(), InvalidJob> {
+    if kind.is_empty() {
+        return Err(InvalidJob::new("kind", "must not be empty"));
+    }
+    if kind.len() > MAX_KIND_LEN {
+        return Err(InvalidJob::new(
+            "kind",
+            format!("is {} bytes; at most {MAX_KIND_LEN} allowed", kind.len()),
+        ));
+    }
+    if let Some(c) = kind
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(InvalidJob::new(
+            "kind",
+            format!("has {c:?}; only a-z, 0-9, '_', '.' and '-' are allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a dedup key: non-empty, at most 256 bytes.
+pub fn validate_dedup_key(key: &str) -> Result<(), InvalidJob> {
+    if key.is_empty() {
+        return Err(InvalidJob::new(
+            "dedup_key",
+            "must not be empty (omit it instead)",
+        ));
+    }
+    if key.len() > MAX_DEDUP_KEY_BYTES {
+        return Err(InvalidJob::new(
+            "dedup_key",
+            format!(
+                "is {} bytes; at most {MAX_DEDUP_KEY_BYTES} allowed",
+                key.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an attempt budget: 1 to 1000.
+pub fn validate_max_attempts(n: i32) -> Result<(), InvalidJob> {
+    if !(1..=MAX_ATTEMPTS_LIMIT).contains(&n) {
+        return Err(InvalidJob::new(
+            "max_attempts",
+            format!("is {n}; must be between 1 and {MAX_ATTEMPTS_LIMIT}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn status_names_round_trip() {
+        for st in JobStatus::ALL {
+            assert_eq!(st.as_str().parse::<JobStatus>(), Ok(st));
+            assert_eq!(serde_json::to_value(st).ok(), Some(json!(st.as_str())));
+        }
+        assert!("nope".parse::<JobStatus>().unwrap_err().contains("queued"));
+    }
+
+    #[test]
+    fn final_statuses_never_run_again() {
+        for st in JobStatus::ALL.into_iter().filter(|s| s.is_final()) {
+            assert!(
+                !st.can_become(JobStatus::Running),
+                "{st} must not run again"
+            );
+        }
+        assert!(JobStatus::Queued.can_become(JobStatus::Running));
+        assert!(JobStatus::Retrying.can_become(JobStatus::Running));
+        assert!(!JobStatus::Succeeded.can_become(JobStatus::Queued));
+        assert!(JobStatus::Dead.can_become(JobStatus::Queued));
+        assert!(!JobStatus::Duplicate.can_become(JobStatus::Queued));
+    }
+
+    #[test]
+    fn kinds_are_checked() {
+        assert!(validate_kind("echo").is_ok());
+        assert!(validate_kind("a.b-c_9").is_ok());
+        assert_eq!(validate_kind("").unwrap_err().field, "kind");
+        assert!(validate_kind("Echo").unwrap_err().reason.contains("'E'"));
+        assert!(validate_kind(&"x".repeat(65)).is_err());
+        assert!(validate_kind(&"x".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn new_job_validation_names_the_field() {
+        let ok = NewJob::new("echo", json!({"a": 1}));
+        assert!(ok.validate(1024).is_ok());
+        let big = NewJob::new("echo", json!("x".repeat(100)));
+        assert_eq!(big.validate(50).unwrap_err().field, "payload");
+        let key = NewJob::new("echo", json!(null)).with_dedup_key("k".repeat(257));
+        assert_eq!(key.validate(1024).unwrap_err().field, "dedup_key");
+        let att = NewJob::new("echo", json!(null)).with_max_attempts(0);
+        assert_eq!(att.validate(1024).unwrap_err().field, "max_attempts");
+        let mut both = NewJob::new("echo", json!(null));
+        both.delay_ms = Some(5);
+        both.run_at = Some(Utc::now());
+        assert_eq!(both.validate(1024).unwrap_err().field, "delay_ms");
+    }
+}

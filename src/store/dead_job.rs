@@ -1,0 +1,83 @@
+//! Dead jobs: poison messages recorded as they arrive, and the records operators list and
+//! replay.
+
+use sqlx::types::Json;
+
+use super::get_job::JOB_COLUMNS;
+use super::{Context, DONE_CHANNEL, Store, StoreError};
+use crate::job::{Job, JobId};
+
+impl Store {
+    /// Records a message that is not a job: status `dead`, its reason, and its raw body (cut
+    /// to `max_bytes`). A message whose id is already a job records nothing: that job's own
+    /// record stands.
+    pub async fn record_poison(
+        &self,
+        id: JobId,
+        kind: Option<&str>,
+        body: &[u8],
+        reason: &str,
+        max_bytes: usize,
+    ) -> Result<(), StoreError> {
+        let mut raw = String::from_utf8_lossy(&body[..body.len().min(max_bytes)]).into_owned();
+        // Postgres text cannot hold NUL.
+        raw.retain(|c| c != '\0');
+        sqlx::query(
+            "WITH ins AS (
+                 INSERT INTO apiary_jobs (id, kind, payload, max_attempts, status, attempts, error, errors,
+                                          raw_body, finished_at)
+                 VALUES ($1, $2, 'null', 1, 'dead', 0, $3,
+                         jsonb_build_array(jsonb_build_object('attempt', 0, 'error', $3::text, 'at', now())),
+                         $4, now())
+                 ON CONFLICT DO NOTHING
+                 RETURNING id
+             )
+             SELECT pg_notify($5, id::text) FROM ins",
+        )
+        .bind(id)
+        .bind(kind.unwrap_or(""))
+        .bind(reason)
+        .bind(raw)
+        .bind(DONE_CHANNEL)
+        .execute(self.pool())
+        .await
+        .context("recording a poison message")?;
+        Ok(())
+    }
+
+    /// Records a scheduled job that was published raw, so it is visible while it waits.
+    pub async fn record_scheduled(
+        &self,
+        job: &crate::wire::WireJob,
+        default_max_attempts: i32,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, run_at)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(job.id)
+        .bind(&job.kind)
+        .bind(Json(job.payload.as_ref()))
+        .bind(&job.dedup_key)
+        .bind(job.max_attempts.unwrap_or(default_max_attempts))
+        .bind(job.run_at)
+        .execute(self.pool())
+        .await
+        .context("recording a scheduled job")?;
+        Ok(())
+    }
+
+    /// Dead jobs, newest first, optionally of one kind.
+    pub async fn list_dead(&self, kind: Option<&str>, limit: i64) -> Result<Vec<Job>, StoreError> {
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM apiary_jobs WHERE status = 'dead' AND ($1::text IS NULL OR kind = $1)
+              ORDER BY created_at DESC, id DESC LIMIT $2"
+        )))
+        .bind(kind)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await
+        .context("listing dead jobs")
+    }
+}

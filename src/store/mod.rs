@@ -1,0 +1,200 @@
+//! Postgres: the truth about every job. One file per operation, named for the step of the
+//! job's path it serves: [`insert_job`] ②, [`claim_job`] ④, [`finish_job`] ⑥, [`get_job`] and
+//! [`list_jobs`] ⑦, [`outbox`] for the window between commit and broker confirm.
+
+pub mod claim_job;
+pub mod dead_job;
+pub mod finish_job;
+pub mod get_job;
+pub mod insert_job;
+pub mod list_jobs;
+pub mod outbox;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+/// The migrations, compiled into the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// The NOTIFY channel on which finished job ids are announced, comma-separated.
+pub const DONE_CHANNEL: &str = "apiary_jobs_done";
+
+/// Errors from Postgres, with what we were doing.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A query failed.
+    #[error("postgres: {context}: {source}")]
+    Query {
+        /// What we were doing.
+        context: &'static str,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The database has not been migrated to this version.
+    #[error("the database schema is not current ({0}); run `apiary migrate` first")]
+    SchemaOutdated(String),
+    /// The connection string does not parse.
+    #[error("DATABASE_URL is invalid: {0}")]
+    BadUrl(String),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// Whether the error is a lost or refused connection rather than a bad query: the caller
+    /// should wait and try again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Query { source, .. } => {
+                matches!(
+                    source,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::WorkerCrashed
+                ) || matches!(source, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Adds context to a sqlx result.
+pub(crate) trait Context<T> {
+    fn context(self, what: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> Context<T> for Result<T, sqlx::Error> {
+    fn context(self, what: &'static str) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Query {
+            context: what,
+            source,
+        })
+    }
+}
+
+/// A handle on the job store: a connection pool, cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Opens a pool of at most `max_connections` to `url`. Connections open lazily, so a
+    /// process starts while Postgres is down and recovers when it returns.
+    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::BadUrl(e.to_string()))?
+            .application_name("apiary")
+            .log_statements(tracing::log::LevelFilter::Trace);
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options);
+        Ok(Store { pool })
+    }
+
+    /// Wraps an existing pool.
+    pub fn from_pool(pool: PgPool) -> Store {
+        Store { pool }
+    }
+
+    /// The pool, for handlers and tests.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Fails with [`StoreError::SchemaOutdated`] unless every compiled-in migration is applied.
+    pub async fn check_schema(&self) -> Result<(), StoreError> {
+        let applied: Vec<i64> = match sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(v) => v,
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => {
+                return Err(StoreError::SchemaOutdated("no migrations applied".into()));
+            }
+            Err(e) => {
+                return Err(StoreError::Query {
+                    context: "reading applied migrations",
+                    source: e,
+                });
+            }
+        };
+        let missing: Vec<String> = MIGRATOR
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .map(|m| format!("{}_{}", m.version, m.description))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::SchemaOutdated(format!(
+                "missing {}",
+                missing.join(", ")
+            )))
+        }
+    }
+
+    /// Whether Postgres answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .context("ping")
+            .map(|_| ())
+    }
+}
+
+/// Creates the database named in `url` if it does not exist, then applies the migrations.
+/// Safe to run concurrently: a lost creation race is fine, and sqlx serialises migrations with
+/// an advisory lock.
+pub async fn migrate(url: &str) -> Result<(), StoreError> {
+    let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::BadUrl(e.to_string()))?;
+    let database = options.get_database().unwrap_or("postgres").to_string();
+    let admin = options.clone().database("postgres");
+    let mut conn = admin
+        .connect()
+        .await
+        .context("connecting to the postgres database")?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&database)
+            .fetch_one(&mut conn)
+            .await
+            .context("looking for the database")?;
+    if !exists {
+        let sql = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
+        match sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+        {
+            Ok(_) => tracing::info!(%database, "created database"),
+            // 42P04: created by a concurrent `migrate`; 23505: the same race seen in the catalog.
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {}
+            Err(e) => {
+                return Err(StoreError::Query {
+                    context: "creating the database",
+                    source: e,
+                });
+            }
+        }
+    }
+    drop(conn);
+    let mut conn = options
+        .connect()
+        .await
+        .context("connecting to the database")?;
+    MIGRATOR.run(&mut conn).await?;
+    Ok(())
+}

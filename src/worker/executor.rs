@@ -1,0 +1,467 @@
+//! ④→⑤ From delivery to handler: decode, claim in batches, run each claimed job under its
+//! timeout with a panic guard, and pass the outcome to the completer.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::{FutureExt, StreamExt};
+use lapin::Consumer;
+
+use super::completer::Completion;
+use super::{DeliveryRef, Running, Shared, hand_back, hand_back_buffered, retry};
+use crate::broker::BrokerError;
+use crate::broker::consume::{Acks, Settle};
+use crate::broker::publish::Outgoing;
+use crate::handler::{HandlerError, JobContext};
+use crate::store::claim_job::{Claim, DUE_TOLERANCE_MS};
+use crate::store::finish_job::{Finish, Outcome};
+use crate::wire::WireJob;
+
+/// The consumer tag of this worker: its id, so `rabbitmqctl list_consumers` names it.
+pub(crate) fn consumer_tag(shared: &Shared) -> String {
+    format!("apiary-{}", shared.id)
+}
+
+/// One delivery, decoded, with where to settle it.
+struct Incoming {
+    job: Arc<WireJob>,
+    redelivered: bool,
+    delivery: DeliveryRef,
+}
+
+/// Pulls deliveries until the drain begins (returns `None`) or the session breaks (returns
+/// the error). Each burst of deliveries already received is claimed as one batch.
+pub(crate) async fn consume(
+    shared: &Arc<Shared>,
+    mut consumer: Consumer,
+    acks: &Acks,
+) -> Option<BrokerError> {
+    let max = shared.cfg.batch;
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = shared.stop_taking.cancelled() => {
+                hand_back_buffered(shared, acks, &mut consumer);
+                return None;
+            }
+            d = consumer.next() => d,
+        };
+        let mut batch = Vec::with_capacity(8);
+        match first {
+            Some(Ok(d)) => batch.push(d),
+            Some(Err(e)) => {
+                return Some(BrokerError::Amqp {
+                    context: "consuming",
+                    source: e,
+                });
+            }
+            None => {
+                return Some(BrokerError::Disconnected);
+            }
+        }
+        // Take whatever else has already arrived, without waiting: batches grow with load and
+        // a lone job is never held back for company.
+        while batch.len() < max {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => batch.push(d),
+                _ => break,
+            }
+        }
+        let mut jobs = Vec::with_capacity(batch.len());
+        for d in batch {
+            // Tracked before anything can settle it, so multiple-acks never cover it unseen.
+            acks.track(d.delivery_tag);
+            let delivery = DeliveryRef {
+                tag: d.delivery_tag,
+                acks: acks.clone(),
+            };
+            let message_id = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_string());
+            match WireJob::decode(&d.data, message_id.as_deref(), shared.cfg.max_payload_bytes) {
+                Ok(job) => jobs.push(Incoming {
+                    job: Arc::new(job),
+                    redelivered: d.redelivered,
+                    delivery,
+                }),
+                Err(poison) => {
+                    let shared = shared.clone();
+                    shared
+                        .tasks
+                        .clone()
+                        .spawn(async move { bury_poison(&shared, d.data, poison, delivery).await });
+                }
+            }
+        }
+        if !jobs.is_empty() {
+            let shared2 = shared.clone();
+            shared
+                .tasks
+                .spawn(async move { claim_batch(&shared2, jobs).await });
+        }
+    }
+}
+
+/// Records a message that is not a job as dead, dead-letters it with its reason, then acks.
+async fn bury_poison(
+    shared: &Shared,
+    body: Vec<u8>,
+    poison: crate::wire::Poison,
+    delivery: DeliveryRef,
+) {
+    tracing::warn!(job_id = %poison.id, reason = %poison.reason, "poison message: recording it as dead");
+    let limit = shared.cfg.max_payload_bytes;
+    let recorded = shared
+        .with_store(|| {
+            shared.store.record_poison(
+                poison.id,
+                poison.kind.as_deref(),
+                &body,
+                &poison.reason,
+                limit,
+            )
+        })
+        .await;
+    if recorded.is_none() {
+        return hand_back(shared, [delivery]);
+    }
+    let reason = format!("poison message: {}", poison.reason);
+    dead_letter_then_ack(shared, poison.id, body, &reason, delivery).await;
+}
+
+/// Publishes a dead letter, and acks the delivery only once the broker has it.
+pub(crate) async fn dead_letter_then_ack(
+    shared: &Shared,
+    id: crate::job::JobId,
+    body: Vec<u8>,
+    reason: &str,
+    delivery: DeliveryRef,
+) {
+    let Some(publisher) = shared.publisher().await else {
+        return;
+    };
+    match publisher
+        .publish(&[Outgoing::dead(&shared.names, id, body, reason)])
+        .await
+    {
+        Ok(()) => delivery.settle(Settle::Ack),
+        Err(e) => {
+            tracing::warn!(job_id = %id, error = %e, "dead letter not published; the message will come back")
+        }
+    }
+}
+
+/// Claims a batch and dispatches each delivery by what the claim found.
+async fn claim_batch(shared: &Arc<Shared>, jobs: Vec<Incoming>) {
+    let now = Utc::now();
+    let mut to_claim = Vec::with_capacity(jobs.len());
+    for inc in jobs {
+        // A scheduled job or a retry that came back from a delay tier early, or was published
+        // with a future run_at: send it on to the next tier without claiming.
+        match inc.job.run_at {
+            Some(at) if (at - now).num_milliseconds() > DUE_TOLERANCE_MS => {
+                let shared = shared.clone();
+                shared
+                    .tasks
+                    .clone()
+                    .spawn(async move { delay_then_ack(&shared, inc, at, true).await });
+            }
+            _ => to_claim.push(inc),
+        }
+    }
+    if to_claim.is_empty() {
+        return;
+    }
+    let refs: Vec<&WireJob> = to_claim.iter().map(|i| i.job.as_ref()).collect();
+    let cfg = &shared.cfg;
+    let claims = shared
+        .with_store(|| {
+            shared
+                .store
+                .claim_jobs(&refs, shared.id, cfg.lease, default_attempts(shared, &refs))
+        })
+        .await;
+    let Some(claims) = claims else {
+        return hand_back(shared, to_claim.into_iter().map(|i| i.delivery));
+    };
+    for (inc, claim) in to_claim.into_iter().zip(claims) {
+        dispatch(shared, inc, claim);
+    }
+}
+
+/// The worker's default attempt budget for a batch: the per-kind one if every job in the
+/// batch shares a kind that sets it (the common case), else the global one. Jobs that carry
+/// their own `max_attempts`, or were recorded by an enqueue, are unaffected.
+fn default_attempts(shared: &Shared, jobs: &[&WireJob]) -> i32 {
+    let global = shared.cfg.max_attempts;
+    let Some(first) = jobs.first() else {
+        return global;
+    };
+    if jobs.iter().all(|j| j.kind == first.kind) {
+        shared
+            .registry
+            .get(&first.kind)
+            .and_then(|e| e.options.max_attempts)
+            .unwrap_or(global)
+    } else {
+        global
+    }
+}
+
+fn dispatch(shared: &Arc<Shared>, inc: Incoming, claim: Claim) {
+    match claim {
+        Claim::Claimed {
+            attempt,
+            max_attempts,
+        } => {
+            let shared2 = shared.clone();
+            shared
+                .tasks
+                .spawn(async move { run_job(&shared2, inc, attempt, max_attempts).await });
+        }
+        Claim::Finished | Claim::Duplicate(_) | Claim::Cancelled => {
+            inc.delivery.settle(Settle::Ack)
+        }
+        Claim::Exhausted => {
+            let shared2 = shared.clone();
+            shared.tasks.spawn(async move {
+                let reason = "no attempts left: its worker stopped during the last one";
+                dead_letter_then_ack(
+                    &shared2,
+                    inc.job.id,
+                    inc.job.to_body(),
+                    reason,
+                    inc.delivery,
+                )
+                .await;
+            });
+        }
+        Claim::NotDue(at) => {
+            let shared2 = shared.clone();
+            shared
+                .tasks
+                .spawn(async move { delay_then_ack(&shared2, inc, at, false).await });
+        }
+        Claim::Busy(_) if !inc.redelivered => {
+            // A second copy of a job another delivery is running (a relay's republish, a raw
+            // duplicate). That delivery stays unacked until its job finishes, and comes back
+            // if its worker dies, so this copy can go.
+            inc.delivery.settle(Settle::Ack);
+        }
+        Claim::Busy(until) => {
+            // A redelivery: possibly the very message of a worker that died holding the claim.
+            // Wait for the lease to end, then claim again.
+            let shared2 = shared.clone();
+            shared
+                .tasks
+                .spawn(async move { wait_then_claim(&shared2, inc, Some(until)).await });
+        }
+        Claim::Again => {
+            let shared2 = shared.clone();
+            shared
+                .tasks
+                .spawn(async move { wait_then_claim(&shared2, inc, None).await });
+        }
+    }
+}
+
+async fn wait_then_claim(
+    shared: &Arc<Shared>,
+    inc: Incoming,
+    until: Option<chrono::DateTime<Utc>>,
+) {
+    let wait = until
+        .map(|u| (u - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50))
+        .unwrap_or(Duration::from_millis(20))
+        .min(Duration::from_secs(2));
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        () = shared.stop_taking.cancelled() => return hand_back(shared, [inc.delivery]),
+    }
+    Box::pin(claim_batch(shared, vec![inc])).await;
+}
+
+/// Sends a job on to the delay tier for `at`, then acks this delivery. `record` also records
+/// a raw-published scheduled job so it is visible while it waits.
+async fn delay_then_ack(shared: &Shared, inc: Incoming, at: chrono::DateTime<Utc>, record: bool) {
+    if record
+        && shared
+            .with_store(|| {
+                shared
+                    .store
+                    .record_scheduled(&inc.job, shared.cfg.max_attempts)
+            })
+            .await
+            .is_none()
+    {
+        return hand_back(shared, [inc.delivery]);
+    }
+    let Some(publisher) = shared.publisher().await else {
+        return;
+    };
+    let mut job = (*inc.job).clone();
+    job.run_at = Some(at);
+    match publisher.publish_jobs(std::slice::from_ref(&job)).await {
+        Ok(()) => inc.delivery.settle(Settle::Ack),
+        Err(e) => {
+            tracing::warn!(job_id = %job.id, error = %e, "could not re-delay; the message will come back")
+        }
+    }
+}
+
+/// Runs one claimed attempt and hands its outcome to the completer (or, when the handler
+/// wrote to the database, commits the outcome with those writes itself).
+async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts: i32) {
+    let job = inc.job.clone();
+    let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt);
+    let cancel = shared.interrupt.child_token();
+    if let Ok(mut running) = shared.running.lock() {
+        running.insert(
+            job.id,
+            Running {
+                attempt,
+                cancel: cancel.clone(),
+                delivery: inc.delivery.clone(),
+            },
+        );
+    }
+    let finish = |outcome| Finish {
+        id: job.id,
+        attempt,
+        outcome,
+    };
+
+    // Wait for a handler slot; a drain meanwhile hands the job back unstarted and uncharged.
+    let permit = tokio::select! {
+        biased;
+        () = shared.stop_taking.cancelled() => None,
+        p = shared.slots.clone().acquire_owned() => p.ok(),
+    };
+    let Some(_permit) = permit else {
+        return complete(shared, finish(Outcome::Released), inc);
+    };
+
+    let Some(entry) = shared.registry.get(&job.kind).cloned() else {
+        let reason = format!(
+            "no handler is registered for kind {:?} on this worker",
+            job.kind
+        );
+        tracing::warn!(parent: &span, "{reason}");
+        return complete(shared, finish(Outcome::Dead(reason)), inc);
+    };
+    let timeout = entry.options.timeout.unwrap_or(shared.cfg.job_timeout);
+    let mut ctx = JobContext::new(
+        job.id,
+        job.kind.clone(),
+        attempt,
+        max_attempts,
+        job.dedup_key.clone(),
+        job.payload.clone(),
+        cancel.clone(),
+        shared.store.pool().clone(),
+    );
+    let result = {
+        let run = AssertUnwindSafe(entry.handler.call(&mut ctx)).catch_unwind();
+        tokio::time::timeout(timeout, tracing::Instrument::instrument(run, span.clone())).await
+    };
+    let failure = |message: String, delay: Option<Duration>| {
+        if attempt >= max_attempts {
+            Outcome::Dead(format!(
+                "{message} (attempt {attempt} of {max_attempts}; no attempts left)"
+            ))
+        } else {
+            let base = entry.options.retry_base.unwrap_or(shared.cfg.retry_base);
+            let cap = entry.options.retry_cap.unwrap_or(shared.cfg.retry_cap);
+            let wait =
+                delay.unwrap_or_else(|| retry::backoff(attempt, base, cap, &mut rand::rng()));
+            let at = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+            Outcome::Retry { error: message, at }
+        }
+    };
+    let outcome = match result {
+        Ok(Ok(Ok(output))) => Outcome::Succeeded(output),
+        // Interrupted by the drain: not the job's fault, so not its attempt.
+        Ok(Ok(Err(_))) if shared.interrupt.is_cancelled() => Outcome::Released,
+        Ok(Ok(Err(HandlerError::Retry { message, delay }))) => failure(message, delay),
+        Ok(Ok(Err(HandlerError::Permanent { message }))) => Outcome::Dead(message),
+        Ok(Err(panic)) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string panic".into());
+            tracing::error!(parent: &span, panic = %what, "handler panicked");
+            failure(format!("handler panicked: {what}"), None)
+        }
+        Err(_) => {
+            cancel.cancel();
+            failure(
+                format!("timed out after {}", humantime::format_duration(timeout)),
+                None,
+            )
+        }
+    };
+    // A cancellation requested while the job ran wins over anything but success.
+    let outcome = match outcome {
+        Outcome::Retry { .. } | Outcome::Dead(_)
+            if cancel.is_cancelled() && !shared.interrupt.is_cancelled() =>
+        {
+            Outcome::Cancelled
+        }
+        o => o,
+    };
+
+    if let (Outcome::Succeeded(_), Some(mut tx)) = (&outcome, ctx.take_tx()) {
+        // The handler wrote to the database: its writes and the job's success commit together,
+        // fenced by the claim, and only then is the message acknowledged.
+        let done =
+            crate::store::finish_job::finish_jobs(&mut *tx, shared.id, &[finish(outcome.clone())])
+                .await;
+        let committed = match done {
+            Ok(ids) if !ids.is_empty() => tx.commit().await.is_ok(),
+            Ok(_) => {
+                // The claim was lost (lease expired and another worker took the job): roll
+                // back, so the effect happens once, there.
+                let _ = tx.rollback().await;
+                tracing::warn!(parent: &span, "claim lost before commit; effect rolled back");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(parent: &span, error = %e, "could not commit the job; the message will come back");
+                return forget(shared, job.id);
+            }
+        };
+        forget(shared, job.id);
+        if committed {
+            shared.counters.finished.fetch_add(1, Ordering::Relaxed);
+        }
+        inc.delivery.settle(Settle::Ack);
+        return;
+    }
+    // Any transaction the handler began but did not succeed with rolls back here, on drop.
+    drop(ctx);
+    complete(shared, finish(outcome), inc);
+}
+
+fn forget(shared: &Shared, id: crate::job::JobId) {
+    if let Ok(mut running) = shared.running.lock() {
+        running.remove(&id);
+    }
+}
+
+fn complete(shared: &Shared, finish: Finish, inc: Incoming) {
+    let c = Completion {
+        finish,
+        job: inc.job,
+        delivery: inc.delivery,
+    };
+    if let Err(e) = shared.done_tx.send(c) {
+        // The completer is gone only after the drain; the delivery is requeued by the close.
+        tracing::debug!(job_id = %e.0.job.id, "completer closed");
+    }
+}

@@ -1,0 +1,429 @@
+//! The worker pool: one process's consume loop, bounded concurrency and two-phase stop.
+//!
+//! A session is one RabbitMQ connection with a consuming channel and a publishing channel;
+//! when it breaks, the worker opens another with backoff, and the deliveries it held are
+//! redelivered by the broker (the claim keeps their effects single). Deliveries arrive in
+//! bursts and are claimed in batches by the [`executor`]; finished attempts are written in
+//! batches by the [`completer`], which acknowledges only after the commit. The [`rescuer`]
+//! renews leases and relays the outbox.
+//!
+//! On drain the worker stops consuming, hands back what it has not started, lets in-flight
+//! jobs finish within the drain timeout, then interrupts and hands back the rest, uncharged.
+
+pub mod completer;
+pub mod executor;
+pub mod outage;
+pub mod rescuer;
+pub mod retry;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::BasicCancelOptions;
+use lapin::{Channel, Connection};
+use tokio::sync::{RwLock, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::broker::consume::{self, Acks, Settle};
+use crate::broker::{BrokerError, Publisher, QueueNames};
+use crate::config::Config;
+use crate::handler::Registry;
+use crate::job::JobId;
+use crate::shutdown::Shutdown;
+use crate::store::{Store, StoreError};
+use completer::Completion;
+use outage::Outage;
+
+/// Why a worker could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Postgres failed at start-up (for example, an old schema).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// RabbitMQ failed in a way retrying cannot fix.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// What a worker did, reported when it stops.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Attempts finished (any outcome but handed back).
+    pub finished: u64,
+    /// Deliveries handed back to the queue for another worker.
+    pub handed_back: u64,
+    /// Milliseconds the drain took, from the stop request to exit.
+    pub drain_ms: u64,
+}
+
+/// Where a delivery came from, so whoever finishes with it can settle it.
+#[derive(Clone)]
+pub(crate) struct DeliveryRef {
+    pub(crate) tag: u64,
+    pub(crate) acks: Acks,
+}
+
+impl DeliveryRef {
+    pub(crate) fn settle(&self, how: Settle) {
+        self.acks.settle(self.tag, how);
+    }
+}
+
+/// A job this worker is running: what the heartbeat renews and what a forced stop releases.
+pub(crate) struct Running {
+    pub(crate) attempt: i32,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) delivery: DeliveryRef,
+}
+
+/// Counters behind the summary, the registry row and the metrics.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) finished: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) handed_back: AtomicU64,
+}
+
+/// State shared by a worker's tasks.
+pub(crate) struct Shared {
+    pub(crate) cfg: Config,
+    pub(crate) store: Store,
+    pub(crate) registry: Registry,
+    pub(crate) id: Uuid,
+    pub(crate) names: QueueNames,
+    /// Jobs claimed and not yet finished. Written by the executor and completer; read by the
+    /// heartbeat and by a forced stop.
+    pub(crate) running: std::sync::Mutex<HashMap<JobId, Running>>,
+    /// Finished attempts, to the completer. Closed when the completer stops, after the drain.
+    pub(crate) done_tx: mpsc::UnboundedSender<Completion>,
+    /// The current session's publisher; `None` while RabbitMQ is unreachable.
+    pub(crate) publisher: RwLock<Option<Arc<Publisher>>>,
+    /// Handler slots: `concurrency` permits.
+    pub(crate) slots: Arc<Semaphore>,
+    /// Fires when the worker stops taking work (the drain begins).
+    pub(crate) stop_taking: CancellationToken,
+    /// Fires when running handlers must stop (drain timeout or forced stop).
+    pub(crate) interrupt: CancellationToken,
+    /// Every task that holds a delivery.
+    pub(crate) tasks: TaskTracker,
+    pub(crate) counters: Counters,
+    pub(crate) rabbit: Outage,
+    pub(crate) postgres: Outage,
+    pub(crate) ready: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) async fn publisher(&self) -> Option<Arc<Publisher>> {
+        self.publisher.read().await.clone()
+    }
+
+    /// Runs a store operation until it succeeds, backing off while Postgres is down; gives up
+    /// only when the worker is interrupted.
+    pub(crate) async fn with_store<T, F, Fut>(&self, mut op: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .without_max_times()
+            .with_jitter()
+            .build();
+        loop {
+            match op().await {
+                Ok(v) => {
+                    self.postgres.up();
+                    return Some(v);
+                }
+                Err(e) if e.is_transient() => {
+                    self.postgres.down(&e);
+                    let wait = delays.next().unwrap_or(Duration::from_secs(2));
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = self.interrupt.cancelled() => return None,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "postgres rejected a worker query");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// A worker process's pool: build one with [`Worker::new`], then [`Worker::run`] it.
+pub struct Worker {
+    shared: Arc<Shared>,
+    done_rx: mpsc::UnboundedReceiver<Completion>,
+    shutdown: Shutdown,
+}
+
+impl Worker {
+    /// A worker with `registry`'s handlers, stopping when `shutdown` says so.
+    pub fn new(cfg: Config, registry: Registry, shutdown: Shutdown) -> Result<Worker, WorkerError> {
+        let store = Store::connect_lazy(&cfg.database_url, cfg.db_pool)?;
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            names: QueueNames::new(&cfg.queue),
+            slots: Arc::new(Semaphore::new(cfg.concurrency)),
+            cfg,
+            store,
+            registry,
+            id: Uuid::now_v7(),
+            running: std::sync::Mutex::new(HashMap::new()),
+            done_tx,
+            publisher: RwLock::new(None),
+            stop_taking: shutdown.drain.clone(),
+            interrupt: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            counters: Counters::default(),
+            rabbit: Outage::new("rabbitmq"),
+            postgres: Outage::new("postgres"),
+            ready: AtomicBool::new(false),
+        });
+        Ok(Worker {
+            shared,
+            done_rx,
+            shutdown,
+        })
+    }
+
+    /// This worker's id, as recorded on the jobs it claims.
+    pub fn id(&self) -> Uuid {
+        self.shared.id
+    }
+
+    /// A probe for readiness: true while consuming, false while connecting or draining.
+    pub fn readiness(&self) -> Readiness {
+        Readiness(self.shared.clone())
+    }
+
+    /// Runs until the shutdown drains it. Returns what it did.
+    pub async fn run(self) -> Result<Summary, WorkerError> {
+        let Worker {
+            shared,
+            done_rx,
+            shutdown,
+        } = self;
+        let cfg = &shared.cfg;
+        // An old schema is an operator error, not an outage: say what to run and stop.
+        loop {
+            match shared.store.check_schema().await {
+                Ok(()) => break,
+                Err(e) if e.is_transient() => {
+                    shared.postgres.down(&e);
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = shutdown.drain.cancelled() => return Ok(Summary::default()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        shared.postgres.up();
+        tracing::info!(
+            worker = %shared.id, queue = %cfg.queue, concurrency = cfg.concurrency,
+            prefetch = cfg.effective_prefetch(), kinds = ?shared.registry.kinds(), "worker starting"
+        );
+
+        let completer_stop = CancellationToken::new();
+        let completer = tokio::spawn(completer::run(
+            shared.clone(),
+            done_rx,
+            completer_stop.clone(),
+        ));
+        let background_stop = CancellationToken::new();
+        let rescuer = tokio::spawn(rescuer::run(shared.clone(), background_stop.clone()));
+
+        let mut session: Option<(Connection, Channel, Acks)> = None;
+        let mut delays = reconnect_delays();
+        while !shared.stop_taking.is_cancelled() {
+            let name = format!("apiary worker {} pid {}", shared.id, std::process::id());
+            let opened = tokio::select! {
+                r = open_session(&shared, &name) => r,
+                () = shared.stop_taking.cancelled() => break,
+            };
+            match opened {
+                Ok((conn, channel, consumer, acks)) => {
+                    shared.rabbit.up();
+                    delays = reconnect_delays();
+                    shared.ready.store(true, Ordering::Relaxed);
+                    let lost = executor::consume(&shared, consumer, &acks).await;
+                    shared.ready.store(false, Ordering::Relaxed);
+                    match lost {
+                        None => {
+                            session = Some((conn, channel, acks));
+                            break;
+                        }
+                        Some(e) => {
+                            shared.rabbit.down(&e);
+                            *shared.publisher.write().await = None;
+                        }
+                    }
+                }
+                Err(e) => shared.rabbit.down(&e),
+            }
+            let wait = delays.next().unwrap_or(Duration::from_secs(5));
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = shared.stop_taking.cancelled() => break,
+            }
+        }
+
+        // The drain. New work has stopped; what follows only finishes or hands back.
+        let started = Instant::now();
+        if let Some((_, channel, _)) = &session {
+            // Stop the broker sending more, then hand back what was already sent but not taken.
+            let _ = channel
+                .basic_cancel(
+                    executor::consumer_tag(&shared).as_str().into(),
+                    BasicCancelOptions::default(),
+                )
+                .await;
+        }
+        shared.tasks.close();
+        let finished_in_time = tokio::select! {
+            () = shared.tasks.wait() => true,
+            () = tokio::time::sleep(cfg.drain_timeout) => false,
+            () = shutdown.force.cancelled() => false,
+        };
+        if !finished_in_time {
+            // Handlers see their token fire and return; their attempts are handed back uncharged.
+            shared.interrupt.cancel();
+            let grace = if shutdown.force.is_cancelled() {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(2)
+            };
+            let _ = tokio::time::timeout(grace, shared.tasks.wait()).await;
+            release_stuck(&shared).await;
+        }
+        completer_stop.cancel();
+        let _ = completer.await;
+        background_stop.cancel();
+        let _ = rescuer.await;
+        if let Some((conn, channel, acks)) = session {
+            acks.flush().await;
+            let _ = channel.close(200, "worker stopping".into()).await;
+            let _ = conn.close(200, "worker stopping".into()).await;
+        }
+        let summary = Summary {
+            finished: shared.counters.finished.load(Ordering::Relaxed),
+            handed_back: shared.counters.handed_back.load(Ordering::Relaxed),
+            drain_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        };
+        tracing::info!(
+            finished = summary.finished,
+            handed_back = summary.handed_back,
+            drain_seconds = summary.drain_ms as f64 / 1000.0,
+            "worker stopped: {} finished, {} handed back, drained in {:.1}s",
+            summary.finished,
+            summary.handed_back,
+            summary.drain_ms as f64 / 1000.0
+        );
+        Ok(summary)
+    }
+}
+
+/// Whether a worker is taking work, for `/readyz`.
+#[derive(Clone)]
+pub struct Readiness(Arc<Shared>);
+
+impl Readiness {
+    /// True while the worker consumes and neither dependency is known to be down.
+    pub fn is_ready(&self) -> bool {
+        self.0.ready.load(Ordering::Relaxed)
+            && !self.0.postgres.is_down()
+            && !self.0.rabbit.is_down()
+    }
+}
+
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times()
+        .with_jitter()
+        .build()
+}
+
+async fn open_session(
+    shared: &Arc<Shared>,
+    name: &str,
+) -> Result<(Connection, Channel, lapin::Consumer, Acks), BrokerError> {
+    let conn = crate::broker::connect(&shared.cfg.amqp_url, name).await?;
+    let publisher = Arc::new(Publisher::on(&conn, shared.names.clone()).await?);
+    let (channel, consumer) = consume::open(
+        &conn,
+        &shared.names,
+        shared.cfg.effective_prefetch(),
+        &executor::consumer_tag(shared),
+    )
+    .await?;
+    let (acks, _task) = Acks::spawn(channel.clone());
+    *shared.publisher.write().await = Some(publisher);
+    Ok((conn, channel, consumer, acks))
+}
+
+/// After the drain's grace: whatever still runs is released in Postgres (uncharged) and its
+/// delivery requeued, so another worker starts it now rather than after the lease.
+async fn release_stuck(shared: &Arc<Shared>) {
+    let stuck: Vec<(JobId, i32, DeliveryRef)> = match shared.running.lock() {
+        Ok(mut running) => running
+            .drain()
+            .map(|(id, r)| (id, r.attempt, r.delivery))
+            .collect(),
+        Err(_) => return,
+    };
+    if stuck.is_empty() {
+        return;
+    }
+    let batch: Vec<crate::store::finish_job::Finish> = stuck
+        .iter()
+        .map(|(id, attempt, _)| crate::store::finish_job::Finish {
+            id: *id,
+            attempt: *attempt,
+            outcome: crate::store::finish_job::Outcome::Released,
+        })
+        .collect();
+    if let Err(e) = shared.store.finish_jobs(shared.id, &batch).await {
+        tracing::warn!(error = %e, "could not release stuck jobs; their leases will expire instead");
+    }
+    for (_, _, d) in &stuck {
+        d.settle(Settle::Requeue);
+    }
+    shared
+        .counters
+        .handed_back
+        .fetch_add(stuck.len() as u64, Ordering::Relaxed);
+}
+
+/// Requeues deliveries without touching Postgres: they were never claimed.
+pub(crate) fn hand_back(shared: &Shared, deliveries: impl IntoIterator<Item = DeliveryRef>) {
+    for d in deliveries {
+        d.settle(Settle::Requeue);
+        shared.counters.handed_back.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Requeues everything the consumer had already received but not yet given us.
+pub(crate) fn hand_back_buffered(shared: &Shared, acks: &Acks, consumer: &mut lapin::Consumer) {
+    while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
+        acks.track(d.delivery_tag);
+        hand_back(
+            shared,
+            [DeliveryRef {
+                tag: d.delivery_tag,
+                acks: acks.clone(),
+            }],
+        );
+    }
+}

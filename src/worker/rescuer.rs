@@ -1,0 +1,64 @@
+//! Background duties of every worker: renewing the leases of the jobs it runs (so a killed
+//! worker's claims expire in seconds and live ones never do), and relaying outbox rows whose
+//! enqueuer died between its commit and the broker's confirm.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::job::JobId;
+
+/// Runs the heartbeat and the relay until `stop` fires.
+pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut beat = tokio::time::interval(shared.cfg.heartbeat_interval());
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut relay = tokio::time::interval(Duration::from_secs(1));
+    relay.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = beat.tick() => heartbeat(&shared).await,
+            _ = relay.tick() => relay_outbox(&shared).await,
+        }
+    }
+}
+
+async fn heartbeat(shared: &Shared) {
+    let ids: Vec<JobId> = match shared.running.lock() {
+        Ok(r) => r.keys().copied().collect(),
+        Err(_) => return,
+    };
+    if ids.is_empty() {
+        return;
+    }
+    match shared
+        .store
+        .renew_leases(shared.id, &ids, shared.cfg.lease)
+        .await
+    {
+        Ok(_) => shared.postgres.up(),
+        Err(e) => shared.postgres.down(&e),
+    }
+}
+
+async fn relay_outbox(shared: &Shared) {
+    let Some(publisher) = shared.publisher().await else {
+        return;
+    };
+    let relayed = shared
+        .store
+        .relay_outbox(shared.cfg.outbox_grace, 500, |jobs| async move {
+            publisher.publish_jobs(&jobs).await
+        })
+        .await;
+    match relayed {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            relayed = n,
+            "republished jobs whose enqueuer stopped before the broker confirmed"
+        ),
+        Err(e) => tracing::debug!(error = %e, "outbox relay pass failed; the next one retries"),
+    }
+}
