@@ -69,12 +69,32 @@ pub enum Command {
         /// The job id.
         id: uuid::Uuid,
     },
+    /// Cancel a job: one not yet started never runs; a running one is told to stop.
+    Cancel {
+        /// The job id.
+        id: uuid::Uuid,
+    },
 }
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = cli.config.validate()?;
     match cli.command {
+        Command::Cancel { id } => {
+            use crate::store::cancel_job::CancelOutcome;
+            let store = store::Store::connect_lazy(&cfg.database_url, 2)?;
+            match store.cancel_job(id).await? {
+                CancelOutcome::Cancelled => println!("cancelled"),
+                CancelOutcome::Requested => {
+                    println!("cancellation requested; the running handler is being told")
+                }
+                CancelOutcome::AlreadyFinal(s) => {
+                    anyhow::bail!("job {id} has already finished ({s})")
+                }
+                CancelOutcome::NotFound => anyhow::bail!("no job with id {id}"),
+            }
+            Ok(())
+        }
         Command::Migrate => migrate(&cfg).await,
         Command::Api {
             insecure_listen_any,

@@ -56,6 +56,7 @@ pub struct Client {
     publisher: Arc<Publisher>,
     confirmed: mpsc::UnboundedSender<Vec<JobId>>,
     max_attempts: i32,
+    kinds: crate::config::KindSettings,
     max_payload_bytes: usize,
 }
 
@@ -82,6 +83,7 @@ impl Client {
             publisher,
             confirmed,
             max_attempts: cfg.max_attempts,
+            kinds: cfg.kinds.clone(),
             max_payload_bytes: cfg.max_payload_bytes,
         }
     }
@@ -118,7 +120,10 @@ impl Client {
                 kind: job.kind.clone(),
                 payload,
                 dedup_key: job.dedup_key.clone(),
-                max_attempts: job.max_attempts.unwrap_or(self.max_attempts),
+                max_attempts: job
+                    .max_attempts
+                    .or(self.kinds.get(&job.kind).max_attempts)
+                    .unwrap_or(self.max_attempts),
                 run_at: job.due_at(now),
             });
         }
@@ -226,6 +231,7 @@ fn new_record(job: NewJob, row: JobRow, created_at: chrono::DateTime<Utc>) -> Jo
         duplicate_of: None,
         run_at: row.run_at,
         next_attempt_at: None,
+        raw_body: None,
         created_at,
         started_at: None,
         finished_at: None,

@@ -115,6 +115,11 @@ pub struct Config {
     #[arg(long, env = "APIARY_OUTBOX_GRACE", default_value = "5s", value_parser = parse_duration, global = true)]
     pub outbox_grace: Duration,
 
+    /// Per-kind settings overriding the global ones and the handler's own:
+    /// `kind:max_attempts=3,timeout=30s,retry_base=500ms,retry_cap=1m;other:timeout=2h`.
+    #[arg(long, env = "APIARY_KINDS", default_value = "", value_parser = parse_kinds, global = true)]
+    pub kinds: KindSettings,
+
     /// `human` or `json`.
     #[arg(
         long,
@@ -123,6 +128,80 @@ pub struct Config {
         global = true
     )]
     pub log_format: LogFormat,
+}
+
+/// Per-kind settings; `None` means the next level down (the handler's, then the global one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KindOptions {
+    /// Attempts allowed when the job does not say.
+    pub max_attempts: Option<i32>,
+    /// Longest one attempt may run.
+    pub timeout: Option<Duration>,
+    /// First retry delay.
+    pub retry_base: Option<Duration>,
+    /// Longest retry delay.
+    pub retry_cap: Option<Duration>,
+}
+
+impl KindOptions {
+    /// These options, with unset fields taken from `below`.
+    pub fn or(self, below: KindOptions) -> KindOptions {
+        KindOptions {
+            max_attempts: self.max_attempts.or(below.max_attempts),
+            timeout: self.timeout.or(below.timeout),
+            retry_base: self.retry_base.or(below.retry_base),
+            retry_cap: self.retry_cap.or(below.retry_cap),
+        }
+    }
+}
+
+/// `APIARY_KINDS`, parsed: options by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KindSettings(pub std::collections::HashMap<String, KindOptions>);
+
+impl KindSettings {
+    /// The options set for `kind` (all `None` if none).
+    pub fn get(&self, kind: &str) -> KindOptions {
+        self.0.get(kind).copied().unwrap_or_default()
+    }
+}
+
+/// Parses `kind:key=value,...;kind:...`.
+pub fn parse_kinds(s: &str) -> Result<KindSettings, String> {
+    let mut out = std::collections::HashMap::new();
+    for part in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let (kind, opts) = part
+            .split_once(':')
+            .ok_or_else(|| format!("{part:?}: expected kind:key=value,..."))?;
+        let kind = kind.trim();
+        crate::job::validate_kind(kind).map_err(|e| e.to_string())?;
+        let mut o = KindOptions::default();
+        for kv in opts.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("{kv:?}: expected key=value"))?;
+            match k.trim() {
+                "max_attempts" => {
+                    let n: i32 = v
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("{kind}: max_attempts {v:?} is not an integer"))?;
+                    crate::job::validate_max_attempts(n).map_err(|e| format!("{kind}: {e}"))?;
+                    o.max_attempts = Some(n);
+                }
+                "timeout" => o.timeout = Some(parse_duration(v.trim())?),
+                "retry_base" => o.retry_base = Some(parse_duration(v.trim())?),
+                "retry_cap" => o.retry_cap = Some(parse_duration(v.trim())?),
+                other => {
+                    return Err(format!(
+                        "{kind}: unknown setting {other:?} (expected max_attempts, timeout, retry_base or retry_cap)"
+                    ));
+                }
+            }
+        }
+        out.insert(kind.to_string(), o);
+    }
+    Ok(KindSettings(out))
 }
 
 /// How logs are written.
@@ -203,6 +282,29 @@ mod tests {
         assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
         assert_eq!(parse_duration("150ms"), Ok(Duration::from_millis(150)));
         assert!(parse_duration("soon").unwrap_err().contains("soon"));
+    }
+
+    #[test]
+    fn kinds_parse_and_reject_nonsense() {
+        let k =
+            parse_kinds("fail:max_attempts=3,retry_base=100ms; sleep:timeout=2s").expect("parses");
+        assert_eq!(k.get("fail").max_attempts, Some(3));
+        assert_eq!(k.get("fail").retry_base, Some(Duration::from_millis(100)));
+        assert_eq!(k.get("sleep").timeout, Some(Duration::from_secs(2)));
+        assert_eq!(k.get("echo"), KindOptions::default());
+        assert!(parse_kinds("").expect("empty").0.is_empty());
+        assert!(
+            parse_kinds("fail:max_attempts=0")
+                .unwrap_err()
+                .contains("max_attempts")
+        );
+        assert!(
+            parse_kinds("fail:colour=red")
+                .unwrap_err()
+                .contains("colour")
+        );
+        assert!(parse_kinds("Bad:timeout=1s").unwrap_err().contains("kind"));
+        assert!(parse_kinds("fail").is_err());
     }
 
     #[test]

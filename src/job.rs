@@ -146,6 +146,8 @@ pub struct Job {
     pub run_at: Option<DateTime<Utc>>,
     /// When a retrying job's next attempt is due.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// For a poison message: the body as received (cut to the size limit).
+    pub raw_body: Option<String>,
     /// When the job was recorded.
     pub created_at: DateTime<Utc>,
     /// When the latest attempt started.

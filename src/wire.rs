@@ -93,14 +93,17 @@ impl WireJob {
         }
         let text = std::str::from_utf8(body)
             .map_err(|e| poison(None, None, format!("body is not UTF-8: {e}")))?;
-        let fields: Fields<'_> = serde_json::from_str(text).map_err(|e| {
-            let what = if text.trim_start().starts_with('{') {
-                "body is not valid JSON"
+        // Checked first: serde would read an array as a struct, field by position.
+        if !text.trim_start().starts_with('{') {
+            let what = if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+                "body is not a JSON object".to_string()
             } else {
-                "body is not a JSON object"
+                "body is not a JSON object (not JSON at all)".to_string()
             };
-            poison(None, None, format!("{what}: {e}"))
-        })?;
+            return Err(poison(None, None, what));
+        }
+        let fields: Fields<'_> = serde_json::from_str(text)
+            .map_err(|e| poison(None, None, format!("body is not valid JSON: {e}")))?;
 
         let id: Option<JobId> = match fields.id {
             None => None,

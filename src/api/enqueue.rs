@@ -36,6 +36,12 @@ pub(crate) fn json_error(rejection: JsonRejection) -> ApiError {
         JsonRejection::MissingJsonContentType(_) => {
             ApiError::BadRequest("expected Content-Type: application/json".into())
         }
+        other if other.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::TooLarge(format!(
+                "payload: the request body is over the size limit ({})",
+                other.body_text()
+            ))
+        }
         other => ApiError::BadRequest(other.body_text()),
     }
 }

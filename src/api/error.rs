@@ -21,6 +21,9 @@ pub enum ApiError {
     /// No such job.
     #[error("{0}")]
     NotFound(String),
+    /// The request body is over the size limit.
+    #[error("{0}")]
+    TooLarge(String),
     /// The job is not in a state that allows this.
     #[error("{0}")]
     Conflict(String),
@@ -41,6 +44,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,

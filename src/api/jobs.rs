@@ -163,3 +163,26 @@ pub async fn list(
     };
     Ok(Json(JobPage { jobs, next }))
 }
+
+/// `POST /v1/jobs/{id}/cancel`: a job that has not started never runs; a running one is
+/// told and ends `cancelled` when its handler returns; a finished one is a 409.
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(axum::http::StatusCode, Json<Job>), ApiError> {
+    use crate::store::cancel_job::CancelOutcome;
+    let id = parse_id(&id)?;
+    let store = state.client.store();
+    let code = match store.cancel_job(id).await? {
+        CancelOutcome::NotFound => return Err(ApiError::NotFound(format!("no job with id {id}"))),
+        CancelOutcome::AlreadyFinal(s) => {
+            return Err(ApiError::Conflict(format!(
+                "job {id} has already finished ({s}); nothing to cancel"
+            )));
+        }
+        CancelOutcome::Cancelled => axum::http::StatusCode::OK,
+        CancelOutcome::Requested => axum::http::StatusCode::ACCEPTED,
+    };
+    let Json(job) = found(store.get_job(id).await?, id)?;
+    Ok((code, Json(job)))
+}

@@ -51,6 +51,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/jobs", post(enqueue::enqueue).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .layer(axum::extract::DefaultBodyLimit::max(limit))

@@ -66,7 +66,7 @@ enum Source {
     Own {
         url: String,
         name: String,
-        conn: Option<Connection>,
+        conn: Option<Box<Connection>>,
     },
     Lent,
 }
@@ -131,7 +131,7 @@ impl Publisher {
             return Err(BrokerError::Disconnected);
         };
         if conn.as_ref().is_none_or(|c| !c.status().connected()) {
-            *conn = Some(super::connect(url, name).await?);
+            *conn = Some(Box::new(super::connect(url, name).await?));
         }
         let Some(c) = conn.as_ref() else {
             return Err(BrokerError::Disconnected);

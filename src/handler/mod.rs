@@ -130,18 +130,7 @@ impl<H: Handler> DynHandler for H {
     }
 }
 
-/// Per-kind settings; `None` means the worker's global setting.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KindOptions {
-    /// Attempts allowed when the job does not say.
-    pub max_attempts: Option<i32>,
-    /// Longest one attempt may run.
-    pub timeout: Option<Duration>,
-    /// First retry delay.
-    pub retry_base: Option<Duration>,
-    /// Longest retry delay.
-    pub retry_cap: Option<Duration>,
-}
+pub use crate::config::KindOptions;
 
 /// A registered handler with its options.
 #[derive(Clone)]

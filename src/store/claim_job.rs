@@ -45,23 +45,20 @@ pub enum Claim {
 
 impl Store {
     /// Claims the jobs of a batch of deliveries for `worker`, for `lease`. Returns one
-    /// [`Claim`] per job, in order. Jobs published raw, never recorded, are recorded here.
+    /// [`Claim`] per job, in order. Jobs published raw, never recorded, are recorded here
+    /// with the attempt budget of the same position in `budgets`.
     pub async fn claim_jobs(
         &self,
         jobs: &[&WireJob],
         worker: Uuid,
         lease: std::time::Duration,
-        default_max_attempts: i32,
+        budgets: &[i32],
     ) -> Result<Vec<Claim>, StoreError> {
         let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
         let kinds: Vec<&str> = jobs.iter().map(|j| j.kind.as_str()).collect();
         let payloads: Vec<Json<&RawValue>> =
             jobs.iter().map(|j| Json(j.payload.as_ref())).collect();
         let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.dedup_key.as_deref()).collect();
-        let budgets: Vec<i32> = jobs
-            .iter()
-            .map(|j| j.max_attempts.unwrap_or(default_max_attempts))
-            .collect();
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
 
         // The UPDATE takes existing jobs that may run now; its WHERE is the guard. Under READ
@@ -104,7 +101,7 @@ impl Store {
         .bind(&kinds)
         .bind(&payloads)
         .bind(&keys)
-        .bind(&budgets)
+        .bind(budgets)
         .bind(worker)
         .bind(lease_ms)
         .bind(DUE_TOLERANCE_MS)

@@ -141,24 +141,28 @@ pub async fn finish_jobs<'c>(
 }
 
 impl Store {
-    /// Renews the leases of the jobs this worker is running. Returns how many it still holds.
+    /// Renews the leases of the jobs this worker is running. Returns those of them that
+    /// someone asked to cancel, so their handlers can be told.
     pub async fn renew_leases(
         &self,
         worker: Uuid,
         ids: &[JobId],
         lease: std::time::Duration,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Vec<JobId>, StoreError> {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        let res = sqlx::query(
-            "UPDATE apiary_jobs SET lease_until = now() + $3 * interval '1 millisecond'
-              WHERE id = ANY($1) AND worker_id = $2 AND status = 'running'",
+        sqlx::query_scalar(
+            "WITH renewed AS (
+                 UPDATE apiary_jobs SET lease_until = now() + $3 * interval '1 millisecond'
+                  WHERE id = ANY($1) AND worker_id = $2 AND status = 'running'
+                 RETURNING id, cancel_requested
+             )
+             SELECT id FROM renewed WHERE cancel_requested",
         )
         .bind(ids)
         .bind(worker)
         .bind(lease_ms)
-        .execute(self.pool())
+        .fetch_all(self.pool())
         .await
-        .context("renewing leases")?;
-        Ok(res.rows_affected())
+        .context("renewing leases")
     }
 }

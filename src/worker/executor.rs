@@ -3,7 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -178,12 +178,21 @@ async fn claim_batch(shared: &Arc<Shared>, jobs: Vec<Incoming>) {
         return;
     }
     let refs: Vec<&WireJob> = to_claim.iter().map(|i| i.job.as_ref()).collect();
+    // Jobs recorded by an enqueue already have a budget; this one is for raw messages.
+    let budgets: Vec<i32> = refs
+        .iter()
+        .map(|j| {
+            j.max_attempts
+                .or_else(|| shared.kind_options(&j.kind).max_attempts)
+                .unwrap_or(shared.cfg.max_attempts)
+        })
+        .collect();
     let cfg = &shared.cfg;
     let claims = shared
         .with_store(|| {
             shared
                 .store
-                .claim_jobs(&refs, shared.id, cfg.lease, default_attempts(shared, &refs))
+                .claim_jobs(&refs, shared.id, cfg.lease, &budgets)
         })
         .await;
     let Some(claims) = claims else {
@@ -191,25 +200,6 @@ async fn claim_batch(shared: &Arc<Shared>, jobs: Vec<Incoming>) {
     };
     for (inc, claim) in to_claim.into_iter().zip(claims) {
         dispatch(shared, inc, claim);
-    }
-}
-
-/// The worker's default attempt budget for a batch: the per-kind one if every job in the
-/// batch shares a kind that sets it (the common case), else the global one. Jobs that carry
-/// their own `max_attempts`, or were recorded by an enqueue, are unaffected.
-fn default_attempts(shared: &Shared, jobs: &[&WireJob]) -> i32 {
-    let global = shared.cfg.max_attempts;
-    let Some(first) = jobs.first() else {
-        return global;
-    };
-    if jobs.iter().all(|j| j.kind == first.kind) {
-        shared
-            .registry
-            .get(&first.kind)
-            .and_then(|e| e.options.max_attempts)
-            .unwrap_or(global)
-    } else {
-        global
     }
 }
 
@@ -320,15 +310,15 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
     let job = inc.job.clone();
     let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt);
     let cancel = shared.interrupt.child_token();
+    let cancel_requested = Arc::new(AtomicBool::new(false));
     if let Ok(mut running) = shared.running.lock() {
-        running.insert(
-            job.id,
-            Running {
-                attempt,
-                cancel: cancel.clone(),
-                delivery: inc.delivery.clone(),
-            },
-        );
+        let entry = Running {
+            attempt,
+            cancel: cancel.clone(),
+            cancel_requested: cancel_requested.clone(),
+            delivery: inc.delivery.clone(),
+        };
+        running.insert(job.id, entry);
     }
     let finish = |outcome| Finish {
         id: job.id,
@@ -346,6 +336,7 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
         return complete(shared, finish(Outcome::Released), inc);
     };
 
+    let options = shared.kind_options(&job.kind);
     let Some(entry) = shared.registry.get(&job.kind).cloned() else {
         let reason = format!(
             "no handler is registered for kind {:?} on this worker",
@@ -354,7 +345,7 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
         tracing::warn!(parent: &span, "{reason}");
         return complete(shared, finish(Outcome::Dead(reason)), inc);
     };
-    let timeout = entry.options.timeout.unwrap_or(shared.cfg.job_timeout);
+    let timeout = options.timeout.unwrap_or(shared.cfg.job_timeout);
     let mut ctx = JobContext::new(
         job.id,
         job.kind.clone(),
@@ -375,8 +366,8 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
                 "{message} (attempt {attempt} of {max_attempts}; no attempts left)"
             ))
         } else {
-            let base = entry.options.retry_base.unwrap_or(shared.cfg.retry_base);
-            let cap = entry.options.retry_cap.unwrap_or(shared.cfg.retry_cap);
+            let base = options.retry_base.unwrap_or(shared.cfg.retry_base);
+            let cap = options.retry_cap.unwrap_or(shared.cfg.retry_cap);
             let wait =
                 delay.unwrap_or_else(|| retry::backoff(attempt, base, cap, &mut rand::rng()));
             let at = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
@@ -406,14 +397,12 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
             )
         }
     };
-    // A cancellation requested while the job ran wins over anything but success.
-    let outcome = match outcome {
-        Outcome::Retry { .. } | Outcome::Dead(_)
-            if cancel.is_cancelled() && !shared.interrupt.is_cancelled() =>
-        {
-            Outcome::Cancelled
-        }
-        o => o,
+    // A cancellation requested while the job ran decides the outcome, whatever the handler
+    // returned; its transaction, if any, rolls back below.
+    let outcome = if cancel_requested.load(Ordering::Relaxed) {
+        Outcome::Cancelled
+    } else {
+        outcome
     };
 
     if let (Outcome::Succeeded(_), Some(mut tx)) = (&outcome, ctx.take_tx()) {
@@ -422,25 +411,34 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
         let done =
             crate::store::finish_job::finish_jobs(&mut *tx, shared.id, &[finish(outcome.clone())])
                 .await;
-        let committed = match done {
-            Ok(ids) if !ids.is_empty() => tx.commit().await.is_ok(),
+        let settle = match done {
+            Ok(ids) if !ids.is_empty() => match tx.commit().await {
+                Ok(()) => {
+                    shared.counters.finished.fetch_add(1, Ordering::Relaxed);
+                    Settle::Ack
+                }
+                Err(e) => {
+                    // Maybe committed, maybe not: the redelivery's claim finds out which.
+                    tracing::warn!(parent: &span, error = %e, "commit failed; requeueing the message");
+                    Settle::Requeue
+                }
+            },
             Ok(_) => {
                 // The claim was lost (lease expired and another worker took the job): roll
                 // back, so the effect happens once, there.
                 let _ = tx.rollback().await;
                 tracing::warn!(parent: &span, "claim lost before commit; effect rolled back");
-                false
+                Settle::Ack
             }
             Err(e) => {
-                tracing::warn!(parent: &span, error = %e, "could not commit the job; the message will come back");
-                return forget(shared, job.id);
+                // Rolled back when `tx` drops. The job stays claimed until the lease runs out
+                // (no heartbeat renews it now); then the requeued message claims it again.
+                tracing::warn!(parent: &span, error = %e, "could not commit the job; requeueing the message");
+                Settle::Requeue
             }
         };
         forget(shared, job.id);
-        if committed {
-            shared.counters.finished.fetch_add(1, Ordering::Relaxed);
-        }
-        inc.delivery.settle(Settle::Ack);
+        inc.delivery.settle(settle);
         return;
     }
     // Any transaction the handler began but did not succeed with rolls back here, on drop.

@@ -78,7 +78,11 @@ impl DeliveryRef {
 /// A job this worker is running: what the heartbeat renews and what a forced stop releases.
 pub(crate) struct Running {
     pub(crate) attempt: i32,
+    /// The handler's token; the heartbeat fires it when someone cancels the job.
     pub(crate) cancel: CancellationToken,
+    /// Set with `cancel` when the job itself was cancelled (not the worker stopping or a
+    /// timeout): the attempt then ends `cancelled` whatever the handler returns.
+    pub(crate) cancel_requested: Arc<AtomicBool>,
     pub(crate) delivery: DeliveryRef,
 }
 
@@ -119,6 +123,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The options for `kind`: `APIARY_KINDS`, then the handler's registration; unset
+    /// fields fall back to the global settings at the point of use.
+    pub(crate) fn kind_options(&self, kind: &str) -> crate::config::KindOptions {
+        let registered = self
+            .registry
+            .get(kind)
+            .map(|e| e.options)
+            .unwrap_or_default();
+        self.cfg.kinds.get(kind).or(registered)
+    }
+
     pub(crate) async fn publisher(&self) -> Option<Arc<Publisher>> {
         self.publisher.read().await.clone()
     }

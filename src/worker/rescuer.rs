@@ -1,5 +1,6 @@
 //! Background duties of every worker: renewing the leases of the jobs it runs (so a killed
-//! worker's claims expire in seconds and live ones never do), and relaying outbox rows whose
+//! worker's claims expire in seconds and live ones never do) and passing on cancellations
+//! of running jobs, and relaying outbox rows whose
 //! enqueuer died between its commit and the broker's confirm.
 
 use std::sync::Arc;
@@ -38,7 +39,20 @@ async fn heartbeat(shared: &Shared) {
         .renew_leases(shared.id, &ids, shared.cfg.lease)
         .await
     {
-        Ok(_) => shared.postgres.up(),
+        Ok(cancelled) => {
+            shared.postgres.up();
+            let Ok(running) = shared.running.lock() else {
+                return;
+            };
+            for id in cancelled {
+                if let Some(r) = running.get(&id) {
+                    tracing::info!(job_id = %id, "job cancelled while running: signalling its handler");
+                    r.cancel_requested
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    r.cancel.cancel();
+                }
+            }
+        }
         Err(e) => shared.postgres.down(&e),
     }
 }
