@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
+use crate::api::auth::Tokens;
 use crate::api::{self, AppState};
 use crate::broker::{self, QueueNames};
 use crate::client::Client;
@@ -69,6 +70,12 @@ pub enum Command {
         /// The job id.
         id: uuid::Uuid,
     },
+    /// Dead jobs: list them, or replay them with a fresh attempt budget.
+    Dead {
+        /// What to do.
+        #[command(subcommand)]
+        action: DeadAction,
+    },
     /// Cancel a job: one not yet started never runs; a running one is told to stop.
     Cancel {
         /// The job id.
@@ -76,10 +83,63 @@ pub enum Command {
     },
 }
 
+/// `apiary dead ...`.
+#[derive(Debug, Subcommand)]
+pub enum DeadAction {
+    /// List dead jobs, newest first, one JSON object per line.
+    List {
+        /// Only this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Replay dead jobs: same id and history, fresh attempts; their dead letters are removed.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "kind", "all"])))]
+    Replay {
+        /// One job.
+        #[arg(long)]
+        id: Option<uuid::Uuid>,
+        /// Every dead job of this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Every dead job.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = cli.config.validate()?;
     match cli.command {
+        Command::Dead {
+            action: DeadAction::List { kind, limit },
+        } => {
+            let store = store::Store::connect_lazy(&cfg.database_url, 2)?;
+            for job in store.list_dead(kind.as_deref(), limit).await? {
+                println!("{}", serde_json::to_string(&job)?);
+            }
+            Ok(())
+        }
+        Command::Dead {
+            action: DeadAction::Replay { id, kind, all },
+        } => {
+            use crate::store::dead_job::ReplaySelector;
+            let selector = match (id, kind, all) {
+                (Some(id), _, _) => ReplaySelector::Id(id),
+                (None, Some(kind), _) => ReplaySelector::Kind(kind),
+                _ => ReplaySelector::All,
+            };
+            let client = Client::new(&cfg)?;
+            let ids = client.replay(&selector).await?;
+            for id in &ids {
+                println!("{id}");
+            }
+            eprintln!("replayed {} job(s)", ids.len());
+            Ok(())
+        }
         Command::Cancel { id } => {
             use crate::store::cancel_job::CancelOutcome;
             let store = store::Store::connect_lazy(&cfg.database_url, 2)?;
@@ -162,11 +222,16 @@ async fn migrate(cfg: &Config) -> anyhow::Result<()> {
 }
 
 async fn serve_api(cfg: Config, insecure_listen_any: bool) -> anyhow::Result<()> {
-    check_listen_addr(cfg.http_addr, insecure_listen_any)?;
+    check_listen_addr(cfg.http_addr, insecure_listen_any, &cfg.api_tokens)?;
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
     let client = Client::new(&cfg)?;
     client.store().check_schema().await?;
-    let state = AppState::new(client, shutdown, cfg.max_payload_bytes);
+    let state = AppState::new(
+        client,
+        shutdown,
+        cfg.max_payload_bytes,
+        cfg.api_tokens.clone(),
+    );
     api::serve(cfg.http_addr, state)
         .await
         .context("serving the API")?;
@@ -175,9 +240,22 @@ async fn serve_api(cfg: Config, insecure_listen_any: bool) -> anyhow::Result<()>
 }
 
 /// Without tokens the API is open to anyone who reaches it, so it listens on loopback unless
-/// told otherwise.
-fn check_listen_addr(addr: SocketAddr, insecure_listen_any: bool) -> anyhow::Result<()> {
+/// told otherwise; with tokens every job route needs one, so any address will do. Says at
+/// start-up which of the two it is.
+fn check_listen_addr(
+    addr: SocketAddr,
+    insecure_listen_any: bool,
+    tokens: &Tokens,
+) -> anyhow::Result<()> {
+    if !tokens.is_empty() {
+        tracing::info!(
+            "API tokens configured: {} tokens; bearer authentication required",
+            tokens.len()
+        );
+        return Ok(());
+    }
     if addr.ip().is_loopback() {
+        tracing::info!("no API tokens configured: authentication off, listening on loopback only");
         return Ok(());
     }
     if insecure_listen_any {

@@ -198,6 +198,46 @@ impl Client {
         Ok(out)
     }
 
+    /// Replays dead jobs: back to `queued` with a fresh attempt budget, same id and history,
+    /// published again, and their letters removed from the dead-letter queue. Returns the ids
+    /// replayed.
+    pub async fn replay(
+        &self,
+        selector: &crate::store::dead_job::ReplaySelector,
+    ) -> Result<Vec<JobId>, EnqueueError> {
+        let jobs = self.store.replay_dead(selector).await?;
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+        if let Err(source) = self.publisher.publish_jobs(&jobs).await {
+            return Err(EnqueueError::NotPublished { source, ids });
+        }
+        let _ = self.confirmed.send(ids.clone());
+        // The jobs are safe in the work queue now; a failed sweep leaves stale letters, not
+        // lost jobs, so it is logged rather than failed.
+        match self.publisher.open_channel().await {
+            Ok(ch) => {
+                let set = ids.iter().copied().collect();
+                match crate::broker::dead::remove(&ch, self.publisher.names(), &set).await {
+                    Ok(n) => tracing::info!(
+                        replayed = ids.len(),
+                        letters_removed = n,
+                        "replayed dead jobs"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "replayed, but could not remove their dead letters")
+                    }
+                }
+                let _ = ch.close(200, "sweep done".into()).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "replayed, but could not open a channel to sweep dead letters")
+            }
+        }
+        Ok(ids)
+    }
+
     /// The job with this id.
     pub async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
         self.store.get_job(id).await

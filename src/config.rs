@@ -55,6 +55,18 @@ pub struct Config {
     )]
     pub http_addr: SocketAddr,
 
+    /// Bearer tokens and their scopes, `TOKEN:scope+scope,...` (scopes: enqueue, read, admin).
+    /// Empty: no authentication, and the API listens on loopback only.
+    #[arg(
+        long,
+        env = "APIARY_API_TOKENS",
+        default_value = "",
+        hide_env_values = true,
+        value_parser = crate::api::auth::parse_tokens,
+        global = true
+    )]
+    pub api_tokens: crate::api::auth::Tokens,
+
     /// Where `apiary worker` serves /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -101,6 +113,12 @@ pub struct Config {
     /// run elsewhere at most this long after its last heartbeat.
     #[arg(long, env = "APIARY_LEASE", default_value = "10s", value_parser = parse_duration, global = true)]
     pub lease: Duration,
+
+    /// A job still running after this long has its message acked and is protected by its
+    /// lease alone, so RabbitMQ's consumer timeout (30 min by default) never closes the channel
+    /// under a long job. Keep it well below the broker's `consumer_timeout`.
+    #[arg(long, env = "APIARY_DETACH_AFTER", default_value = "10m", value_parser = parse_duration, global = true)]
+    pub detach_after: Duration,
 
     /// On SIGTERM, how long in-flight jobs may take to finish before they are handed back.
     #[arg(long, env = "APIARY_DRAIN_TIMEOUT", default_value = "25s", value_parser = parse_duration, global = true)]
@@ -248,8 +266,9 @@ impl Config {
         if self.lease < Duration::from_secs(1) {
             return Err(ConfigError("APIARY_LEASE must be at least 1s".into()));
         }
-        if self.batch == 0 {
-            return Err(ConfigError("APIARY_BATCH must be at least 1".into()));
+        if self.batch == 0 || self.batch > 200 {
+            // One NOTIFY carries a batch's ids; 200 of them stay under Postgres's 8000-byte limit.
+            return Err(ConfigError("APIARY_BATCH must be between 1 and 200".into()));
         }
         if self.db_pool < 2 {
             return Err(ConfigError("APIARY_DB_POOL must be at least 2".into()));

@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use apiary::api::auth::Tokens;
 use apiary::api::{AppState, router};
 use apiary::{JobStatus, NewJob, Shutdown};
 use axum::body::Body;
@@ -42,6 +43,7 @@ fn app(env: &TestEnv) -> axum::Router {
         env.client(),
         Shutdown::new(),
         env.cfg.max_payload_bytes,
+        Tokens::default(),
     ))
 }
 

@@ -186,3 +186,35 @@ pub async fn cancel(
     let Json(job) = found(store.get_job(id).await?, id)?;
     Ok((code, Json(job)))
 }
+
+/// `POST /v1/jobs/{id}/retry`: replays a `dead` or `failed` job with a fresh attempt budget;
+/// 409 for any other status.
+pub async fn retry(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(axum::http::StatusCode, Json<Job>), ApiError> {
+    use crate::store::dead_job::ReplaySelector;
+    let id = parse_id(&id)?;
+    let store = state.client.store();
+    let Json(before) = found(store.get_job(id).await?, id)?;
+    if !matches!(before.status(), JobStatus::Dead | JobStatus::Failed) {
+        return Err(ApiError::Conflict(format!(
+            "job {id} is {}; only dead or failed jobs can be retried",
+            before.status()
+        )));
+    }
+    let replayed = state.client.replay(&ReplaySelector::Id(id)).await?;
+    if replayed.is_empty() {
+        let Json(now) = found(store.get_job(id).await?, id)?;
+        let why = if now.raw_body.is_some() {
+            "it is a poison message, not a job"
+        } else {
+            "its status changed"
+        };
+        return Err(ApiError::Conflict(format!(
+            "job {id} cannot be retried: {why}"
+        )));
+    }
+    let Json(job) = found(store.get_job(id).await?, id)?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(job)))
+}

@@ -1,6 +1,7 @@
 //! The HTTP API: ① enqueue and ⑦ poll. [`router`] builds the routes apart from [`serve`], so
 //! tests call it without a socket.
 
+pub mod auth;
 pub mod enqueue;
 pub mod error;
 pub mod health;
@@ -15,6 +16,7 @@ use axum::routing::{get, post};
 
 use crate::client::Client;
 use crate::shutdown::Shutdown;
+use auth::{Guard, Scope, Tokens};
 pub use error::ApiError;
 use waiters::Waiters;
 
@@ -29,11 +31,18 @@ pub struct AppState {
     pub shutdown: Shutdown,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// The bearer tokens each scoped route checks; empty means the API is open.
+    pub tokens: Arc<Tokens>,
 }
 
 impl AppState {
-    /// State for `client`, listening for finished jobs on its store.
-    pub fn new(client: Client, shutdown: Shutdown, max_payload_bytes: usize) -> AppState {
+    /// State for `client`, listening for finished jobs on its store, accepting `tokens`.
+    pub fn new(
+        client: Client,
+        shutdown: Shutdown,
+        max_payload_bytes: usize,
+        tokens: Tokens,
+    ) -> AppState {
         let waiters = Waiters::start(client.store().clone(), shutdown.force.clone());
         // The body holds the payload plus a little JSON around it.
         AppState {
@@ -41,17 +50,44 @@ impl AppState {
             waiters,
             shutdown,
             max_body_bytes: max_payload_bytes + 64 * 1024,
+            tokens: Arc::new(tokens),
         }
     }
 }
 
-/// The API's routes.
+/// The API's routes. Each job route carries the scope it needs in its own layer
+/// ([`auth::require_scope`]); health checks carry none and stay open.
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
+    let tokens = state.tokens.clone();
+    let needs = move |scope: Scope| {
+        axum::middleware::from_fn_with_state(
+            Guard {
+                tokens: tokens.clone(),
+                scope,
+            },
+            auth::require_scope,
+        )
+    };
     Router::new()
-        .route("/v1/jobs", post(enqueue::enqueue).get(jobs::list))
-        .route("/v1/jobs/{id}", get(jobs::get))
-        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route(
+            "/v1/jobs",
+            post(enqueue::enqueue)
+                .route_layer(needs(Scope::Enqueue))
+                .merge(get(jobs::list).route_layer(needs(Scope::Read))),
+        )
+        .route(
+            "/v1/jobs/{id}",
+            get(jobs::get).route_layer(needs(Scope::Read)),
+        )
+        .route(
+            "/v1/jobs/{id}/cancel",
+            post(jobs::cancel).route_layer(needs(Scope::Admin)),
+        )
+        .route(
+            "/v1/jobs/{id}/retry",
+            post(jobs::retry).route_layer(needs(Scope::Admin)),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .layer(axum::extract::DefaultBodyLimit::max(limit))

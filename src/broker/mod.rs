@@ -2,6 +2,7 @@
 //! publisher confirms, [`consume`] ④ receives and acknowledges in batches.
 
 pub mod consume;
+pub mod dead;
 pub mod publish;
 pub mod topology;
 

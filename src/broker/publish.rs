@@ -148,6 +148,19 @@ impl Publisher {
         Ok(ch)
     }
 
+    /// A fresh channel on this publisher's own connection, for one-off work such as sweeping
+    /// the dead-letter queue. The caller closes it.
+    pub async fn open_channel(&self) -> Result<Channel, BrokerError> {
+        self.ensure_connected().await?;
+        let source = self.source.lock().await;
+        match &*source {
+            Source::Own { conn: Some(c), .. } => {
+                c.create_channel().await.context("opening a channel")
+            }
+            _ => Err(BrokerError::Disconnected),
+        }
+    }
+
     /// Opens the channel if it is not open: readiness, and failing early.
     pub async fn ensure_connected(&self) -> Result<(), BrokerError> {
         self.channel().await.map(|_| ())

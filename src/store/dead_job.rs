@@ -81,3 +81,63 @@ impl Store {
         .context("listing dead jobs")
     }
 }
+
+/// Which dead jobs to replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplaySelector {
+    /// One job.
+    Id(JobId),
+    /// Every dead job of a kind.
+    Kind(String),
+    /// Every dead job.
+    All,
+}
+
+impl Store {
+    /// Puts dead (or failed) jobs back in `queued` with a fresh attempt budget, keeping their id
+    /// and error history, each with an outbox row so a crash before the publish loses nothing.
+    /// Poison records (no valid job to run) are not replayed. Returns the jobs to publish.
+    pub async fn replay_dead(
+        &self,
+        selector: &ReplaySelector,
+    ) -> Result<Vec<crate::wire::WireJob>, StoreError> {
+        let (id, kind, all) = match selector {
+            ReplaySelector::Id(id) => (Some(*id), None, false),
+            ReplaySelector::Kind(k) => (None, Some(k.as_str()), false),
+            ReplaySelector::All => (None, None, true),
+        };
+        #[allow(clippy::type_complexity)]
+        let rows: Vec<(uuid::Uuid, String, Json<Box<serde_json::value::RawValue>>, Option<String>, i32)> = sqlx::query_as(
+            "WITH replayed AS (
+                 UPDATE apiary_jobs
+                    SET status = 'queued', attempts = 0, result = NULL, finished_at = NULL, started_at = NULL,
+                        next_attempt_at = NULL, run_at = NULL, cancel_requested = false
+                  WHERE status IN ('dead', 'failed') AND raw_body IS NULL
+                    AND ($3 OR id = $1 OR kind = $2)
+                 RETURNING id, kind, payload, dedup_key, max_attempts
+             ), outbox AS (
+                 INSERT INTO apiary_outbox (job_id) SELECT id FROM replayed ON CONFLICT DO NOTHING
+             )
+             SELECT * FROM replayed",
+        )
+        .bind(id)
+        .bind(kind)
+        .bind(all)
+        .fetch_all(self.pool())
+        .await
+        .context("replaying dead jobs")?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, kind, payload, dedup_key, max_attempts)| crate::wire::WireJob {
+                    id,
+                    kind,
+                    payload: payload.0,
+                    dedup_key,
+                    max_attempts: Some(max_attempts),
+                    run_at: None,
+                },
+            )
+            .collect())
+    }
+}

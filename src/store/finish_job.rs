@@ -110,12 +110,14 @@ pub async fn finish_jobs<'c>(
                     error = CASE WHEN i.status = 'queued' THEN j.error ELSE i.error END,
                     errors = CASE WHEN i.error IS NULL THEN j.errors
                                   ELSE j.errors || jsonb_build_array(jsonb_build_object(
-                                      'attempt', j.attempts, 'error', i.error, 'at', now())) END,
+                                      'attempt', j.attempts, 'error', i.error, 'at', now(),
+                                      'retry_at', i.next_at)) END,
                     attempts = CASE WHEN i.status = 'queued' THEN j.attempts - 1 ELSE j.attempts END,
                     next_attempt_at = i.next_at,
                     finished_at = CASE WHEN i.status IN ('succeeded', 'dead', 'cancelled') THEN now() END,
                     lease_until = NULL,
-                    worker_id = NULL
+                    worker_id = NULL,
+                    detached = false
                FROM input i
               WHERE j.id = i.id AND j.attempts = i.attempt AND j.status = 'running' AND j.worker_id = $7
              RETURNING j.id, j.status

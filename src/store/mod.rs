@@ -10,6 +10,7 @@ pub mod get_job;
 pub mod insert_job;
 pub mod list_jobs;
 pub mod outbox;
+pub mod rescue_job;
 
 use std::str::FromStr;
 use std::time::Duration;

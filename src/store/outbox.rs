@@ -25,6 +25,16 @@ impl Store {
         Ok(())
     }
 
+    /// Adds outbox rows for jobs that must be (re)published, for the relay to pick up.
+    pub async fn add_to_outbox(&self, ids: &[JobId]) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO apiary_outbox (job_id, created_at) SELECT unnest($1::uuid[]), '-infinity' ON CONFLICT DO NOTHING")
+            .bind(ids)
+            .execute(self.pool())
+            .await
+            .context("adding outbox rows")?;
+        Ok(())
+    }
+
     /// Republishes stale outbox rows through `publish` and deletes them, at most `limit` per
     /// call. Rows are locked with SKIP LOCKED so concurrent relays never publish a row twice
     /// at once. Returns how many were relayed.

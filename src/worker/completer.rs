@@ -24,6 +24,9 @@ pub(crate) struct Completion {
     pub(crate) finish: Finish,
     pub(crate) job: Arc<WireJob>,
     pub(crate) delivery: DeliveryRef,
+    /// The message was already acked (a long job): handing the job back means publishing it
+    /// again, since there is no delivery left to requeue.
+    pub(crate) detached: bool,
 }
 
 /// Runs until `stop` fires and everything queued before it is written.
@@ -77,6 +80,11 @@ async fn flush(shared: &Shared, batch: Vec<Completion>) {
                 let mut next = (*c.job).clone();
                 next.run_at = Some(*at);
                 outgoing.push(Outgoing::job(&shared.names, &next));
+            }
+            Outcome::Released if c.detached => {
+                let mut again = (*c.job).clone();
+                again.run_at = None;
+                outgoing.push(Outgoing::job(&shared.names, &again));
             }
             Outcome::Dead(reason) => {
                 tracing::warn!(job_id = %c.job.id, kind = %c.job.kind, attempt = c.finish.attempt, reason = %reason, "job is dead");

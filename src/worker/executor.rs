@@ -311,11 +311,14 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
     let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt);
     let cancel = shared.interrupt.child_token();
     let cancel_requested = Arc::new(AtomicBool::new(false));
+    let detached_flag = Arc::new(AtomicBool::new(false));
     if let Ok(mut running) = shared.running.lock() {
         let entry = Running {
             attempt,
             cancel: cancel.clone(),
             cancel_requested: cancel_requested.clone(),
+            detached: detached_flag.clone(),
+            job: job.clone(),
             delivery: inc.delivery.clone(),
         };
         running.insert(job.id, entry);
@@ -333,7 +336,7 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
         p = shared.slots.clone().acquire_owned() => p.ok(),
     };
     let Some(_permit) = permit else {
-        return complete(shared, finish(Outcome::Released), inc);
+        return complete(shared, finish(Outcome::Released), inc, false);
     };
 
     let options = shared.kind_options(&job.kind);
@@ -343,7 +346,7 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
             job.kind
         );
         tracing::warn!(parent: &span, "{reason}");
-        return complete(shared, finish(Outcome::Dead(reason)), inc);
+        return complete(shared, finish(Outcome::Dead(reason)), inc, false);
     };
     let timeout = options.timeout.unwrap_or(shared.cfg.job_timeout);
     let mut ctx = JobContext::new(
@@ -356,9 +359,33 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
         cancel.clone(),
         shared.store.pool().clone(),
     );
+    let mut detached = false;
     let result = {
         let run = AssertUnwindSafe(entry.handler.call(&mut ctx)).catch_unwind();
-        tokio::time::timeout(timeout, tracing::Instrument::instrument(run, span.clone())).await
+        let run = tokio::time::timeout(timeout, tracing::Instrument::instrument(run, span.clone()));
+        tokio::pin!(run);
+        let detach_timer = tokio::time::sleep(shared.cfg.detach_after);
+        tokio::pin!(detach_timer);
+        loop {
+            tokio::select! {
+                r = &mut run => break r,
+                () = &mut detach_timer, if !detached => {
+                    // A long job: ack now, before RabbitMQ's consumer timeout closes the
+                    // channel, and let the lease protect it (the rescuer republishes it if
+                    // this worker dies).
+                    detached = true;
+                    match shared.store.detach_job(job.id, shared.id, attempt).await {
+                        Ok(true) => {
+                            detached_flag.store(true, Ordering::Relaxed);
+                            tracing::info!(parent: &span, "long job: message acked, lease keeps the claim");
+                            inc.delivery.settle(Settle::Ack);
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(parent: &span, error = %e, "could not detach a long job; keeping its message"),
+                    }
+                }
+            }
+        }
     };
     let failure = |message: String, delay: Option<Duration>| {
         if attempt >= max_attempts {
@@ -443,7 +470,7 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
     }
     // Any transaction the handler began but did not succeed with rolls back here, on drop.
     drop(ctx);
-    complete(shared, finish(outcome), inc);
+    complete(shared, finish(outcome), inc, detached);
 }
 
 fn forget(shared: &Shared, id: crate::job::JobId) {
@@ -452,11 +479,12 @@ fn forget(shared: &Shared, id: crate::job::JobId) {
     }
 }
 
-fn complete(shared: &Shared, finish: Finish, inc: Incoming) {
+fn complete(shared: &Shared, finish: Finish, inc: Incoming, detached: bool) {
     let c = Completion {
         finish,
         job: inc.job,
         delivery: inc.delivery,
+        detached,
     };
     if let Err(e) = shared.done_tx.send(c) {
         // The completer is gone only after the drain; the delivery is requeued by the close.

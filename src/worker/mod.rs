@@ -83,6 +83,11 @@ pub(crate) struct Running {
     /// Set with `cancel` when the job itself was cancelled (not the worker stopping or a
     /// timeout): the attempt then ends `cancelled` whatever the handler returns.
     pub(crate) cancel_requested: Arc<AtomicBool>,
+    /// Set when the job's message was acked early (a long job): handing it back then means
+    /// publishing it again.
+    pub(crate) detached: Arc<AtomicBool>,
+    /// The job, to publish again if it must be handed back after being detached.
+    pub(crate) job: Arc<crate::wire::WireJob>,
     pub(crate) delivery: DeliveryRef,
 }
 
@@ -391,10 +396,16 @@ async fn open_session(
 /// After the drain's grace: whatever still runs is released in Postgres (uncharged) and its
 /// delivery requeued, so another worker starts it now rather than after the lease.
 async fn release_stuck(shared: &Arc<Shared>) {
+    let mut detached: Vec<Arc<crate::wire::WireJob>> = Vec::new();
     let stuck: Vec<(JobId, i32, DeliveryRef)> = match shared.running.lock() {
         Ok(mut running) => running
             .drain()
-            .map(|(id, r)| (id, r.attempt, r.delivery))
+            .map(|(id, r)| {
+                if r.detached.load(Ordering::Relaxed) {
+                    detached.push(r.job.clone());
+                }
+                (id, r.attempt, r.delivery)
+            })
             .collect(),
         Err(_) => return,
     };
@@ -414,6 +425,15 @@ async fn release_stuck(shared: &Arc<Shared>) {
     }
     for (_, _, d) in &stuck {
         d.settle(Settle::Requeue);
+    }
+    // Detached jobs have no delivery left to requeue: publish them again.
+    if !detached.is_empty()
+        && let Some(p) = shared.publisher().await
+    {
+        let jobs: Vec<crate::wire::WireJob> = detached.iter().map(|j| (**j).clone()).collect();
+        if let Err(e) = p.publish_jobs(&jobs).await {
+            tracing::warn!(error = %e, "could not republish handed-back long jobs; the rescuer will once their lease expires");
+        }
     }
     shared
         .counters

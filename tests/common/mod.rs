@@ -347,3 +347,59 @@ impl Drop for Proc {
         let _ = std::fs::remove_file(&self.log);
     }
 }
+
+/// Reads every message in `queue` without removing any: (job id header, reason header).
+pub async fn peek_dead_letters(queue: &str) -> Vec<(Option<String>, Option<String>)> {
+    use futures_util::StreamExt;
+    use lapin::types::AMQPValue;
+    let conn = Connection::connect(AMQP, Default::default())
+        .await
+        .expect("rabbitmq");
+    let ch = conn.create_channel().await.expect("channel");
+    let depth = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("declare")
+        .message_count();
+    let mut out = Vec::new();
+    if depth > 0 {
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                "peek".into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .expect("consume");
+        for _ in 0..depth {
+            let Ok(Some(Ok(d))) =
+                tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
+            else {
+                break;
+            };
+            let header = |name: &str| {
+                d.properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| match h.inner().get(name) {
+                        Some(AMQPValue::LongString(s)) => {
+                            Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                        }
+                        _ => None,
+                    })
+            };
+            out.push((header("x-apiary-job-id"), header("x-apiary-reason")));
+        }
+    }
+    // Closing without acking puts every message back.
+    let _ = conn.close(200, "".into()).await;
+    out
+}
