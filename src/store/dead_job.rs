@@ -10,7 +10,8 @@ use crate::job::{Job, JobId};
 impl Store {
     /// Records a message that is not a job: status `dead`, its reason, and its raw body (cut
     /// to `max_bytes`). A message whose id is already a job records nothing: that job's own
-    /// record stands.
+    /// record stands. Returns whether its dead letter still has to be sent (false when a
+    /// redelivery finds it already confirmed).
     pub async fn record_poison(
         &self,
         id: JobId,
@@ -18,11 +19,11 @@ impl Store {
         body: &[u8],
         reason: &str,
         max_bytes: usize,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut raw = String::from_utf8_lossy(&body[..body.len().min(max_bytes)]).into_owned();
         // Postgres text cannot hold NUL.
         raw.retain(|c| c != '\0');
-        sqlx::query(
+        sqlx::query_scalar(
             "WITH ins AS (
                  INSERT INTO apiary_jobs (id, kind, payload, max_attempts, status, attempts, error, errors,
                                           raw_body, finished_at)
@@ -31,18 +32,21 @@ impl Store {
                          $4, now())
                  ON CONFLICT DO NOTHING
                  RETURNING id
+             ), notified AS (
+                 SELECT pg_notify($5, id::text) FROM ins
              )
-             SELECT pg_notify($5, id::text) FROM ins",
+             SELECT EXISTS (SELECT 1 FROM ins)
+                 OR EXISTS (SELECT 1 FROM apiary_outbox WHERE job_id = $1 AND dead_reason IS NOT NULL)
+               FROM (SELECT count(*) FROM notified) n",
         )
         .bind(id)
         .bind(kind.unwrap_or(""))
         .bind(reason)
         .bind(raw)
         .bind(DONE_CHANNEL)
-        .execute(self.pool())
+        .fetch_one(self.pool())
         .await
-        .context("recording a poison message")?;
-        Ok(())
+        .context("recording a poison message")
     }
 
     /// Records a scheduled job that was published raw, so it is visible while it waits.
@@ -116,7 +120,8 @@ impl Store {
                     AND ($3 OR id = $1 OR kind = $2)
                  RETURNING id, kind, payload, dedup_key, max_attempts
              ), outbox AS (
-                 INSERT INTO apiary_outbox (job_id) SELECT id FROM replayed ON CONFLICT DO NOTHING
+                 INSERT INTO apiary_outbox (job_id) SELECT id FROM replayed
+                 ON CONFLICT (job_id) DO UPDATE SET dead_reason = NULL, created_at = now()
              )
              SELECT * FROM replayed",
         )

@@ -1,4 +1,5 @@
-//! The transactional outbox: the window between a job's commit and the broker's confirm.
+//! The transactional outbox: the window between a commit and the broker's confirm, for new
+//! jobs and for dead letters (a trigger queues one whenever a job becomes dead).
 //! [`Store::insert_jobs`] writes an outbox row with every new job; the enqueuer deletes it once
 //! the publish is confirmed. A row that outlives the grace period belongs to an enqueuer that
 //! died in between: the relay (any worker) republishes it. A republished job that was in fact
@@ -15,9 +16,10 @@ use crate::job::JobId;
 use crate::wire::WireJob;
 
 impl Store {
-    /// Deletes the outbox rows of jobs whose publish the broker confirmed.
+    /// Deletes the outbox rows of jobs whose publish the broker confirmed. A dead letter's row
+    /// stays: it goes only through [`Store::relay_outbox`], under its lock.
     pub async fn delete_outbox(&self, ids: &[JobId]) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM apiary_outbox WHERE job_id = ANY($1)")
+        sqlx::query("DELETE FROM apiary_outbox WHERE job_id = ANY($1) AND dead_reason IS NULL")
             .bind(ids)
             .execute(self.pool())
             .await
@@ -36,16 +38,21 @@ impl Store {
     }
 
     /// Republishes stale outbox rows through `publish` and deletes them, at most `limit` per
-    /// call. Rows are locked with SKIP LOCKED so concurrent relays never publish a row twice
-    /// at once. Returns how many were relayed.
+    /// call: jobs whose enqueuer died before the confirm, and dead letters whose publisher did.
+    /// Rows are locked with SKIP LOCKED so concurrent relays never publish a row twice at once.
+    /// Returns how many were relayed.
+    ///
+    /// With `only`, just those jobs' rows, at once: the way a dead letter is first sent, so the
+    /// sender and the relay lock the same row and never both publish it.
     pub async fn relay_outbox<F, Fut, E>(
         &self,
         grace: Duration,
         limit: i64,
+        only: Option<&[JobId]>,
         publish: F,
     ) -> Result<usize, RelayError<E>>
     where
-        F: FnOnce(Vec<WireJob>) -> Fut,
+        F: FnOnce(Vec<OutboxItem>) -> Fut,
         Fut: Future<Output = Result<(), E>>,
     {
         let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
@@ -55,24 +62,18 @@ impl Store {
             .await
             .context("starting the relay")
             .map_err(RelayError::Store)?;
-        #[allow(clippy::type_complexity)]
-        let rows: Vec<(
-            Uuid,
-            String,
-            Json<Box<serde_json::value::RawValue>>,
-            Option<String>,
-            i32,
-            Option<DateTime<Utc>>,
-        )> = sqlx::query_as(
-            "SELECT j.id, j.kind, j.payload, j.dedup_key, j.max_attempts, j.run_at
-                   FROM apiary_outbox o JOIN apiary_jobs j ON j.id = o.job_id
-                  WHERE o.created_at < now() - $1 * interval '1 millisecond'
-                  ORDER BY o.created_at
-                  LIMIT $2
-                  FOR UPDATE OF o SKIP LOCKED",
+        let rows: Vec<OutboxRow> = sqlx::query_as(
+            "SELECT j.id, j.kind, j.payload, j.dedup_key, j.max_attempts, j.run_at, j.raw_body, o.dead_reason
+               FROM apiary_outbox o JOIN apiary_jobs j ON j.id = o.job_id
+              WHERE o.created_at < now() - $1 * interval '1 millisecond'
+                AND ($3::uuid[] IS NULL OR o.job_id = ANY($3))
+              ORDER BY o.created_at
+              LIMIT $2
+              FOR UPDATE OF o SKIP LOCKED",
         )
         .bind(grace_ms)
         .bind(limit)
+        .bind(only)
         .fetch_all(&mut *tx)
         .await
         .context("reading stale outbox rows")
@@ -80,21 +81,9 @@ impl Store {
         if rows.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
-        let jobs = rows
-            .into_iter()
-            .map(
-                |(id, kind, payload, dedup_key, max_attempts, run_at)| WireJob {
-                    id,
-                    kind,
-                    payload: payload.0,
-                    dedup_key,
-                    max_attempts: Some(max_attempts),
-                    run_at,
-                },
-            )
-            .collect();
-        publish(jobs).await.map_err(RelayError::Publish)?;
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let items = rows.into_iter().map(OutboxRow::into_item).collect();
+        publish(items).await.map_err(RelayError::Publish)?;
         sqlx::query("DELETE FROM apiary_outbox WHERE job_id = ANY($1)")
             .bind(&ids)
             .execute(&mut *tx)
@@ -106,6 +95,58 @@ impl Store {
             .context("committing the relay")
             .map_err(RelayError::Store)?;
         Ok(ids.len())
+    }
+}
+
+/// What an outbox row asks to publish.
+#[derive(Debug, Clone)]
+pub enum OutboxItem {
+    /// A job, to the work queue (or its delay tier).
+    Job(WireJob),
+    /// A dead letter, to the dead-letter queue.
+    DeadLetter {
+        /// The dead job.
+        id: JobId,
+        /// The letter's body: the job message, or a poison message's raw body.
+        body: Vec<u8>,
+        /// Why it is dead.
+        reason: String,
+    },
+}
+
+#[derive(sqlx::FromRow)]
+struct OutboxRow {
+    id: Uuid,
+    kind: String,
+    payload: Json<Box<serde_json::value::RawValue>>,
+    dedup_key: Option<String>,
+    max_attempts: i32,
+    run_at: Option<DateTime<Utc>>,
+    raw_body: Option<String>,
+    dead_reason: Option<String>,
+}
+
+impl OutboxRow {
+    fn into_item(self) -> OutboxItem {
+        let job = WireJob {
+            id: self.id,
+            kind: self.kind,
+            payload: self.payload.0,
+            dedup_key: self.dedup_key,
+            max_attempts: Some(self.max_attempts),
+            run_at: self.run_at,
+        };
+        match self.dead_reason {
+            None => OutboxItem::Job(job),
+            Some(reason) => OutboxItem::DeadLetter {
+                id: job.id,
+                body: self
+                    .raw_body
+                    .map(String::into_bytes)
+                    .unwrap_or_else(|| job.to_body()),
+                reason,
+            },
+        }
     }
 }
 

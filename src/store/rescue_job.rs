@@ -4,21 +4,10 @@
 
 use std::time::Duration;
 
-use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{Context, DONE_CHANNEL, Store, StoreError};
 use crate::job::JobId;
-use crate::wire::WireJob;
-
-/// What the rescuer found.
-#[derive(Debug, Default)]
-pub struct Rescued {
-    /// Jobs put back in `queued`, to publish again.
-    pub requeued: Vec<WireJob>,
-    /// Jobs whose lost attempt was their last: now dead, with the reason.
-    pub dead: Vec<(WireJob, String)>,
-}
 
 impl Store {
     /// Marks this worker's running attempt of `id` detached. Returns false if the claim is
@@ -42,59 +31,44 @@ impl Store {
         Ok(res.rows_affected() == 1)
     }
 
-    /// Takes detached jobs whose lease expired: back to `queued` (the lost attempt counts), or
-    /// `dead` if it was the last. Concurrent rescuers skip each other's rows.
-    pub async fn rescue_expired(&self, limit: i64) -> Result<Rescued, StoreError> {
-        #[allow(clippy::type_complexity)]
-        let rows: Vec<(Uuid, String, Json<Box<serde_json::value::RawValue>>, Option<String>, i32, String)> =
-            sqlx::query_as(
-                "WITH expired AS (
-                     SELECT id FROM apiary_jobs
-                      WHERE detached AND status = 'running' AND lease_until < now()
-                      ORDER BY lease_until LIMIT $1
-                      FOR UPDATE SKIP LOCKED
-                 ), moved AS (
-                     UPDATE apiary_jobs j
-                        SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' ELSE 'queued' END,
-                            error = 'attempt ' || j.attempts || ' was lost: its worker stopped (lease expired)',
-                            errors = j.errors || jsonb_build_array(jsonb_build_object(
-                                'attempt', j.attempts, 'error', 'worker stopped; lease expired', 'at', now())),
-                            finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
-                            lease_until = NULL, worker_id = NULL, detached = false
-                       FROM expired e
-                      WHERE j.id = e.id
-                     RETURNING j.id, j.kind, j.payload, j.dedup_key, j.max_attempts, j.status
-                 ), notified AS (
-                     SELECT pg_notify($2, string_agg(id::text, ',')) FROM moved WHERE status = 'dead'
-                     HAVING count(*) > 0
-                 )
-                 SELECT m.* FROM moved m LEFT JOIN notified ON true",
-            )
-            .bind(limit)
-            .bind(DONE_CHANNEL)
-            .fetch_all(self.pool())
-            .await
-            .context("rescuing expired detached jobs")?;
-        let mut out = Rescued::default();
-        for (id, kind, payload, dedup_key, max_attempts, status) in rows {
-            let job = WireJob {
-                id,
-                kind,
-                payload: payload.0,
-                dedup_key,
-                max_attempts: Some(max_attempts),
-                run_at: None,
-            };
-            if status == "dead" {
-                out.dead.push((
-                    job,
-                    "no attempts left: its worker stopped during the last one".into(),
-                ));
-            } else {
-                out.requeued.push(job);
-            }
-        }
-        Ok(out)
+    /// Takes detached jobs whose lease expired: back to `queued` (the lost attempt counts),
+    /// or `dead` if it was the last. Each gets an outbox row in the same statement (the job to
+    /// publish again, or its dead letter), so the caller sends them with
+    /// [`Store::relay_outbox`] and a crash in between loses nothing. Concurrent rescuers skip
+    /// each other's rows. Returns the ids.
+    pub async fn rescue_expired(&self, limit: i64) -> Result<Vec<JobId>, StoreError> {
+        sqlx::query_scalar(
+            "WITH expired AS (
+                 SELECT id FROM apiary_jobs
+                  WHERE detached AND status = 'running' AND lease_until < now()
+                  ORDER BY lease_until LIMIT $1
+                  FOR UPDATE SKIP LOCKED
+             ), moved AS (
+                 UPDATE apiary_jobs j
+                    SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' ELSE 'queued' END,
+                        error = 'attempt ' || j.attempts || ' of ' || j.max_attempts
+                                || ' was lost: its worker stopped (lease expired)',
+                        errors = j.errors || jsonb_build_array(jsonb_build_object(
+                            'attempt', j.attempts, 'error', 'worker stopped; lease expired', 'at', now())),
+                        finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+                        lease_until = NULL, worker_id = NULL, detached = false
+                   FROM expired e
+                  WHERE j.id = e.id
+                 RETURNING j.id, j.status
+             ), outbox AS (
+                 INSERT INTO apiary_outbox (job_id) SELECT id FROM moved WHERE status = 'queued'
+                 ON CONFLICT (job_id) DO UPDATE SET dead_reason = NULL, created_at = now()
+             ), notified AS (
+                 SELECT pg_notify($2, string_agg(id::text, ',')) FROM moved WHERE status = 'dead'
+                 HAVING count(*) > 0
+             )
+             SELECT m.id FROM moved m LEFT JOIN notified ON true",
+        )
+        .bind(limit)
+        .bind(DONE_CHANNEL)
+        .fetch_all(self.pool())
+        .await
+        .context("rescuing expired detached jobs")
     }
 }
 

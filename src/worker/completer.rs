@@ -67,8 +67,8 @@ async fn flush(shared: &Shared, batch: Vec<Completion>) {
     };
     let applied: HashSet<_> = applied.into_iter().collect();
 
-    // Retries wait in a delay tier and dead jobs go to the dead-letter queue: both must be
-    // in the broker before the original delivery is acked.
+    // Retries wait in a delay tier and dead jobs go to the dead-letter queue: both must be in
+    // the broker before the original delivery is acked.
     let mut outgoing = Vec::new();
     for c in &batch {
         if !applied.contains(&c.finish.id) {
@@ -88,12 +88,6 @@ async fn flush(shared: &Shared, batch: Vec<Completion>) {
             }
             Outcome::Dead(reason) => {
                 tracing::warn!(job_id = %c.job.id, kind = %c.job.kind, attempt = c.finish.attempt, reason = %reason, "job is dead");
-                outgoing.push(Outgoing::dead(
-                    &shared.names,
-                    c.job.id,
-                    c.job.to_body(),
-                    reason,
-                ));
             }
             _ => {}
         }
@@ -111,9 +105,21 @@ async fn flush(shared: &Shared, batch: Vec<Completion>) {
         }
     }
 
+    // Dead letters were queued in the outbox by the commit; send them now.
+    let dead: Vec<_> = batch
+        .iter()
+        .filter(|c| matches!(c.finish.outcome, Outcome::Dead(_)) && applied.contains(&c.finish.id))
+        .map(|c| c.finish.id)
+        .collect();
+    let letters_sent = super::flush_outbox(shared, &dead).await;
+
     let mut finished = 0;
     let mut handed_back = 0;
     for c in &batch {
+        if matches!(c.finish.outcome, Outcome::Dead(_)) && !letters_sent {
+            // Left unacked: it comes back, finds the job dead, and its letter is still queued.
+            continue;
+        }
         let how = match c.finish.outcome {
             // Handed back: requeue so another worker starts it now.
             Outcome::Released if applied.contains(&c.finish.id) => {

@@ -14,7 +14,6 @@ use super::completer::Completion;
 use super::{DeliveryRef, Running, Shared, hand_back, hand_back_buffered, retry};
 use crate::broker::BrokerError;
 use crate::broker::consume::{Acks, Settle};
-use crate::broker::publish::Outgoing;
 use crate::handler::{HandlerError, JobContext};
 use crate::store::claim_job::{Claim, DUE_TOLERANCE_MS};
 use crate::store::finish_job::{Finish, Outcome};
@@ -116,43 +115,31 @@ async fn bury_poison(
 ) {
     tracing::warn!(job_id = %poison.id, reason = %poison.reason, "poison message: recording it as dead");
     let limit = shared.cfg.max_payload_bytes;
+    let reason = format!("poison message: {}", poison.reason);
     let recorded = shared
         .with_store(|| {
-            shared.store.record_poison(
-                poison.id,
-                poison.kind.as_deref(),
-                &body,
-                &poison.reason,
-                limit,
-            )
+            shared
+                .store
+                .record_poison(poison.id, poison.kind.as_deref(), &body, &reason, limit)
         })
         .await;
-    if recorded.is_none() {
-        return hand_back(shared, [delivery]);
+    match recorded {
+        None => hand_back(shared, [delivery]),
+        // A redelivery of a poison message whose letter was already confirmed.
+        Some(false) => delivery.settle(Settle::Ack),
+        Some(true) => dead_letter_then_ack(shared, poison.id, delivery).await,
     }
-    let reason = format!("poison message: {}", poison.reason);
-    dead_letter_then_ack(shared, poison.id, body, &reason, delivery).await;
 }
 
-/// Publishes a dead letter, and acks the delivery only once the broker has it.
+/// Sends a dead job's letter (queued in the outbox when it became dead) and acks the delivery
+/// once the broker has it.
 pub(crate) async fn dead_letter_then_ack(
     shared: &Shared,
     id: crate::job::JobId,
-    body: Vec<u8>,
-    reason: &str,
     delivery: DeliveryRef,
 ) {
-    let Some(publisher) = shared.publisher().await else {
-        return;
-    };
-    match publisher
-        .publish(&[Outgoing::dead(&shared.names, id, body, reason)])
-        .await
-    {
-        Ok(()) => delivery.settle(Settle::Ack),
-        Err(e) => {
-            tracing::warn!(job_id = %id, error = %e, "dead letter not published; the message will come back")
-        }
+    if super::flush_outbox(shared, &[id]).await {
+        delivery.settle(Settle::Ack);
     }
 }
 
@@ -220,15 +207,7 @@ fn dispatch(shared: &Arc<Shared>, inc: Incoming, claim: Claim) {
         Claim::Exhausted => {
             let shared2 = shared.clone();
             shared.tasks.spawn(async move {
-                let reason = "no attempts left: its worker stopped during the last one";
-                dead_letter_then_ack(
-                    &shared2,
-                    inc.job.id,
-                    inc.job.to_body(),
-                    reason,
-                    inc.delivery,
-                )
-                .await;
+                dead_letter_then_ack(&shared2, inc.job.id, inc.delivery).await
             });
         }
         Claim::NotDue(at) => {

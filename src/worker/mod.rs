@@ -462,3 +462,47 @@ pub(crate) fn hand_back_buffered(shared: &Shared, acks: &Acks, consumer: &mut la
         );
     }
 }
+
+/// Sends what the outbox holds for `ids` (dead letters, rescued jobs) now, under the same row
+/// locks as the relay, so each is published by one of them, not both. Returns false if the
+/// broker did not confirm (the rows stay, and the relay tries again later).
+pub(crate) async fn flush_outbox(shared: &Shared, ids: &[JobId]) -> bool {
+    if ids.is_empty() {
+        return true;
+    }
+    let Some(publisher) = shared.publisher().await else {
+        return false;
+    };
+    let names = &shared.names;
+    let limit = i64::try_from(ids.len()).unwrap_or(i64::MAX);
+    let sent = shared
+        .store
+        .relay_outbox(Duration::ZERO, limit, Some(ids), |items| async move {
+            let out: Vec<crate::broker::publish::Outgoing> =
+                items.iter().map(|i| outgoing(names, i)).collect();
+            publisher.publish(&out).await
+        })
+        .await;
+    match sent {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "not sent yet; the outbox relay will send it");
+            false
+        }
+    }
+}
+
+/// The message an outbox row asks for.
+pub(crate) fn outgoing(
+    names: &QueueNames,
+    item: &crate::store::outbox::OutboxItem,
+) -> crate::broker::publish::Outgoing {
+    use crate::broker::publish::Outgoing;
+    use crate::store::outbox::OutboxItem;
+    match item {
+        OutboxItem::Job(job) => Outgoing::job(names, job),
+        OutboxItem::DeadLetter { id, body, reason } => {
+            Outgoing::dead(names, *id, body.clone(), reason)
+        }
+    }
+}

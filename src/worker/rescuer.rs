@@ -67,8 +67,12 @@ async fn relay_outbox(shared: &Shared) {
     };
     let relayed = shared
         .store
-        .relay_outbox(shared.cfg.outbox_grace, 500, |jobs| async move {
-            publisher.publish_jobs(&jobs).await
+        .relay_outbox(shared.cfg.outbox_grace, 500, None, |items| async move {
+            let out: Vec<Outgoing> = items
+                .iter()
+                .map(|i| super::outgoing(&shared.names, i))
+                .collect();
+            publisher.publish(&out).await
         })
         .await;
     match relayed {
@@ -83,39 +87,13 @@ async fn relay_outbox(shared: &Shared) {
 
 /// Puts back detached jobs whose worker died (their lease expired and no message is left).
 async fn rescue_detached(shared: &Shared) {
-    let Some(publisher) = shared.publisher().await else {
-        return;
-    };
-    let rescued = match shared.store.rescue_expired(100).await {
-        Ok(r) => r,
+    let ids = match shared.store.rescue_expired(100).await {
+        Ok(ids) => ids,
         Err(e) => return shared.postgres.down(&e),
     };
-    if rescued.requeued.is_empty() && rescued.dead.is_empty() {
+    if ids.is_empty() {
         return;
     }
-    let mut out: Vec<Outgoing> = rescued
-        .requeued
-        .iter()
-        .map(|j| Outgoing::job(&shared.names, j))
-        .collect();
-    out.extend(
-        rescued
-            .dead
-            .iter()
-            .map(|(j, why)| Outgoing::dead(&shared.names, j.id, j.to_body(), why)),
-    );
-    tracing::warn!(
-        requeued = rescued.requeued.len(),
-        dead = rescued.dead.len(),
-        "rescued long jobs whose worker stopped"
-    );
-    if let Err(e) = publisher.publish(&out).await {
-        // Recorded as queued but not published: enqueue the ids again through the outbox so
-        // the relay retries them.
-        tracing::warn!(error = %e, "could not publish rescued jobs; the outbox relay will");
-        let ids: Vec<JobId> = rescued.requeued.iter().map(|j| j.id).collect();
-        if let Err(e) = shared.store.add_to_outbox(&ids).await {
-            tracing::error!(error = %e, "rescued jobs are queued but unpublished; replay them with `apiary dead replay` if they stay queued");
-        }
-    }
+    tracing::warn!(jobs = ids.len(), "rescued long jobs whose worker stopped");
+    super::flush_outbox(shared, &ids).await;
 }

@@ -403,3 +403,66 @@ pub async fn peek_dead_letters(queue: &str) -> Vec<(Option<String>, Option<Strin
     let _ = conn.close(200, "".into()).await;
     out
 }
+
+/// A TCP proxy in front of Postgres or RabbitMQ that a test can cut and restore, to take a
+/// dependency away from its own processes without touching anyone else's.
+pub struct Proxy {
+    pub port: u16,
+    state: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on a free local port and forwards to `upstream` ("127.0.0.1:5432").
+    pub async fn start(upstream: &'static str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let (tx, rx) = tokio::sync::watch::channel(true);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !*rx.borrow() {
+                    // Down: refuse by closing at once.
+                    drop(inbound);
+                    continue;
+                }
+                let mut up_rx = rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = up_rx.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            state: std::sync::Arc::new(tx),
+            task,
+        }
+    }
+
+    /// Drops every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        let _ = self.state.send(false);
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        let _ = self.state.send(true);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
