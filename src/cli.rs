@@ -65,6 +65,12 @@ pub enum Command {
         #[arg(long)]
         delay_ms: Option<u64>,
     },
+    /// Show queue depths, live workers, and jobs by status in the last hour.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a job as JSON.
     Job {
         /// The job id.
@@ -114,6 +120,16 @@ pub enum DeadAction {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = cli.config.validate()?;
     match cli.command {
+        Command::Status { json } => {
+            let client = Client::new(&cfg)?;
+            let stats = client.stats().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                print!("{stats}");
+            }
+            Ok(())
+        }
         Command::Dead {
             action: DeadAction::List { kind, limit },
         } => {
@@ -160,6 +176,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             insecure_listen_any,
         } => serve_api(cfg, insecure_listen_any).await,
         Command::Worker => {
+            crate::telemetry::init_metrics();
             let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
             let worker = Worker::new(cfg, Registry::builtins(), shutdown)?;
             worker.run().await?;
@@ -224,6 +241,7 @@ async fn migrate(cfg: &Config) -> anyhow::Result<()> {
 async fn serve_api(cfg: Config, insecure_listen_any: bool) -> anyhow::Result<()> {
     check_listen_addr(cfg.http_addr, insecure_listen_any, &cfg.api_tokens)?;
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
+    crate::telemetry::init_metrics();
     let client = Client::new(&cfg)?;
     client.store().check_schema().await?;
     let state = AppState::new(

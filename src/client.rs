@@ -58,6 +58,7 @@ pub struct Client {
     max_attempts: i32,
     kinds: crate::config::KindSettings,
     max_payload_bytes: usize,
+    lease: Duration,
 }
 
 impl Client {
@@ -84,6 +85,7 @@ impl Client {
             confirmed,
             max_attempts: cfg.max_attempts,
             kinds: cfg.kinds.clone(),
+            lease: cfg.lease,
             max_payload_bytes: cfg.max_payload_bytes,
         }
     }
@@ -109,6 +111,14 @@ impl Client {
     /// Enqueues many jobs in one statement and one pipelined publish. All are validated
     /// first: one invalid job rejects the batch and writes nothing.
     pub async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, EnqueueError> {
+        let began = std::time::Instant::now();
+        let result = self.enqueue_many_inner(jobs).await;
+        metrics::histogram!("apiary_enqueue_duration_seconds")
+            .record(began.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn enqueue_many_inner(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, EnqueueError> {
         let now = Utc::now();
         let mut rows = Vec::with_capacity(jobs.len());
         for job in &jobs {
@@ -238,6 +248,38 @@ impl Client {
         Ok(ids)
     }
 
+    /// A snapshot for operators: queue depths from RabbitMQ, live workers, jobs by status in
+    /// the last hour, and the oldest waiting job.
+    pub async fn stats(&self) -> Result<Stats, EnqueueError> {
+        let lease = self.lease;
+        let channel =
+            self.publisher
+                .open_channel()
+                .await
+                .map_err(|source| EnqueueError::NotPublished {
+                    source,
+                    ids: Vec::new(),
+                })?;
+        let depths = crate::broker::topology::depths(&channel, self.publisher.names()).await;
+        let _ = channel.close(200, "stats read".into()).await;
+        let depths = depths.map_err(|source| EnqueueError::NotPublished {
+            source,
+            ids: Vec::new(),
+        })?;
+        let workers = self.store.live_workers(lease * 3).await?;
+        let in_flight = workers.iter().map(|w| i64::from(w.in_flight)).sum();
+        let throughput = workers.iter().map(|w| w.rate).sum();
+        Ok(Stats {
+            queue: self.publisher.names().work.clone(),
+            depths,
+            in_flight,
+            throughput_per_second: throughput,
+            oldest_waiting_seconds: self.store.oldest_waiting_seconds().await?,
+            last_hour: self.store.counts_last_hour().await?,
+            workers,
+        })
+    }
+
     /// The job with this id.
     pub async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
         self.store.get_job(id).await
@@ -291,5 +333,66 @@ async fn clean_outbox(store: Store, mut rx: mpsc::UnboundedReceiver<Vec<JobId>>)
         if let Err(e) = store.delete_outbox(&ids).await {
             tracing::debug!(error = %e, "outbox cleanup failed; the relay will republish those jobs");
         }
+    }
+}
+
+/// What `apiary status` prints and `GET /v1/stats` returns.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    /// The work queue.
+    pub queue: String,
+    /// Ready messages per queue, from RabbitMQ.
+    pub depths: crate::broker::topology::QueueDepths,
+    /// Deliveries held by live workers (RabbitMQ's unacknowledged count, as the workers report it).
+    pub in_flight: i64,
+    /// Jobs finished per second across live workers, recently.
+    pub throughput_per_second: f64,
+    /// How long the oldest due job has waited.
+    pub oldest_waiting_seconds: Option<f64>,
+    /// Jobs created in the last hour, by status.
+    pub last_hour: std::collections::BTreeMap<String, i64>,
+    /// Live workers.
+    pub workers: Vec<crate::store::workers::WorkerRow>,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = &self.depths;
+        writeln!(f, "queue {}", self.queue)?;
+        writeln!(
+            f,
+            "  ready {}   in flight {}   delayed {}   dead letters {}   consumers {}",
+            d.ready, self.in_flight, d.delayed, d.dead, d.consumers
+        )?;
+        match self.oldest_waiting_seconds {
+            Some(s) => writeln!(f, "  oldest waiting job: {s:.1}s")?,
+            None => writeln!(f, "  oldest waiting job: none")?,
+        }
+        writeln!(f, "  throughput {:.1} jobs/s", self.throughput_per_second)?;
+        writeln!(f, "workers ({} alive)", self.workers.len())?;
+        for w in &self.workers {
+            writeln!(
+                f,
+                "  {}  {}:{}  v{}  in flight {}/{}  processed {}  failed {}  {:.1} jobs/s{}",
+                w.id,
+                w.host,
+                w.pid,
+                w.version,
+                w.in_flight,
+                w.concurrency,
+                w.processed,
+                w.failed,
+                w.rate,
+                if w.draining { "  draining" } else { "" }
+            )?;
+        }
+        writeln!(f, "jobs created in the last hour")?;
+        if self.last_hour.is_empty() {
+            writeln!(f, "  none")?;
+        }
+        for (status, n) in &self.last_hour {
+            writeln!(f, "  {status:<10} {n}")?;
+        }
+        Ok(())
     }
 }

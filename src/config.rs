@@ -120,6 +120,16 @@ pub struct Config {
     #[arg(long, env = "APIARY_DETACH_AFTER", default_value = "10m", value_parser = parse_duration, global = true)]
     pub detach_after: Duration,
 
+    /// How long finished jobs (and with them their dedup keys) are kept; per kind with
+    /// `APIARY_KINDS` (`kind:retention=1d`).
+    #[arg(long, env = "APIARY_RETENTION", default_value = "7d", value_parser = parse_duration, global = true)]
+    pub retention: Duration,
+
+    /// How often a worker looks for finished jobs past their retention (one worker at a time
+    /// prunes, elected by an advisory lock).
+    #[arg(long, env = "APIARY_PRUNE_INTERVAL", default_value = "1m", value_parser = parse_duration, global = true)]
+    pub prune_interval: Duration,
+
     /// On SIGTERM, how long in-flight jobs may take to finish before they are handed back.
     #[arg(long, env = "APIARY_DRAIN_TIMEOUT", default_value = "25s", value_parser = parse_duration, global = true)]
     pub drain_timeout: Duration,
@@ -134,7 +144,7 @@ pub struct Config {
     pub outbox_grace: Duration,
 
     /// Per-kind settings overriding the global ones and the handler's own:
-    /// `kind:max_attempts=3,timeout=30s,retry_base=500ms,retry_cap=1m;other:timeout=2h`.
+    /// `kind:max_attempts=3,timeout=30s,retry_base=500ms,retry_cap=1m,retention=1d;other:timeout=2h`.
     #[arg(long, env = "APIARY_KINDS", default_value = "", value_parser = parse_kinds, global = true)]
     pub kinds: KindSettings,
 
@@ -159,6 +169,8 @@ pub struct KindOptions {
     pub retry_base: Option<Duration>,
     /// Longest retry delay.
     pub retry_cap: Option<Duration>,
+    /// How long finished jobs of this kind are kept.
+    pub retention: Option<Duration>,
 }
 
 impl KindOptions {
@@ -169,6 +181,7 @@ impl KindOptions {
             timeout: self.timeout.or(below.timeout),
             retry_base: self.retry_base.or(below.retry_base),
             retry_cap: self.retry_cap.or(below.retry_cap),
+            retention: self.retention.or(below.retention),
         }
     }
 }
@@ -210,9 +223,10 @@ pub fn parse_kinds(s: &str) -> Result<KindSettings, String> {
                 "timeout" => o.timeout = Some(parse_duration(v.trim())?),
                 "retry_base" => o.retry_base = Some(parse_duration(v.trim())?),
                 "retry_cap" => o.retry_cap = Some(parse_duration(v.trim())?),
+                "retention" => o.retention = Some(parse_duration(v.trim())?),
                 other => {
                     return Err(format!(
-                        "{kind}: unknown setting {other:?} (expected max_attempts, timeout, retry_base or retry_cap)"
+                        "{kind}: unknown setting {other:?} (expected max_attempts, timeout, retry_base, retry_cap or retention)"
                     ));
                 }
             }

@@ -1,4 +1,5 @@
-//! `GET /healthz` (the process answers) and `GET /readyz` (its dependencies answer too).
+//! `GET /healthz` (the process answers), `GET /readyz` (its dependencies answer too),
+//! `GET /v1/stats` (the operator's snapshot) and `GET /metrics` (Prometheus).
 
 use axum::Json;
 use axum::extract::State;
@@ -29,4 +30,22 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
             json!({ "ready": ready, "postgres": postgres, "rabbitmq": rabbitmq, "draining": draining }),
         ),
     )
+}
+
+/// The operator's snapshot: queue depths, workers, jobs by status in the last hour.
+pub async fn stats(
+    State(state): State<AppState>,
+) -> Result<Json<crate::client::Stats>, super::ApiError> {
+    Ok(Json(state.client.stats().await?))
+}
+
+/// Prometheus metrics of this API process.
+pub async fn metrics() -> (StatusCode, String) {
+    match crate::telemetry::render_metrics() {
+        Some(text) => (StatusCode::OK, text),
+        None => (
+            StatusCode::NOT_FOUND,
+            "metrics are not enabled in this process\n".into(),
+        ),
+    }
 }

@@ -88,6 +88,11 @@ pub fn router(state: AppState) -> Router {
             "/v1/jobs/{id}/retry",
             post(jobs::retry).route_layer(needs(Scope::Admin)),
         )
+        .route(
+            "/v1/stats",
+            get(health::stats).route_layer(needs(Scope::Read)),
+        )
+        .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .layer(axum::extract::DefaultBodyLimit::max(limit))

@@ -32,7 +32,8 @@ pub enum BrokerError {
 }
 
 /// Adds context to a lapin result.
-pub(crate) trait Context<T> {
+pub trait Context<T> {
+    /// Wraps the error with what we were doing.
     fn context(self, what: &'static str) -> Result<T, BrokerError>;
 }
 

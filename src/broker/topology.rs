@@ -101,6 +101,45 @@ pub async fn declare(channel: &Channel, names: &QueueNames) -> Result<(), Broker
     Ok(())
 }
 
+/// Messages ready in each of a deployment's queues, as the broker counts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueDepths {
+    /// Ready in the work queue.
+    pub ready: u32,
+    /// Consumers on the work queue.
+    pub consumers: u32,
+    /// Waiting in the delay tiers (scheduled jobs and retries).
+    pub delayed: u32,
+    /// In the dead-letter queue.
+    pub dead: u32,
+}
+
+/// Reads the depths with passive declares (which also fail if a queue is missing).
+pub async fn depths(channel: &Channel, names: &QueueNames) -> Result<QueueDepths, BrokerError> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let count = |q: String| async move {
+        channel
+            .queue_declare(q.as_str().into(), passive, FieldTable::default())
+            .await
+            .context("reading a queue's depth")
+    };
+    let work = count(names.work.clone()).await?;
+    let mut d = QueueDepths {
+        ready: work.message_count(),
+        consumers: work.consumer_count(),
+        ..QueueDepths::default()
+    };
+    d.dead = count(names.dead.clone()).await?.message_count();
+    for tier in DELAY_TIERS_MS {
+        d.delayed += count(names.delay(tier)).await?.message_count();
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

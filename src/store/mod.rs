@@ -10,7 +10,10 @@ pub mod get_job;
 pub mod insert_job;
 pub mod list_jobs;
 pub mod outbox;
+pub mod prune;
 pub mod rescue_job;
+pub mod stats;
+pub mod workers;
 
 use std::str::FromStr;
 use std::time::Duration;

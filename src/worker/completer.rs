@@ -113,6 +113,28 @@ async fn flush(shared: &Shared, batch: Vec<Completion>) {
         .collect();
     let letters_sent = super::flush_outbox(shared, &dead).await;
 
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    for c in batch.iter().filter(|c| applied.contains(&c.finish.id)) {
+        let km = shared.metrics.kind(&c.job.kind);
+        match c.finish.outcome {
+            Outcome::Succeeded(_) => km.succeeded.increment(1),
+            Outcome::Retry { .. } => {
+                km.failed.increment(1);
+                km.retried.increment(1);
+            }
+            Outcome::Dead(_) => {
+                km.failed.increment(1);
+                km.dead.increment(1);
+            }
+            Outcome::Cancelled | Outcome::Released => {}
+        }
+        if matches!(c.finish.outcome, Outcome::Succeeded(_) | Outcome::Dead(_))
+            && let Some(at) = super::executor::enqueued_ms(&c.job)
+        {
+            km.end_to_end.record((now_ms - at).max(0) as f64 / 1000.0);
+        }
+    }
+
     let mut finished = 0;
     let mut handed_back = 0;
     for c in &batch {
@@ -120,19 +142,21 @@ async fn flush(shared: &Shared, batch: Vec<Completion>) {
             // Left unacked: it comes back, finds the job dead, and its letter is still queued.
             continue;
         }
-        let how = match c.finish.outcome {
+        let how = if !applied.contains(&c.finish.id) {
+            // The claim was no longer ours (the lease ran out and another worker took the job,
+            // or a forced stop released it first). Requeue rather than ack: the redelivery's
+            // claim finds the job running or finished and settles it, whereas an ack here
+            // could drop the only message of a job that is queued again.
+            Settle::Requeue
+        } else if matches!(c.finish.outcome, Outcome::Released) {
             // Handed back: requeue so another worker starts it now.
-            Outcome::Released if applied.contains(&c.finish.id) => {
-                handed_back += 1;
-                Settle::Requeue
-            }
-            // Taken over by another worker after our lease expired: that worker's delivery
-            // carries the job now, so this one can go.
-            _ => {
-                finished += 1;
-                Settle::Ack
-            }
+            handed_back += 1;
+            Settle::Requeue
+        } else {
+            finished += 1;
+            Settle::Ack
         };
+        tracing::debug!(job_id = %c.finish.id, outcome = ?c.finish.outcome.status(), applied = applied.contains(&c.finish.id), settle = ?how, "settled");
         c.delivery.settle(how);
     }
     if let Ok(mut running) = shared.running.lock() {

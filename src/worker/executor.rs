@@ -9,6 +9,7 @@ use std::time::Duration;
 use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
 use lapin::Consumer;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::completer::Completion;
 use super::{DeliveryRef, Running, Shared, hand_back, hand_back_buffered, retry};
@@ -35,6 +36,7 @@ struct Incoming {
 /// the error). Each burst of deliveries already received is claimed as one batch.
 pub(crate) async fn consume(
     shared: &Arc<Shared>,
+    channel: &lapin::Channel,
     mut consumer: Consumer,
     acks: &Acks,
 ) -> Option<BrokerError> {
@@ -43,7 +45,14 @@ pub(crate) async fn consume(
         let first = tokio::select! {
             biased;
             () = shared.stop_taking.cancelled() => {
+                // Cancel first: a delivery handed back while the consumer is still registered
+                // would be sent straight back to it.
+                let cancel = channel.basic_cancel(consumer.tag(), lapin::options::BasicCancelOptions::default());
+                if tokio::time::timeout(Duration::from_secs(5), cancel).await.is_err() {
+                    tracing::warn!("the broker did not confirm the consumer's cancellation in time");
+                }
                 hand_back_buffered(shared, acks, &mut consumer);
+                shared.consuming_stopped.cancel();
                 return None;
             }
             d = consumer.next() => d,
@@ -161,10 +170,35 @@ async fn claim_batch(shared: &Arc<Shared>, jobs: Vec<Incoming>) {
             _ => to_claim.push(inc),
         }
     }
-    if to_claim.is_empty() {
-        return;
+    // Claim only what can start now: a job is `running` in Postgres only once it has a
+    // handler slot, and deliveries waiting for one stay untouched, so a drain hands them
+    // back as they came.
+    while !to_claim.is_empty() {
+        let first = tokio::select! {
+            biased;
+            () = shared.consuming_stopped.cancelled() => {
+                return hand_back(shared, to_claim.into_iter().map(|i| i.delivery));
+            }
+            p = shared.slots.clone().acquire_owned() => p,
+        };
+        let Ok(first) = first else {
+            return hand_back(shared, to_claim.into_iter().map(|i| i.delivery));
+        };
+        let mut permits = vec![first];
+        while permits.len() < to_claim.len() {
+            match shared.slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let now_batch: Vec<Incoming> = to_claim.drain(..permits.len()).collect();
+        claim_now(shared, now_batch, permits).await;
     }
-    let refs: Vec<&WireJob> = to_claim.iter().map(|i| i.job.as_ref()).collect();
+}
+
+/// Claims jobs that each hold a handler slot, and dispatches each by what the claim found.
+async fn claim_now(shared: &Arc<Shared>, batch: Vec<Incoming>, permits: Vec<OwnedSemaphorePermit>) {
+    let refs: Vec<&WireJob> = batch.iter().map(|i| i.job.as_ref()).collect();
     // Jobs recorded by an enqueue already have a budget; this one is for raw messages.
     let budgets: Vec<i32> = refs
         .iter()
@@ -183,14 +217,16 @@ async fn claim_batch(shared: &Arc<Shared>, jobs: Vec<Incoming>) {
         })
         .await;
     let Some(claims) = claims else {
-        return hand_back(shared, to_claim.into_iter().map(|i| i.delivery));
+        return hand_back(shared, batch.into_iter().map(|i| i.delivery));
     };
-    for (inc, claim) in to_claim.into_iter().zip(claims) {
-        dispatch(shared, inc, claim);
+    for ((inc, claim), permit) in batch.into_iter().zip(claims).zip(permits) {
+        dispatch(shared, inc, claim, permit);
     }
 }
 
-fn dispatch(shared: &Arc<Shared>, inc: Incoming, claim: Claim) {
+/// Acts on a claim. `permit` is the job's handler slot: kept by a job that runs, released at
+/// once otherwise.
+fn dispatch(shared: &Arc<Shared>, inc: Incoming, claim: Claim, permit: OwnedSemaphorePermit) {
     match claim {
         Claim::Claimed {
             attempt,
@@ -199,7 +235,7 @@ fn dispatch(shared: &Arc<Shared>, inc: Incoming, claim: Claim) {
             let shared2 = shared.clone();
             shared
                 .tasks
-                .spawn(async move { run_job(&shared2, inc, attempt, max_attempts).await });
+                .spawn(async move { run_job(&shared2, inc, attempt, max_attempts, permit).await });
         }
         Claim::Finished | Claim::Duplicate(_) | Claim::Cancelled => {
             inc.delivery.settle(Settle::Ack)
@@ -250,7 +286,7 @@ async fn wait_then_claim(
         .min(Duration::from_secs(2));
     tokio::select! {
         () = tokio::time::sleep(wait) => {}
-        () = shared.stop_taking.cancelled() => return hand_back(shared, [inc.delivery]),
+        () = shared.consuming_stopped.cancelled() => return hand_back(shared, [inc.delivery]),
     }
     Box::pin(claim_batch(shared, vec![inc])).await;
 }
@@ -285,7 +321,13 @@ async fn delay_then_ack(shared: &Shared, inc: Incoming, at: chrono::DateTime<Utc
 
 /// Runs one claimed attempt and hands its outcome to the completer (or, when the handler
 /// wrote to the database, commits the outcome with those writes itself).
-async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts: i32) {
+async fn run_job(
+    shared: &Arc<Shared>,
+    inc: Incoming,
+    attempt: i32,
+    max_attempts: i32,
+    _permit: OwnedSemaphorePermit,
+) {
     let job = inc.job.clone();
     let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt);
     let cancel = shared.interrupt.child_token();
@@ -308,16 +350,14 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
         outcome,
     };
 
-    // Wait for a handler slot; a drain meanwhile hands the job back unstarted and uncharged.
-    let permit = tokio::select! {
-        biased;
-        () = shared.stop_taking.cancelled() => None,
-        p = shared.slots.clone().acquire_owned() => p.ok(),
-    };
-    let Some(_permit) = permit else {
-        return complete(shared, finish(Outcome::Released), inc, false);
-    };
-
+    let km = shared.metrics.kind(&job.kind);
+    km.started.increment(1);
+    if let Some(ms) = enqueued_ms(&job) {
+        shared
+            .metrics
+            .last_enqueued_ms
+            .fetch_max(ms, Ordering::Relaxed);
+    }
     let options = shared.kind_options(&job.kind);
     let Some(entry) = shared.registry.get(&job.kind).cloned() else {
         let reason = format!(
@@ -339,6 +379,7 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
         shared.store.pool().clone(),
     );
     let mut detached = false;
+    let began = std::time::Instant::now();
     let result = {
         let run = AssertUnwindSafe(entry.handler.call(&mut ctx)).catch_unwind();
         let run = tokio::time::timeout(timeout, tracing::Instrument::instrument(run, span.clone()));
@@ -366,6 +407,7 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
             }
         }
     };
+    km.ran(began.elapsed());
     let failure = |message: String, delay: Option<Duration>| {
         if attempt >= max_attempts {
             Outcome::Dead(format!(
@@ -421,6 +463,11 @@ async fn run_job(shared: &Arc<Shared>, inc: Incoming, attempt: i32, max_attempts
             Ok(ids) if !ids.is_empty() => match tx.commit().await {
                 Ok(()) => {
                     shared.counters.finished.fetch_add(1, Ordering::Relaxed);
+                    km.succeeded.increment(1);
+                    if let Some(at) = enqueued_ms(&job) {
+                        let ms = (chrono::Utc::now().timestamp_millis() - at).max(0);
+                        km.end_to_end.record(ms as f64 / 1000.0);
+                    }
                     Settle::Ack
                 }
                 Err(e) => {
@@ -469,4 +516,12 @@ fn complete(shared: &Shared, finish: Finish, inc: Incoming, detached: bool) {
         // The completer is gone only after the drain; the delivery is requeued by the close.
         tracing::debug!(job_id = %e.0.job.id, "completer closed");
     }
+}
+
+/// When a job was enqueued, from its UUIDv7 id (ids of other versions carry no time).
+pub(crate) fn enqueued_ms(job: &WireJob) -> Option<i64> {
+    let (secs, nanos) = job.id.get_timestamp()?.to_unix();
+    i64::try_from(secs)
+        .ok()
+        .map(|s| s * 1000 + i64::from(nanos / 1_000_000))
 }

@@ -12,7 +12,9 @@
 
 pub mod completer;
 pub mod executor;
+pub(crate) mod metrics;
 pub mod outage;
+mod probe;
 pub mod rescuer;
 pub mod retry;
 
@@ -23,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::BasicCancelOptions;
 use lapin::{Channel, Connection};
 use tokio::sync::{RwLock, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -31,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::broker::consume::{self, Acks, Settle};
-use crate::broker::{BrokerError, Publisher, QueueNames};
+use crate::broker::{BrokerError, Context as _, Publisher, QueueNames};
 use crate::config::Config;
 use crate::handler::Registry;
 use crate::job::JobId;
@@ -117,6 +118,10 @@ pub(crate) struct Shared {
     pub(crate) slots: Arc<Semaphore>,
     /// Fires when the worker stops taking work (the drain begins).
     pub(crate) stop_taking: CancellationToken,
+    /// Fires once the consumer is cancelled (or there is none): from then on nothing more can
+    /// arrive, so what is held but not started can go back to the queue without coming
+    /// straight back to this worker.
+    pub(crate) consuming_stopped: CancellationToken,
     /// Fires when running handlers must stop (drain timeout or forced stop).
     pub(crate) interrupt: CancellationToken,
     /// Every task that holds a delivery.
@@ -125,6 +130,12 @@ pub(crate) struct Shared {
     pub(crate) rabbit: Outage,
     pub(crate) postgres: Outage,
     pub(crate) ready: AtomicBool,
+    pub(crate) metrics: metrics::WorkerMetrics,
+    /// The broker's queue depths, refreshed by the rescuer; read by `/metrics`.
+    pub(crate) depths: std::sync::Mutex<crate::broker::topology::QueueDepths>,
+    /// A channel of the current session for reading queue depths; `None` between sessions.
+    pub(crate) stats_channel: RwLock<Option<Channel>>,
+    pub(crate) started_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Shared {
@@ -202,12 +213,17 @@ impl Worker {
             done_tx,
             publisher: RwLock::new(None),
             stop_taking: shutdown.drain.clone(),
+            consuming_stopped: CancellationToken::new(),
             interrupt: CancellationToken::new(),
             tasks: TaskTracker::new(),
             counters: Counters::default(),
             rabbit: Outage::new("rabbitmq"),
             postgres: Outage::new("postgres"),
             ready: AtomicBool::new(false),
+            metrics: metrics::WorkerMetrics::new(),
+            depths: std::sync::Mutex::new(Default::default()),
+            stats_channel: RwLock::new(None),
+            started_at: chrono::Utc::now(),
         });
         Ok(Worker {
             shared,
@@ -262,6 +278,11 @@ impl Worker {
         ));
         let background_stop = CancellationToken::new();
         let rescuer = tokio::spawn(rescuer::run(shared.clone(), background_stop.clone()));
+        let probes = tokio::spawn(probe::serve(
+            shared.clone(),
+            cfg.worker_http_addr,
+            background_stop.clone(),
+        ));
 
         let mut session: Option<(Connection, Channel, Acks)> = None;
         let mut delays = reconnect_delays();
@@ -276,7 +297,7 @@ impl Worker {
                     shared.rabbit.up();
                     delays = reconnect_delays();
                     shared.ready.store(true, Ordering::Relaxed);
-                    let lost = executor::consume(&shared, consumer, &acks).await;
+                    let lost = executor::consume(&shared, &channel, consumer, &acks).await;
                     shared.ready.store(false, Ordering::Relaxed);
                     match lost {
                         None => {
@@ -300,15 +321,9 @@ impl Worker {
 
         // The drain. New work has stopped; what follows only finishes or hands back.
         let started = Instant::now();
-        if let Some((_, channel, _)) = &session {
-            // Stop the broker sending more, then hand back what was already sent but not taken.
-            let _ = channel
-                .basic_cancel(
-                    executor::consumer_tag(&shared).as_str().into(),
-                    BasicCancelOptions::default(),
-                )
-                .await;
-        }
+        // The consume loop cancelled its consumer on the way out; without a session there is
+        // nothing to cancel.
+        shared.consuming_stopped.cancel();
         shared.tasks.close();
         let finished_in_time = tokio::select! {
             () = shared.tasks.wait() => true,
@@ -323,13 +338,22 @@ impl Worker {
             } else {
                 Duration::from_secs(2)
             };
-            let _ = tokio::time::timeout(grace, shared.tasks.wait()).await;
-            release_stuck(&shared).await;
+            if tokio::time::timeout(grace, shared.tasks.wait())
+                .await
+                .is_err()
+            {
+                // Handlers that ignore their token: release their jobs without them.
+                release_stuck(&shared).await;
+            }
         }
         completer_stop.cancel();
         let _ = completer.await;
         background_stop.cancel();
         let _ = rescuer.await;
+        let _ = probes.await;
+        if let Err(e) = shared.store.remove_worker(shared.id).await {
+            tracing::debug!(error = %e, "could not remove this worker's registry row; it expires");
+        }
         if let Some((conn, channel, acks)) = session {
             acks.flush().await;
             let _ = channel.close(200, "worker stopping".into()).await;
@@ -390,6 +414,11 @@ async fn open_session(
     .await?;
     let (acks, _task) = Acks::spawn(channel.clone());
     *shared.publisher.write().await = Some(publisher);
+    *shared.stats_channel.write().await = Some(
+        conn.create_channel()
+            .await
+            .context("opening a stats channel")?,
+    );
     Ok((conn, channel, consumer, acks))
 }
 

@@ -20,10 +20,18 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     relay.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rescue = tokio::time::interval(crate::store::rescue_job::RESCUE_INTERVAL);
     rescue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prune = tokio::time::interval(shared.cfg.prune_interval);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = (std::time::Instant::now(), 0u64);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = beat.tick() => heartbeat(&shared).await,
+            _ = beat.tick() => {
+                heartbeat(&shared).await;
+                register(&shared, &mut last).await;
+                read_depths(&shared).await;
+            }
+            _ = prune.tick() => prune_old(&shared).await,
             _ = relay.tick() => relay_outbox(&shared).await,
             _ = rescue.tick() => rescue_detached(&shared).await,
         }
@@ -96,4 +104,79 @@ async fn rescue_detached(shared: &Shared) {
     }
     tracing::warn!(jobs = ids.len(), "rescued long jobs whose worker stopped");
     super::flush_outbox(shared, &ids).await;
+}
+
+/// Upserts this worker's registry row with its counters and recent rate.
+async fn register(shared: &Shared, last: &mut (std::time::Instant, u64)) {
+    use std::sync::atomic::Ordering;
+    let processed = shared.counters.finished.load(Ordering::Relaxed);
+    let elapsed = last.0.elapsed().as_secs_f64();
+    let rate = if elapsed > 0.0 {
+        processed.saturating_sub(last.1) as f64 / elapsed
+    } else {
+        0.0
+    };
+    *last = (std::time::Instant::now(), processed);
+    let row = crate::store::workers::WorkerRow {
+        id: shared.id,
+        queue: shared.cfg.queue.clone(),
+        host: hostname(),
+        pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        concurrency: i32::try_from(shared.cfg.concurrency).unwrap_or(i32::MAX),
+        started_at: shared.started_at,
+        heartbeat_at: chrono::Utc::now(),
+        in_flight: shared.running.lock().map(|r| r.len()).unwrap_or(0) as i32,
+        processed: i64::try_from(processed).unwrap_or(i64::MAX),
+        failed: i64::try_from(shared.counters.failed.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+        rate,
+        draining: shared.stop_taking.is_cancelled(),
+    };
+    // A worker silent for three leases is gone: its claims have expired too.
+    if let Err(e) = shared.store.beat_worker(&row, shared.cfg.lease * 3).await {
+        tracing::debug!(error = %e, "could not update the worker registry");
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+async fn read_depths(shared: &Shared) {
+    let Some(ch) = shared.stats_channel.read().await.clone() else {
+        return;
+    };
+    if let Ok(d) = crate::broker::topology::depths(&ch, &shared.names).await
+        && let Ok(mut depths) = shared.depths.lock()
+    {
+        *depths = d;
+    }
+}
+
+async fn prune_old(shared: &Shared) {
+    let overrides: Vec<(String, std::time::Duration)> = shared
+        .cfg
+        .kinds
+        .0
+        .iter()
+        .filter_map(|(k, o)| o.retention.map(|r| (k.clone(), r)))
+        .collect();
+    match shared
+        .store
+        .prune(shared.cfg.retention, &overrides, 500, 20)
+        .await
+    {
+        Ok(Some(n)) if n > 0 => {
+            tracing::info!(pruned = n, "pruned finished jobs past their retention")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "prune pass failed; the next one retries"),
+    }
 }

@@ -88,7 +88,10 @@ impl TestEnv {
             ("APIARY_LEASE".into(), "3s".into()),
             ("APIARY_OUTBOX_GRACE".into(), "1s".into()),
             ("APIARY_WORKER_HTTP_ADDR".into(), "127.0.0.1:0".into()),
-            ("RUST_LOG".into(), "info".into()),
+            (
+                "RUST_LOG".into(),
+                std::env::var("TEST_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+            ),
         ]
     }
 
@@ -464,5 +467,64 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();
         self.task.abort();
+    }
+}
+
+impl Proc {
+    /// Waits for a log line containing `needle` and returns it (ANSI colours stripped).
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = strip_ansi(&self.log_text());
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?} within {timeout:?}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The address the worker's probes listen on, from its log.
+    pub async fn probe_addr(&self) -> String {
+        let line = self
+            .wait_for_log("worker probes listening", Duration::from_secs(20))
+            .await;
+        line.split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .expect("addr")
+            .to_string()
+    }
+}
+
+/// Removes terminal colour codes from log text.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A plain HTTP GET, returning status and body.
+pub async fn http_get(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }
+        Err(e) => (0, e.to_string()),
     }
 }

@@ -1,0 +1,104 @@
+//! The worker registry: who is running, with what, and how fast. Each worker upserts its row
+//! on every heartbeat and deletes it on a clean exit; rows whose heartbeat stopped expire.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{Context, Store, StoreError};
+
+/// One worker's row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct WorkerRow {
+    /// The worker's id (the `worker_id` on the jobs it claims).
+    pub id: Uuid,
+    /// Its work queue.
+    pub queue: String,
+    /// Its host name.
+    pub host: String,
+    /// Its process id.
+    pub pid: i32,
+    /// Its Apiary version.
+    pub version: String,
+    /// Jobs it runs at once.
+    pub concurrency: i32,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Its last heartbeat.
+    pub heartbeat_at: DateTime<Utc>,
+    /// Deliveries it holds now.
+    pub in_flight: i32,
+    /// Attempts it finished.
+    pub processed: i64,
+    /// Attempts that failed.
+    pub failed: i64,
+    /// Jobs finished per second, recently.
+    pub rate: f64,
+    /// Whether it is draining.
+    pub draining: bool,
+}
+
+impl Store {
+    /// Inserts or refreshes a worker's row, and removes rows whose heartbeat is older than
+    /// `expire` (workers killed without a chance to say goodbye).
+    pub async fn beat_worker(
+        &self,
+        w: &WorkerRow,
+        expire: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        let expire_ms = i64::try_from(expire.as_millis()).unwrap_or(i64::MAX);
+        sqlx::query(
+            "WITH gone AS (
+                 DELETE FROM apiary_workers WHERE heartbeat_at < now() - $13 * interval '1 millisecond' AND id <> $1
+             )
+             INSERT INTO apiary_workers (id, queue, host, pid, version, concurrency, started_at, heartbeat_at,
+                                         in_flight, processed, failed, rate, draining)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9, $10, $11, $12)
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), in_flight = $8, processed = $9, failed = $10,
+                                            rate = $11, draining = $12",
+        )
+        .bind(w.id)
+        .bind(&w.queue)
+        .bind(&w.host)
+        .bind(w.pid)
+        .bind(&w.version)
+        .bind(w.concurrency)
+        .bind(w.started_at)
+        .bind(w.in_flight)
+        .bind(w.processed)
+        .bind(w.failed)
+        .bind(w.rate)
+        .bind(w.draining)
+        .bind(expire_ms)
+        .execute(self.pool())
+        .await
+        .context("recording a worker heartbeat")?;
+        Ok(())
+    }
+
+    /// Removes a worker's row (on a clean exit).
+    pub async fn remove_worker(&self, id: Uuid) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM apiary_workers WHERE id = $1")
+            .bind(id)
+            .execute(self.pool())
+            .await
+            .context("removing a worker")?;
+        Ok(())
+    }
+
+    /// Workers whose heartbeat is fresher than `expire`, oldest first.
+    pub async fn live_workers(
+        &self,
+        expire: std::time::Duration,
+    ) -> Result<Vec<WorkerRow>, StoreError> {
+        let expire_ms = i64::try_from(expire.as_millis()).unwrap_or(i64::MAX);
+        sqlx::query_as(
+            "SELECT * FROM apiary_workers WHERE heartbeat_at >= now() - $1 * interval '1 millisecond'
+              ORDER BY started_at",
+        )
+        .bind(expire_ms)
+        .fetch_all(self.pool())
+        .await
+        .context("listing workers")
+    }
+}
