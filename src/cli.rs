@@ -71,6 +71,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure throughput, latency, CPU and memory on the configured servers.
+    Bench(crate::bench::BenchArgs),
     /// Print a job as JSON.
     Job {
         /// The job id.
@@ -120,6 +122,7 @@ pub enum DeadAction {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = cli.config.validate()?;
     match cli.command {
+        Command::Bench(args) => crate::bench::run(&cfg, &args).await.map(|_| ()),
         Command::Status { json } => {
             let client = Client::new(&cfg)?;
             let stats = client.stats().await?;

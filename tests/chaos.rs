@@ -5,10 +5,13 @@
 //!
 //! It also measures how long a killed worker's jobs take to run elsewhere ("pickup"): from the
 //! SIGKILL to the `started_at` of the attempt that ran the job next. The broker redelivers the
-//! dead worker's messages at once, but the jobs are still `running` under its lease, so another
-//! worker claims them only once that lease has passed: pickup is bounded by `APIARY_LEASE`
-//! (3 s here; the dead worker's last heartbeat renewed it up to a fifth of a lease before the
-//! kill), plus up to the 2 s re-check interval of a waiting redelivery.
+//! dead worker's messages at once, but the jobs are still `running` under its lease, and
+//! another worker may claim them only once that lease has passed. The dead worker's last
+//! heartbeat renewed the lease at most a fifth of a lease before the kill, so pickup falls
+//! between 4/5 of `APIARY_LEASE` and the lease plus a claim: measured 2.6–3.2 s (median 3.0 s)
+//! with the 3 s lease used here, so about 8–10 s with the default 10 s lease. A pickup before
+//! the lease ended would mean the worker had stopped renewing a job it held; the run reports
+//! any it sees.
 //!
 //! Sizes come from the environment, with defaults small enough for CI; `scripts/chaos` runs it
 //! bigger, in release mode. Every process it starts is killed when the test ends, pass or fail,
@@ -40,6 +43,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const DRAIN_MARGIN: Duration = Duration::from_secs(5);
 /// How long the jobs may take to finish once the disruptions are over.
 const SETTLE: Duration = Duration::from_secs(120);
+/// How long no job may finish before the run counts as stuck: a killed worker's jobs wait out
+/// a 3 s lease, so anything near this is a job stranded, not a slow one.
+const STALL: Duration = Duration::from_secs(30);
 const WORKER_ENV: &[(&str, &str)] = &[
     ("APIARY_DRAIN_TIMEOUT", "5s"),
     ("APIARY_CONCURRENCY", "16"),
@@ -103,6 +109,8 @@ async fn chaos_terms_and_kills_lose_nothing_and_apply_nothing_twice() {
     let mut terms: Vec<Term> = Vec::new();
     let mut kills: Vec<Kill> = Vec::new();
     let mut in_flight_at_disruption = Vec::new();
+    // Stopped workers, kept so their logs can explain a failure.
+    let mut gone: Vec<Worker> = Vec::new();
     for round in 1..=rounds {
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1200))).await;
         for w in &mut live {
@@ -111,7 +119,7 @@ async fn chaos_terms_and_kills_lose_nothing_and_apply_nothing_twice() {
         let in_flight = env.count(JobStatus::Running).await;
         in_flight_at_disruption.push(in_flight);
         let pick = usize::try_from(rng.below(live.len() as u64)).expect("index");
-        let victim = live.swap_remove(pick);
+        let mut victim = live.swap_remove(pick);
         // The last round makes up for a kind the dice never chose, so every run has both.
         let term = match (round == rounds, terms.is_empty(), kills.is_empty()) {
             (true, true, false) => true,
@@ -119,7 +127,7 @@ async fn chaos_terms_and_kills_lose_nothing_and_apply_nothing_twice() {
             _ => rng.below(100) < 60,
         };
         if term {
-            let term = sigterm(victim).await;
+            let term = sigterm(&mut victim).await;
             eprintln!(
                 "chaos: round {round}: SIGTERM worker #{} ({in_flight} jobs running): exited 0 in {:.2}s, {}",
                 term.n,
@@ -131,7 +139,7 @@ async fn chaos_terms_and_kills_lose_nothing_and_apply_nothing_twice() {
             );
             terms.push(term);
         } else {
-            let kill = sigkill(&env, victim).await;
+            let kill = sigkill(&env, &mut victim).await;
             eprintln!(
                 "chaos: round {round}: SIGKILL worker #{} ({in_flight} jobs running, {} of them its own)",
                 kill.n,
@@ -139,14 +147,18 @@ async fn chaos_terms_and_kills_lose_nothing_and_apply_nothing_twice() {
             );
             kills.push(kill);
         }
+        gone.push(victim);
         started += 1;
         live.push(Worker::start(&env, started));
     }
     let chaos_over = Instant::now();
     let done_at_chaos_end = env.count(JobStatus::Succeeded).await;
 
-    // Like `env.wait_until`, but it also fails fast if a worker dies on its own meanwhile.
+    // Like `env.wait_until`, but it also fails if a worker dies on its own meanwhile, and
+    // early if nothing finishes for a while: then something is stranded, and waiting longer
+    // only delays the report.
     let deadline = Instant::now() + SETTLE;
+    let mut progress = (done_at_chaos_end, Instant::now());
     loop {
         for w in &mut live {
             w.assert_alive();
@@ -155,19 +167,27 @@ async fn chaos_terms_and_kills_lose_nothing_and_apply_nothing_twice() {
         if done == total {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "only {done} of {total} jobs succeeded within {SETTLE:?} of the last disruption; by status: {:?}",
-            by_status(&env).await
-        );
+        if done > progress.0 {
+            progress = (done, Instant::now());
+        }
+        if Instant::now() >= deadline || progress.1.elapsed() >= STALL {
+            eprintln!("{}", stuck_report(&env, live.iter().chain(&gone)).await);
+            panic!(
+                "{done} of {total} jobs succeeded, none for {:?}, {:?} after the last disruption; by status: {:?}",
+                progress.1.elapsed(),
+                chaos_over.elapsed(),
+                by_status(&env).await
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let settled = chaos_over.elapsed();
 
     // The survivors drain too, and must exit 0 like the others.
     let mut final_terms = Vec::new();
-    for w in live.drain(..) {
-        final_terms.push(sigterm(w).await);
+    for mut w in live.drain(..) {
+        final_terms.push(sigterm(&mut w).await);
+        gone.push(w);
     }
 
     // Nothing lost, nothing twice.
@@ -210,17 +230,34 @@ async fn chaos_terms_and_kills_lose_nothing_and_apply_nothing_twice() {
         starts.entry(*id).or_default().push(*at);
     }
     for k in &kills {
-        for (id, at) in &k.running {
+        for (id, at, _) in &k.running {
             starts.entry(*id).or_default().push(*at);
         }
     }
     let mut pickups = Vec::new();
+    let mut early = Vec::new();
     let mut finished_by_victim = 0;
     for k in &kills {
-        for (id, _) in &k.running {
-            let next = starts[id].iter().filter(|at| **at > k.at).min();
+        for (id, started, lease) in &k.running {
+            // After the kill, and after the attempt it held: a claim the victim sent just
+            // before it died can land in Postgres just after.
+            let next = starts[id]
+                .iter()
+                .filter(|at| **at > k.at && *at > started)
+                .min();
             match next {
-                Some(at) => pickups.push((*at - k.at).as_seconds_f64()),
+                Some(at) => {
+                    // Its lease had already lapsed while its worker was alive: the worker
+                    // had stopped renewing it. Not a double run (the finish is fenced), but
+                    // a job nobody was working on.
+                    if at < lease {
+                        early.push(format!(
+                            "job {id} on worker #{}: started {started}, lease until {lease}, killed {}, ran again {at}",
+                            k.n, k.at
+                        ));
+                    }
+                    pickups.push((*at - k.at).as_seconds_f64())
+                }
                 // Its commit was already on its way when the process died.
                 None => finished_by_victim += 1,
             }
@@ -274,6 +311,10 @@ async fn chaos_terms_and_kills_lose_nothing_and_apply_nothing_twice() {
             spread(&mut pickups),
             pickups.len()
         );
+    }
+    eprintln!("  pickup before lease end  {}", early.len());
+    for e in &early {
+        eprintln!("    {e}");
     }
     eprintln!("  attempts > 1             {retried} jobs (most attempts: {max_attempts})");
     eprintln!("  jobs with errors         {with_errors}");
@@ -346,12 +387,12 @@ struct Term {
 struct Kill {
     n: usize,
     at: DateTime<Utc>,
-    /// The jobs it held as it died, with when their attempt on it started.
-    running: Vec<(Uuid, DateTime<Utc>)>,
+    /// The jobs it held as it died, with when their attempt on it started and its lease.
+    running: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)>,
 }
 
 /// Sends SIGTERM and waits for a clean exit within the drain timeout and margin.
-async fn sigterm(mut w: Worker) -> Term {
+async fn sigterm(w: &mut Worker) -> Term {
     let sent = Instant::now();
     w.proc.signal("TERM");
     let status = w.proc.wait(DRAIN_TIMEOUT + DRAIN_MARGIN).await;
@@ -370,7 +411,7 @@ async fn sigterm(mut w: Worker) -> Term {
 }
 
 /// Sends SIGKILL and records which jobs the worker held at that instant.
-async fn sigkill(env: &TestEnv, mut w: Worker) -> Kill {
+async fn sigkill(env: &TestEnv, w: &mut Worker) -> Kill {
     w.proc.signal("KILL");
     let at = Utc::now();
     let status = w.proc.wait(Duration::from_secs(5)).await;
@@ -380,7 +421,8 @@ async fn sigkill(env: &TestEnv, mut w: Worker) -> Kill {
     let id = w.id();
     let running = match id {
         Some(id) => sqlx::query_as(
-            "SELECT id, started_at FROM apiary_jobs WHERE status = 'running' AND worker_id = $1",
+            "SELECT id, started_at, lease_until FROM apiary_jobs
+              WHERE status = 'running' AND worker_id = $1",
         )
         .bind(id)
         .fetch_all(env.store.pool())
@@ -393,6 +435,54 @@ async fn sigkill(env: &TestEnv, mut w: Worker) -> Kill {
         at,
         running,
     }
+}
+
+/// The jobs that did not succeed, and what every worker's log says about them.
+async fn stuck_report<'a>(env: &TestEnv, workers: impl Iterator<Item = &'a Worker>) -> String {
+    let logs: Vec<(usize, Option<Uuid>, String)> = workers
+        .map(|w| (w.n, w.id(), strip_ansi(&w.proc.log_text())))
+        .collect();
+    #[derive(sqlx::FromRow)]
+    struct Stuck {
+        id: Uuid,
+        kind: String,
+        status: String,
+        attempts: i32,
+        worker_id: Option<Uuid>,
+        started_at: Option<DateTime<Utc>>,
+        lease_until: Option<DateTime<Utc>>,
+    }
+    let stuck: Vec<Stuck> = sqlx::query_as(
+        "SELECT id, kind, status, attempts, worker_id, started_at, lease_until FROM apiary_jobs
+          WHERE status <> 'succeeded' ORDER BY id LIMIT 10",
+    )
+    .fetch_all(env.store.pool())
+    .await
+    .expect("stuck jobs");
+    let mut out = format!(
+        "chaos: stuck jobs (first 10); {} messages ready in {}; now {}\n",
+        env.queue_depth(&env.cfg.queue).await,
+        env.cfg.queue,
+        Utc::now()
+    );
+    for j in stuck {
+        let holder = logs
+            .iter()
+            .find(|(_, wid, _)| j.worker_id.is_some() && *wid == j.worker_id)
+            .map(|(n, _, _)| format!("#{n}"))
+            .unwrap_or_else(|| "-".into());
+        out += &format!(
+            "  {} {} {} attempts={} worker={holder} started={:?} lease_until={:?}\n",
+            j.id, j.kind, j.status, j.attempts, j.started_at, j.lease_until
+        );
+        let needle = j.id.to_string();
+        for (n, _, log) in &logs {
+            for line in log.lines().filter(|l| l.contains(&needle)) {
+                out += &format!("    #{n}: {line}\n");
+            }
+        }
+    }
+    out
 }
 
 /// How many jobs are in each status.

@@ -144,7 +144,9 @@ pub async fn finish_jobs<'c>(
 
 impl Store {
     /// Renews the leases of the jobs this worker is running. Returns those of them that
-    /// someone asked to cancel, so their handlers can be told.
+    /// someone asked to cancel, so their handlers can be told. Rows locked by a finishing
+    /// batch are skipped (they are finishing anyway): the heartbeat never waits on, or
+    /// deadlocks with, the completer.
     pub async fn renew_leases(
         &self,
         worker: Uuid,
@@ -155,7 +157,9 @@ impl Store {
         sqlx::query_scalar(
             "WITH renewed AS (
                  UPDATE apiary_jobs SET lease_until = now() + $3 * interval '1 millisecond'
-                  WHERE id = ANY($1) AND worker_id = $2 AND status = 'running'
+                  WHERE id IN (SELECT id FROM apiary_jobs
+                                WHERE id = ANY($1) AND worker_id = $2 AND status = 'running'
+                                FOR UPDATE SKIP LOCKED)
                  RETURNING id, cancel_requested
              )
              SELECT id FROM renewed WHERE cancel_requested",

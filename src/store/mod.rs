@@ -56,15 +56,23 @@ impl StoreError {
     /// should wait and try again.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Query { source, .. } => {
-                matches!(
-                    source,
-                    sqlx::Error::Io(_)
-                        | sqlx::Error::PoolTimedOut
-                        | sqlx::Error::PoolClosed
-                        | sqlx::Error::WorkerCrashed
-                ) || matches!(source, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")))
-            }
+            StoreError::Query { source, .. } => match source {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                // 08: connection exceptions; 57: operator intervention (shutdown, terminated
+                // backend); 40001/40P01: serialization failure and deadlock (retry the
+                // transaction); 55P03: lock not available.
+                sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+                    c.starts_with("08")
+                        || c.starts_with("57")
+                        || c == "40001"
+                        || c == "40P01"
+                        || c == "55P03"
+                }),
+                _ => false,
+            },
             _ => false,
         }
     }

@@ -60,9 +60,13 @@ async fn flush(shared: &Shared, batch: Vec<Completion>) {
         .with_store(|| shared.store.finish_jobs(shared.id, &finishes))
         .await
     else {
-        // Postgres stayed down until the stop: leave the deliveries unacked; the broker hands
-        // them to another worker, whose claim finds them still running under an old lease.
+        // Postgres refused the batch, or stayed down until the stop. Hand the deliveries back:
+        // their claims lapse with the lease (nothing renews them now), and the redelivery
+        // claims them again; holding them unacked would strand them until the channel closed.
         forget(shared, &batch);
+        for c in &batch {
+            c.delivery.settle(Settle::Requeue);
+        }
         return;
     };
     let applied: HashSet<_> = applied.into_iter().collect();

@@ -9,7 +9,10 @@ use std::time::Duration;
 use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
 use lapin::Consumer;
-use tokio::sync::OwnedSemaphorePermit;
+use std::collections::VecDeque;
+
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_util::sync::CancellationToken;
 
 use super::completer::Completion;
 use super::{DeliveryRef, Running, Shared, hand_back, hand_back_buffered, retry};
@@ -26,7 +29,7 @@ pub(crate) fn consumer_tag(shared: &Shared) -> String {
 }
 
 /// One delivery, decoded, with where to settle it.
-struct Incoming {
+pub(crate) struct Incoming {
     job: Arc<WireJob>,
     redelivered: bool,
     delivery: DeliveryRef,
@@ -106,11 +109,10 @@ pub(crate) async fn consume(
                 }
             }
         }
-        if !jobs.is_empty() {
-            let shared2 = shared.clone();
-            shared
-                .tasks
-                .spawn(async move { claim_batch(&shared2, jobs).await });
+        for inc in jobs {
+            // The claimer outlives every session; a failed send means it has stopped, and the
+            // delivery goes back with the channel.
+            let _ = shared.claim_tx.send(inc);
         }
     }
 }
@@ -152,47 +154,72 @@ pub(crate) async fn dead_letter_then_ack(
     }
 }
 
-/// Claims a batch and dispatches each delivery by what the claim found.
-async fn claim_batch(shared: &Arc<Shared>, jobs: Vec<Incoming>) {
-    let now = Utc::now();
-    let mut to_claim = Vec::with_capacity(jobs.len());
-    for inc in jobs {
+/// The claimer: one claim statement in flight at a time, for everything that arrived while
+/// the previous one ran. Under load the batches grow, and one commit covers many jobs; when
+/// idle, a lone delivery is claimed at once. Runs until `stop` fires.
+pub(crate) async fn claimer(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Incoming>,
+    stop: CancellationToken,
+) {
+    let mut pending: VecDeque<Incoming> = VecDeque::new();
+    loop {
+        if pending.is_empty() {
+            tokio::select! {
+                i = rx.recv() => match i {
+                    Some(i) => pending.push_back(i),
+                    None => return,
+                },
+                () = stop.cancelled() => return,
+            }
+        }
+        while let Ok(i) = rx.try_recv() {
+            pending.push_back(i);
+        }
+        if shared.consuming_stopped.is_cancelled() {
+            // Draining: nothing more starts here; back to the queue for another worker.
+            hand_back(&shared, pending.drain(..).map(|i| i.delivery));
+            continue;
+        }
         // A scheduled job or a retry that came back from a delay tier early, or was published
         // with a future run_at: send it on to the next tier without claiming.
-        match inc.job.run_at {
-            Some(at) if (at - now).num_milliseconds() > DUE_TOLERANCE_MS => {
-                let shared = shared.clone();
-                shared
-                    .tasks
-                    .clone()
-                    .spawn(async move { delay_then_ack(&shared, inc, at, true).await });
+        let now = Utc::now();
+        let mut due = VecDeque::with_capacity(pending.len());
+        for inc in pending.drain(..) {
+            match inc.job.run_at {
+                Some(at) if (at - now).num_milliseconds() > DUE_TOLERANCE_MS => {
+                    let shared2 = shared.clone();
+                    shared
+                        .tasks
+                        .spawn(async move { delay_then_ack(&shared2, inc, at, true).await });
+                }
+                _ => due.push_back(inc),
             }
-            _ => to_claim.push(inc),
         }
-    }
-    // Claim only what can start now: a job is `running` in Postgres only once it has a
-    // handler slot, and deliveries waiting for one stay untouched, so a drain hands them
-    // back as they came.
-    while !to_claim.is_empty() {
+        pending = due;
+        if pending.is_empty() {
+            continue;
+        }
+        // Claim only what can start now: a job is `running` in Postgres only once it has a
+        // handler slot, and deliveries waiting for one stay untouched, so a drain hands them
+        // back as they came.
         let first = tokio::select! {
             biased;
-            () = shared.consuming_stopped.cancelled() => {
-                return hand_back(shared, to_claim.into_iter().map(|i| i.delivery));
-            }
+            () = shared.consuming_stopped.cancelled() => continue,
+            () = stop.cancelled() => return,
             p = shared.slots.clone().acquire_owned() => p,
         };
-        let Ok(first) = first else {
-            return hand_back(shared, to_claim.into_iter().map(|i| i.delivery));
-        };
+        let Ok(first) = first else { return };
+        let want = pending.len().min(shared.cfg.batch);
         let mut permits = vec![first];
-        while permits.len() < to_claim.len() {
+        while permits.len() < want {
             match shared.slots.clone().try_acquire_owned() {
                 Ok(p) => permits.push(p),
                 Err(_) => break,
             }
         }
-        let now_batch: Vec<Incoming> = to_claim.drain(..permits.len()).collect();
-        claim_now(shared, now_batch, permits).await;
+        let batch: Vec<Incoming> = pending.drain(..permits.len()).collect();
+        claim_now(&shared, batch, permits).await;
     }
 }
 
@@ -288,7 +315,7 @@ async fn wait_then_claim(
         () = tokio::time::sleep(wait) => {}
         () = shared.consuming_stopped.cancelled() => return hand_back(shared, [inc.delivery]),
     }
-    Box::pin(claim_batch(shared, vec![inc])).await;
+    let _ = shared.claim_tx.send(inc);
 }
 
 /// Sends a job on to the delay tier for `at`, then acks this delivery. `record` also records

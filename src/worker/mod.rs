@@ -110,6 +110,8 @@ pub(crate) struct Shared {
     /// Jobs claimed and not yet finished. Written by the executor and completer; read by the
     /// heartbeat and by a forced stop.
     pub(crate) running: std::sync::Mutex<HashMap<JobId, Running>>,
+    /// Deliveries to claim, to the claimer.
+    pub(crate) claim_tx: mpsc::UnboundedSender<executor::Incoming>,
     /// Finished attempts, to the completer. Closed when the completer stops, after the drain.
     pub(crate) done_tx: mpsc::UnboundedSender<Completion>,
     /// The current session's publisher; `None` while RabbitMQ is unreachable.
@@ -194,6 +196,7 @@ impl Shared {
 pub struct Worker {
     shared: Arc<Shared>,
     done_rx: mpsc::UnboundedReceiver<Completion>,
+    claim_rx: mpsc::UnboundedReceiver<executor::Incoming>,
     shutdown: Shutdown,
 }
 
@@ -202,6 +205,7 @@ impl Worker {
     pub fn new(cfg: Config, registry: Registry, shutdown: Shutdown) -> Result<Worker, WorkerError> {
         let store = Store::connect_lazy(&cfg.database_url, cfg.db_pool)?;
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (claim_tx, claim_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             names: QueueNames::new(&cfg.queue),
             slots: Arc::new(Semaphore::new(cfg.concurrency)),
@@ -211,6 +215,7 @@ impl Worker {
             id: Uuid::now_v7(),
             running: std::sync::Mutex::new(HashMap::new()),
             done_tx,
+            claim_tx,
             publisher: RwLock::new(None),
             stop_taking: shutdown.drain.clone(),
             consuming_stopped: CancellationToken::new(),
@@ -228,6 +233,7 @@ impl Worker {
         Ok(Worker {
             shared,
             done_rx,
+            claim_rx,
             shutdown,
         })
     }
@@ -247,6 +253,7 @@ impl Worker {
         let Worker {
             shared,
             done_rx,
+            claim_rx,
             shutdown,
         } = self;
         let cfg = &shared.cfg;
@@ -271,6 +278,12 @@ impl Worker {
         );
 
         let completer_stop = CancellationToken::new();
+        let claimer_stop = CancellationToken::new();
+        let claimer = tokio::spawn(executor::claimer(
+            shared.clone(),
+            claim_rx,
+            claimer_stop.clone(),
+        ));
         let completer = tokio::spawn(completer::run(
             shared.clone(),
             done_rx,
@@ -346,6 +359,8 @@ impl Worker {
                 release_stuck(&shared).await;
             }
         }
+        claimer_stop.cancel();
+        let _ = claimer.await;
         completer_stop.cancel();
         let _ = completer.await;
         background_stop.cancel();
