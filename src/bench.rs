@@ -49,6 +49,9 @@ pub struct BenchArgs {
     /// Live mode: publish at this many jobs per second (default: as fast as possible).
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Concurrent enqueue_many callers.
+    #[arg(long, default_value_t = 4)]
+    pub publishers: usize,
     /// Jobs per enqueue_many call.
     #[arg(long, default_value_t = 500)]
     pub enqueue_batch: usize,
@@ -234,20 +237,39 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     listener.listen(crate::store::DONE_CHANNEL).await?;
     let progress = Progress::new(args.jobs);
     let started = Instant::now();
-    let mut sent = 0;
-    while sent < args.jobs {
-        let n = args.enqueue_batch.min(args.jobs - sent);
-        let batch: Vec<NewJob> = (0..n)
-            .map(|_| NewJob::new("echo", payload.clone()))
-            .collect();
-        if let (Some(rate), Mode::Live) = (args.rate, args.mode) {
-            // Pace: the batch is due when the rate says so.
-            let due = started + Duration::from_secs_f64(sent as f64 / rate);
-            tokio::time::sleep_until(due.into()).await;
-        }
-        client.enqueue_many(batch).await?;
-        sent += n;
-        progress.show("enqueued", sent);
+    // Publishers take batches from a shared counter; paced, each batch waits for its due time.
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut publishers = tokio::task::JoinSet::new();
+    for _ in 0..args.publishers.max(1) {
+        let (client, payload, next, sent) =
+            (client.clone(), payload.clone(), next.clone(), sent.clone());
+        let (jobs, batch, rate, mode) =
+            (args.jobs, args.enqueue_batch.max(1), args.rate, args.mode);
+        publishers.spawn(async move {
+            loop {
+                let from = next.fetch_add(batch, std::sync::atomic::Ordering::Relaxed);
+                if from >= jobs {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                let n = batch.min(jobs - from);
+                if let (Some(rate), Mode::Live) = (rate, mode) {
+                    tokio::time::sleep_until(
+                        (started + Duration::from_secs_f64(from as f64 / rate)).into(),
+                    )
+                    .await;
+                }
+                let jobs: Vec<NewJob> = (0..n)
+                    .map(|_| NewJob::new("echo", payload.clone()))
+                    .collect();
+                client.enqueue_many(jobs).await?;
+                sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    while let Some(r) = publishers.join_next().await {
+        r.context("a publisher task failed")??;
+        progress.show("enqueued", sent.load(std::sync::atomic::Ordering::Relaxed));
     }
     let published = started.elapsed();
     if args.mode == Mode::Enqueue {

@@ -250,22 +250,12 @@ impl Client {
 
     /// A snapshot for operators: queue depths from RabbitMQ, live workers, jobs by status in
     /// the last hour, and the oldest waiting job.
-    pub async fn stats(&self) -> Result<Stats, EnqueueError> {
+    pub async fn stats(&self) -> Result<Stats, StatsError> {
         let lease = self.lease;
-        let channel =
-            self.publisher
-                .open_channel()
-                .await
-                .map_err(|source| EnqueueError::NotPublished {
-                    source,
-                    ids: Vec::new(),
-                })?;
+        let channel = self.publisher.open_channel().await?;
         let depths = crate::broker::topology::depths(&channel, self.publisher.names()).await;
         let _ = channel.close(200, "stats read".into()).await;
-        let depths = depths.map_err(|source| EnqueueError::NotPublished {
-            source,
-            ids: Vec::new(),
-        })?;
+        let depths = depths?;
         let workers = self.store.live_workers(lease * 3).await?;
         let in_flight = workers.iter().map(|w| i64::from(w.in_flight)).sum();
         let throughput = workers.iter().map(|w| w.rate).sum();
@@ -334,6 +324,17 @@ async fn clean_outbox(store: Store, mut rx: mpsc::UnboundedReceiver<Vec<JobId>>)
             tracing::debug!(error = %e, "outbox cleanup failed; the relay will republish those jobs");
         }
     }
+}
+
+/// Why a stats snapshot could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    /// Postgres failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// RabbitMQ failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
 }
 
 /// What `apiary status` prints and `GET /v1/stats` returns.

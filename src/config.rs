@@ -77,7 +77,7 @@ pub struct Config {
     pub worker_http_addr: SocketAddr,
 
     /// Jobs one worker process runs at once.
-    #[arg(long, env = "APIARY_CONCURRENCY", default_value_t = 64, global = true)]
+    #[arg(long, env = "APIARY_CONCURRENCY", default_value_t = 256, global = true)]
     pub concurrency: usize,
 
     /// Unacknowledged deliveries one worker holds; 0 means twice the concurrency, so the next
@@ -349,7 +349,7 @@ mod tests {
         assert_eq!(c.queue, "q");
         assert_eq!(c.drain_timeout, Duration::from_secs(25));
         assert_eq!(c.max_payload_bytes, 1 << 20);
-        assert_eq!(c.effective_prefetch(), 128);
+        assert_eq!(c.effective_prefetch(), 512);
         assert!(c.validate().is_ok());
     }
 }

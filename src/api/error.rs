@@ -69,6 +69,18 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::client::StatsError> for ApiError {
+    fn from(e: crate::client::StatsError) -> Self {
+        match e {
+            crate::client::StatsError::Store(s) => s.into(),
+            crate::client::StatsError::Broker(b) => {
+                tracing::warn!(error = %b, "rabbitmq error reading stats");
+                ApiError::Unavailable("the broker is unavailable; try again".into())
+            }
+        }
+    }
+}
+
 impl From<EnqueueError> for ApiError {
     fn from(e: EnqueueError) -> Self {
         match e {

@@ -161,12 +161,19 @@ async fn read_depths(shared: &Shared) {
 }
 
 async fn prune_old(shared: &Shared) {
-    let overrides: Vec<(String, std::time::Duration)> = shared
-        .cfg
-        .kinds
-        .0
+    // Per-kind retention from APIARY_KINDS and from handler registrations.
+    let mut kinds: Vec<String> = shared
+        .registry
+        .kinds()
         .iter()
-        .filter_map(|(k, o)| o.retention.map(|r| (k.clone(), r)))
+        .map(|k| k.to_string())
+        .collect();
+    kinds.extend(shared.cfg.kinds.0.keys().cloned());
+    kinds.sort_unstable();
+    kinds.dedup();
+    let overrides: Vec<(String, std::time::Duration)> = kinds
+        .into_iter()
+        .filter_map(|k| shared.kind_options(&k).retention.map(|r| (k, r)))
         .collect();
     match shared
         .store
