@@ -52,6 +52,14 @@ pub struct Enqueued {
 /// Enqueues jobs and reads them back. Cheap to clone.
 #[derive(Clone)]
 pub struct Client {
+    inner: Arc<Inner>,
+    /// Single enqueues on their way to the batcher, which writes whatever has queued up as
+    /// one batch. Closed when the last clone of the client is dropped, which ends the batcher.
+    batcher: mpsc::UnboundedSender<Pending>,
+}
+
+/// What enqueueing needs; shared by the client's clones and its batcher.
+struct Inner {
     store: Store,
     publisher: Arc<Publisher>,
     confirmed: mpsc::UnboundedSender<Vec<JobId>>,
@@ -60,6 +68,12 @@ pub struct Client {
     max_payload_bytes: usize,
     lease: Duration,
 }
+
+/// One job waiting for the batcher, and where its answer goes.
+type Pending = (
+    NewJob,
+    tokio::sync::oneshot::Sender<Result<Enqueued, EnqueueError>>,
+);
 
 impl Client {
     /// A client for `cfg`'s Postgres and RabbitMQ. Connections open on first use. Must be
@@ -79,7 +93,7 @@ impl Client {
     pub fn from_parts(store: Store, publisher: Arc<Publisher>, cfg: &Config) -> Client {
         let (confirmed, rx) = mpsc::unbounded_channel();
         tokio::spawn(clean_outbox(store.clone(), rx));
-        Client {
+        let inner = Arc::new(Inner {
             store,
             publisher,
             confirmed,
@@ -87,38 +101,132 @@ impl Client {
             kinds: cfg.kinds.clone(),
             lease: cfg.lease,
             max_payload_bytes: cfg.max_payload_bytes,
-        }
+        });
+        let (batcher, pending) = mpsc::unbounded_channel();
+        tokio::spawn(batch_enqueues(inner.clone(), pending));
+        Client { inner, batcher }
     }
 
     /// The store, for reading jobs.
     pub fn store(&self) -> &Store {
-        &self.store
+        &self.inner.store
     }
 
     /// The publisher, for readiness checks.
     pub fn publisher(&self) -> &Publisher {
-        &self.publisher
+        &self.inner.publisher
     }
 
     /// Enqueues one job. Returns once it is recorded and the broker has confirmed it, or, if
     /// its id or `(kind, dedup_key)` exists, returns that job and writes nothing.
+    ///
+    /// Concurrent calls are written together: each waits only for the batch in flight, and
+    /// then shares one statement and one pipelined publish with whatever queued up meanwhile.
     pub async fn enqueue(&self, job: NewJob) -> Result<Enqueued, EnqueueError> {
-        let mut out = self.enqueue_many(vec![job]).await?;
-        out.pop()
-            .ok_or_else(|| EnqueueError::Invalid(InvalidJob::new("kind", "no job given")))
+        // Checked here, so one caller's bad input never fails another's batch.
+        job.validate(self.inner.max_payload_bytes)?;
+        // Named here, so a batch that fails after recording can tell each caller which job.
+        let mut job = job;
+        job.id.get_or_insert_with(Uuid::now_v7);
+        let began = std::time::Instant::now();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let result = match self.batcher.send((job, tx)) {
+            Ok(()) => rx.await.unwrap_or_else(|_| {
+                Err(InvalidJob::new("kind", "the enqueue batcher stopped").into())
+            }),
+            Err(mpsc::error::SendError((job, _))) => self.inner.enqueue_one(job).await,
+        };
+        metrics::histogram!("apiary_enqueue_duration_seconds")
+            .record(began.elapsed().as_secs_f64());
+        result
     }
 
     /// Enqueues many jobs in one statement and one pipelined publish. All are validated
     /// first: one invalid job rejects the batch and writes nothing.
     pub async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, EnqueueError> {
         let began = std::time::Instant::now();
-        let result = self.enqueue_many_inner(jobs).await;
+        let result = self.inner.enqueue_many(jobs).await;
         metrics::histogram!("apiary_enqueue_duration_seconds")
             .record(began.elapsed().as_secs_f64());
         result
     }
 
-    async fn enqueue_many_inner(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, EnqueueError> {
+    /// Replays dead jobs: back to `queued` with a fresh attempt budget, same id and history,
+    /// published again, and their letters removed from the dead-letter queue. Returns the ids
+    /// replayed.
+    pub async fn replay(
+        &self,
+        selector: &crate::store::dead_job::ReplaySelector,
+    ) -> Result<Vec<JobId>, EnqueueError> {
+        let jobs = self.inner.store.replay_dead(selector).await?;
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+        if let Err(source) = self.inner.publisher.publish_jobs(&jobs).await {
+            return Err(EnqueueError::NotPublished { source, ids });
+        }
+        let _ = self.inner.confirmed.send(ids.clone());
+        // The jobs are safe in the work queue now; a failed sweep leaves stale letters, not
+        // lost jobs, so it is logged rather than failed.
+        match self.inner.publisher.open_channel().await {
+            Ok(ch) => {
+                let set = ids.iter().copied().collect();
+                match crate::broker::dead::remove(&ch, self.inner.publisher.names(), &set).await {
+                    Ok(n) => tracing::info!(
+                        replayed = ids.len(),
+                        letters_removed = n,
+                        "replayed dead jobs"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "replayed, but could not remove their dead letters")
+                    }
+                }
+                let _ = ch.close(200, "sweep done".into()).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "replayed, but could not open a channel to sweep dead letters")
+            }
+        }
+        Ok(ids)
+    }
+
+    /// A snapshot for operators: queue depths from RabbitMQ, live workers, jobs by status in
+    /// the last hour, and the oldest waiting job.
+    pub async fn stats(&self) -> Result<Stats, StatsError> {
+        let lease = self.inner.lease;
+        let channel = self.inner.publisher.open_channel().await?;
+        let depths = crate::broker::topology::depths(&channel, self.inner.publisher.names()).await;
+        let _ = channel.close(200, "stats read".into()).await;
+        let depths = depths?;
+        let workers = self.inner.store.live_workers(lease * 3).await?;
+        let in_flight = workers.iter().map(|w| i64::from(w.in_flight)).sum();
+        let throughput = workers.iter().map(|w| w.rate).sum();
+        Ok(Stats {
+            queue: self.inner.publisher.names().work.clone(),
+            depths,
+            in_flight,
+            throughput_per_second: throughput,
+            oldest_waiting_seconds: self.inner.store.oldest_waiting_seconds().await?,
+            last_hour: self.inner.store.counts_last_hour().await?,
+            workers,
+        })
+    }
+
+    /// The job with this id.
+    pub async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        self.inner.store.get_job(id).await
+    }
+}
+
+impl Inner {
+    async fn enqueue_one(&self, job: NewJob) -> Result<Enqueued, EnqueueError> {
+        let mut out = self.enqueue_many(vec![job]).await?;
+        out.pop()
+            .ok_or_else(|| EnqueueError::Invalid(InvalidJob::new("kind", "no job given")))
+    }
+
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, EnqueueError> {
         let now = Utc::now();
         let mut rows = Vec::with_capacity(jobs.len());
         for job in &jobs {
@@ -207,72 +315,47 @@ impl Client {
         }
         Ok(out)
     }
+}
 
-    /// Replays dead jobs: back to `queued` with a fresh attempt budget, same id and history,
-    /// published again, and their letters removed from the dead-letter queue. Returns the ids
-    /// replayed.
-    pub async fn replay(
-        &self,
-        selector: &crate::store::dead_job::ReplaySelector,
-    ) -> Result<Vec<JobId>, EnqueueError> {
-        let jobs = self.store.replay_dead(selector).await?;
-        if jobs.is_empty() {
-            return Ok(Vec::new());
+/// Writes single enqueues in batches: everything that queued up while the previous batch was
+/// in flight goes in one statement and one pipelined publish. If a batch fails, its jobs are
+/// tried one by one, so each caller gets its own answer.
+async fn batch_enqueues(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    const MAX: usize = 500;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
         }
-        let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
-        if let Err(source) = self.publisher.publish_jobs(&jobs).await {
-            return Err(EnqueueError::NotPublished { source, ids });
-        }
-        let _ = self.confirmed.send(ids.clone());
-        // The jobs are safe in the work queue now; a failed sweep leaves stale letters, not
-        // lost jobs, so it is logged rather than failed.
-        match self.publisher.open_channel().await {
-            Ok(ch) => {
-                let set = ids.iter().copied().collect();
-                match crate::broker::dead::remove(&ch, self.publisher.names(), &set).await {
-                    Ok(n) => tracing::info!(
-                        replayed = ids.len(),
-                        letters_removed = n,
-                        "replayed dead jobs"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "replayed, but could not remove their dead letters")
-                    }
+        let (jobs, replies): (Vec<NewJob>, Vec<_>) = batch.into_iter().unzip();
+        match inner.enqueue_many(jobs.clone()).await {
+            Ok(done) => {
+                for (reply, e) in replies.into_iter().zip(done) {
+                    let _ = reply.send(Ok(e));
                 }
-                let _ = ch.close(200, "sweep done".into()).await;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "replayed, but could not open a channel to sweep dead letters")
+            // Recorded but not confirmed: each caller hears that about its own job (the relay
+            // publishes them later). Trying them again one by one would find them recorded
+            // and wrongly answer that they exist.
+            Err(EnqueueError::NotPublished { source, .. }) => {
+                for (reply, job) in replies.into_iter().zip(jobs) {
+                    let ids = job.id.into_iter().collect();
+                    let _ = reply.send(Err(EnqueueError::NotPublished {
+                        source: source.clone(),
+                        ids,
+                    }));
+                }
+            }
+            // Nothing was recorded: each job on its own, so each caller gets its own answer.
+            Err(_) => {
+                for (reply, job) in replies.into_iter().zip(jobs) {
+                    let _ = reply.send(inner.enqueue_one(job).await);
+                }
             }
         }
-        Ok(ids)
-    }
-
-    /// A snapshot for operators: queue depths from RabbitMQ, live workers, jobs by status in
-    /// the last hour, and the oldest waiting job.
-    pub async fn stats(&self) -> Result<Stats, StatsError> {
-        let lease = self.lease;
-        let channel = self.publisher.open_channel().await?;
-        let depths = crate::broker::topology::depths(&channel, self.publisher.names()).await;
-        let _ = channel.close(200, "stats read".into()).await;
-        let depths = depths?;
-        let workers = self.store.live_workers(lease * 3).await?;
-        let in_flight = workers.iter().map(|w| i64::from(w.in_flight)).sum();
-        let throughput = workers.iter().map(|w| w.rate).sum();
-        Ok(Stats {
-            queue: self.publisher.names().work.clone(),
-            depths,
-            in_flight,
-            throughput_per_second: throughput,
-            oldest_waiting_seconds: self.store.oldest_waiting_seconds().await?,
-            last_hour: self.store.counts_last_hour().await?,
-            workers,
-        })
-    }
-
-    /// The job with this id.
-    pub async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
-        self.store.get_job(id).await
     }
 }
 

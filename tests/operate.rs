@@ -254,9 +254,7 @@ async fn metrics_and_json_logs_tell_the_truth() {
     let line = w.wait_for_log("worker probes listening", T).await;
     let v: Value = serde_json::from_str(&line).expect("json log line");
     let addr = v["addr"].as_str().expect("addr").to_string();
-    let (status, metrics) = http_get(&format!("http://{addr}/metrics")).await;
-    assert_eq!(status, 200);
-    for needle in [
+    let needles = [
         "apiary_jobs_succeeded_total{kind=\"echo\"} 30",
         "apiary_jobs_started_total{kind=\"echo\"} 30",
         "apiary_jobs_dead_total{kind=\"fail\"} 1",
@@ -266,9 +264,18 @@ async fn metrics_and_json_logs_tell_the_truth() {
         "apiary_worker_jobs_in_flight 0",
         "apiary_queue_ready_messages",
         "apiary_queue_oldest_waiting_seconds",
-    ] {
-        assert!(metrics.contains(needle), "missing {needle} in:\n{metrics}");
-    }
+    ];
+    // Counters move right after each batch's commit: wait for them to catch up with the rows.
+    let url = format!("http://{addr}/metrics");
+    env.wait_until(
+        "the metrics to match the job records",
+        Duration::from_secs(10),
+        || async {
+            let (status, metrics) = http_get(&url).await;
+            (status == 200 && needles.iter().all(|n| metrics.contains(n))).then_some(())
+        },
+    )
+    .await;
     assert_eq!(http_get(&format!("http://{addr}/healthz")).await.0, 200);
     w.signal("TERM");
     assert!(w.wait(T).await.success());

@@ -12,7 +12,7 @@ pub use publish::Publisher;
 pub use topology::QueueNames;
 
 /// Errors from RabbitMQ, with what we were doing.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     /// An AMQP operation failed.
     #[error("rabbitmq: {context}: {source}")]
