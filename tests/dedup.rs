@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::consumer_count;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -261,24 +263,4 @@ async fn kill_9_mid_stream_loses_nothing_and_applies_nothing_twice() {
     }
     survivor.signal("TERM");
     assert!(survivor.wait(T).await.success());
-}
-
-async fn consumer_count(queue: &str) -> u32 {
-    let conn = lapin::Connection::connect(common::AMQP, Default::default())
-        .await
-        .expect("rabbitmq");
-    let ch = conn.create_channel().await.expect("channel");
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .expect("declare");
-    let _ = conn.close(200, "".into()).await;
-    q.consumer_count()
 }

@@ -3,6 +3,10 @@
 
 mod common;
 
+async fn post(app: &axum::Router, uri: &str) -> (u16, serde_json::Value) {
+    common::call(app, "POST", uri, None).await
+}
+
 use std::time::Duration;
 
 use apiary::handler::Echo;
@@ -374,21 +378,4 @@ async fn poison_messages_are_recorded_dead_letter_at_once_and_never_loop() {
     env.wait_for_status(ok, JobStatus::Succeeded, T).await;
     let summary = worker.stop().await;
     assert_eq!(summary.handed_back, 0);
-}
-
-async fn post(app: &axum::Router, uri: &str) -> (u16, Value) {
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
-    let req = axum::http::Request::builder()
-        .method("POST")
-        .uri(uri)
-        .body(axum::body::Body::empty())
-        .expect("request");
-    let resp = app.clone().oneshot(req).await.expect("response");
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
 }

@@ -3,40 +3,27 @@
 
 mod common;
 
-use std::time::Duration;
-
-use apiary::api::auth::Tokens;
-use apiary::api::{AppState, router};
-use apiary::{JobStatus, NewJob, Shutdown};
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use common::TestEnv;
-use http_body_util::BodyExt;
-use serde_json::{Value, json};
-use tower::ServiceExt;
-use uuid::Uuid;
-
-const T: Duration = Duration::from_secs(20);
-
 async fn call(
     app: &axum::Router,
     method: &str,
     uri: &str,
     body: Option<&str>,
 ) -> (StatusCode, Value) {
-    let mut req = Request::builder().method(method).uri(uri);
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
-    }
-    let req = req
-        .body(Body::from(body.unwrap_or("").to_string()))
-        .expect("request");
-    let resp = app.clone().oneshot(req).await.expect("response");
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    (status, value)
+    let (status, value) = common::call(app, method, uri, body).await;
+    (StatusCode::from_u16(status).expect("a status code"), value)
 }
+
+use std::time::Duration;
+
+use apiary::api::auth::Tokens;
+use apiary::api::{AppState, router};
+use apiary::{JobStatus, NewJob, Shutdown};
+use axum::http::StatusCode;
+use common::TestEnv;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const T: Duration = Duration::from_secs(20);
 
 fn app(env: &TestEnv) -> axum::Router {
     router(AppState::new(

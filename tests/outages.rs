@@ -4,11 +4,13 @@
 
 mod common;
 
+use common::call;
+
 use std::time::Duration;
 
 use apiary::{JobStatus, NewJob};
 use common::{Proxy, TestEnv};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -228,25 +230,6 @@ async fn dependencies_away_for_a_while_pause_work_and_the_api_says_503() {
             "{dep}: {down} down / {up} up lines:\n{log}"
         );
     }
-}
-
-async fn call(app: &axum::Router, method: &str, uri: &str, body: Option<&str>) -> (u16, Value) {
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
-    let mut req = axum::http::Request::builder().method(method).uri(uri);
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
-    }
-    let req = req
-        .body(axum::body::Body::from(body.unwrap_or("").to_string()))
-        .expect("request");
-    let resp = app.clone().oneshot(req).await.expect("response");
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
 }
 
 /// The whole failure story at once: thousands of jobs, some failing a few times, some for

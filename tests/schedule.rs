@@ -3,11 +3,17 @@
 
 mod common;
 
+use common::consumer_count;
+
+async fn post(app: &axum::Router, uri: &str) -> (u16, serde_json::Value) {
+    common::call(app, "POST", uri, None).await
+}
+
 use std::time::Duration;
 
 use apiary::{JobStatus, NewJob};
 use common::TestEnv;
-use serde_json::{Value, json};
+use serde_json::json;
 use uuid::Uuid;
 
 const T: Duration = Duration::from_secs(30);
@@ -108,23 +114,6 @@ async fn scheduled_and_retrying_jobs_survive_their_workers_death() {
     assert_eq!(r.attempts, 2);
     w2.signal("TERM");
     assert!(w2.wait(T).await.success());
-}
-
-async fn post(app: &axum::Router, uri: &str) -> (u16, Value) {
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
-    let req = axum::http::Request::builder()
-        .method("POST")
-        .uri(uri)
-        .body(axum::body::Body::empty())
-        .expect("request");
-    let resp = app.clone().oneshot(req).await.expect("response");
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
 }
 
 #[tokio::test]
@@ -343,24 +332,4 @@ async fn rabbitmqctl_eval(expr: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-async fn consumer_count(queue: &str) -> u32 {
-    let conn = lapin::Connection::connect(common::AMQP, Default::default())
-        .await
-        .expect("rabbitmq");
-    let ch = conn.create_channel().await.expect("channel");
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .expect("declare");
-    let _ = conn.close(200, "".into()).await;
-    q.consumer_count()
 }

@@ -528,3 +528,49 @@ pub async fn http_get(url: &str) -> (u16, String) {
         Err(e) => (0, e.to_string()),
     }
 }
+
+/// Calls the API router without a socket; returns the status and the JSON body (or null).
+pub async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let mut req = axum::http::Request::builder().method(method).uri(uri);
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req
+        .body(axum::body::Body::from(body.unwrap_or("").to_string()))
+        .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Consumers on a queue, from a passive declare.
+pub async fn consumer_count(queue: &str) -> u32 {
+    let conn = Connection::connect(AMQP, Default::default())
+        .await
+        .expect("rabbitmq");
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("passive declare");
+    let _ = conn.close(200, "".into()).await;
+    q.consumer_count()
+}
