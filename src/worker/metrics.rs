@@ -54,10 +54,13 @@ impl WorkerMetrics {
         let Ok(mut kinds) = self.kinds.lock() else {
             return std::sync::Arc::new(KindMetrics::for_kind(kind));
         };
-        kinds
-            .entry(kind.to_string())
-            .or_insert_with(|| std::sync::Arc::new(KindMetrics::for_kind(kind)))
-            .clone()
+        // Looked up before inserting, so the hot path allocates nothing for a known kind.
+        if let Some(m) = kinds.get(kind) {
+            return m.clone();
+        }
+        let m = std::sync::Arc::new(KindMetrics::for_kind(kind));
+        kinds.insert(kind.to_string(), m.clone());
+        m
     }
 
     /// Sets the gauges that are read rather than counted.
