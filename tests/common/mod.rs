@@ -191,23 +191,7 @@ impl TestEnv {
 
     /// Messages ready in a queue.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
-        let conn = Connection::connect(AMQP, Default::default())
-            .await
-            .expect("rabbitmq");
-        let ch = conn.create_channel().await.expect("channel");
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .expect("passive declare");
-        let _ = conn.close(200, "".into()).await;
-        q.message_count()
+        passive_declare(queue).await.message_count()
     }
 }
 
@@ -554,23 +538,25 @@ pub async fn call(
     )
 }
 
-/// Consumers on a queue, from a passive declare.
+/// Consumers on a queue.
 pub async fn consumer_count(queue: &str) -> u32 {
+    passive_declare(queue).await.consumer_count()
+}
+
+/// A queue's counts, from a passive declare on a connection of its own.
+pub async fn passive_declare(queue: &str) -> lapin::Queue {
     let conn = Connection::connect(AMQP, Default::default())
         .await
         .expect("rabbitmq");
     let ch = conn.create_channel().await.expect("channel");
+    let opts = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
     let q = ch
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
+        .queue_declare(queue.into(), opts, Default::default())
         .await
         .expect("passive declare");
     let _ = conn.close(200, "".into()).await;
-    q.consumer_count()
+    q
 }
