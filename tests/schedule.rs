@@ -264,6 +264,17 @@ async fn a_job_outlives_a_lowered_consumer_timeout() {
     let env = TestEnv::new().await;
     let control = TestEnv::new().await;
     let before = rabbitmqctl_eval("application:get_env(rabbit, consumer_timeout).").await;
+    // Restored on every path out of this test, a panic included: a broker left with a 3 s
+    // timeout would close the channels of everything that connects after.
+    let restore = RestoreOnDrop(match before.trim() {
+        s if s.starts_with("{ok,") => {
+            format!(
+                "application:set_env(rabbit, consumer_timeout, {}).",
+                &s[4..s.len() - 1]
+            )
+        }
+        _ => "application:unset_env(rabbit, consumer_timeout).".to_string(),
+    });
     // Channels read the setting when they open: lower it just while these two workers connect.
     rabbitmqctl_eval("application:set_env(rabbit, consumer_timeout, 3000).").await;
     let mut detaching = env.spawn(&["worker"], &[("APIARY_DETACH_AFTER", "1s")]);
@@ -274,14 +285,7 @@ async fn a_job_outlives_a_lowered_consumer_timeout() {
         })
         .await;
     }
-    let restore = match before.trim() {
-        s if s.starts_with("{ok,") => format!(
-            "application:set_env(rabbit, consumer_timeout, {}).",
-            &s[4..s.len() - 1]
-        ),
-        _ => "application:unset_env(rabbit, consumer_timeout).".to_string(),
-    };
-    rabbitmqctl_eval(&restore).await;
+    drop(restore);
 
     let long = json!({"ms": 75_000});
     let id = env
@@ -332,4 +336,15 @@ async fn rabbitmqctl_eval(expr: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a `rabbitmqctl eval` expression when dropped.
+struct RestoreOnDrop(String);
+
+impl Drop for RestoreOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["eval", &self.0])
+            .output();
+    }
 }
