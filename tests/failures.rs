@@ -31,13 +31,7 @@ async fn retries_follow_the_backoff_schedule_and_keep_every_error() {
     cfg.retry_base = Duration::from_millis(400);
     cfg.retry_cap = Duration::from_millis(1200);
     let worker = env.start_worker_with(cfg.clone(), Registry::builtins());
-    let id = env
-        .client()
-        .enqueue(NewJob::new("fail", json!({"times": 3})))
-        .await
-        .expect("enqueue")
-        .job
-        .id;
+    let id = env.enqueue(NewJob::new("fail", json!({"times": 3}))).await;
 
     // While it waits between attempts, the record says so.
     let retrying = env.wait_for_status(id, JobStatus::Retrying, T).await;
@@ -368,13 +362,7 @@ async fn poison_messages_are_recorded_dead_letter_at_once_and_never_loop() {
     }));
     assert_eq!(env.queue_depth(&env.cfg.queue).await, 0, "nothing requeued");
     // The worker is alive and well.
-    let ok = env
-        .client()
-        .enqueue(NewJob::new("echo", json!(1)))
-        .await
-        .expect("enqueue")
-        .job
-        .id;
+    let ok = env.enqueue(NewJob::new("echo", json!(1))).await;
     env.wait_for_status(ok, JobStatus::Succeeded, T).await;
     let summary = worker.stop().await;
     assert_eq!(summary.handed_back, 0);

@@ -131,13 +131,7 @@ async fn the_api_drains_and_open_long_polls_answer_with_the_current_state() {
     let addr = format!("127.0.0.1:{port}");
     let mut api = env.spawn(&["api"], &[("APIARY_HTTP_ADDR", &addr)]);
     api.wait_for_log("api listening", T).await;
-    let id = env
-        .client()
-        .enqueue(NewJob::new("echo", json!(1)))
-        .await
-        .expect("enqueue")
-        .job
-        .id;
+    let id = env.enqueue(NewJob::new("echo", json!(1))).await;
     let poll = tokio::spawn({
         let url = format!("http://{addr}/v1/jobs/{id}?wait=60");
         async move {

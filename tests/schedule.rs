@@ -228,13 +228,7 @@ async fn cancellation_in_every_state() {
 async fn a_long_job_whose_worker_dies_after_detaching_is_rescued() {
     let env = TestEnv::new().await;
     let mut w1 = env.spawn(&["worker"], &[("APIARY_DETACH_AFTER", "500ms")]);
-    let id = env
-        .client()
-        .enqueue(NewJob::new("sleep", json!({"ms": 3000})))
-        .await
-        .expect("enqueue")
-        .job
-        .id;
+    let id = env.enqueue(NewJob::new("sleep", json!({"ms": 3000}))).await;
     env.wait_until("the job to detach", T, || async {
         let d: bool = sqlx::query_scalar("SELECT detached FROM apiary_jobs WHERE id = $1")
             .bind(id)
@@ -288,13 +282,7 @@ async fn a_job_outlives_a_lowered_consumer_timeout() {
     drop(restore);
 
     let long = json!({"ms": 75_000});
-    let id = env
-        .client()
-        .enqueue(NewJob::new("sleep", long.clone()))
-        .await
-        .expect("enqueue")
-        .job
-        .id;
+    let id = env.enqueue(NewJob::new("sleep", long.clone())).await;
     let cid = control
         .client()
         .enqueue(NewJob::new("sleep", long))

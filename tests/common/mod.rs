@@ -62,6 +62,11 @@ impl TestEnv {
         Client::new(&self.cfg).expect("client")
     }
 
+    /// Enqueues one job through a fresh client and returns its id.
+    pub async fn enqueue(&self, job: apiary::NewJob) -> JobId {
+        self.client().enqueue(job).await.expect("enqueue").job.id
+    }
+
     /// An in-process worker with the built-in handlers.
     pub fn start_worker(&self) -> InProcessWorker {
         self.start_worker_with(self.cfg.clone(), Registry::builtins())
