@@ -5,8 +5,6 @@
 
 use chrono::{DateTime, Utc};
 
-use serde_json::value::RawValue;
-use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{Context, DONE_CHANNEL, Store, StoreError};
@@ -56,8 +54,7 @@ impl Store {
     ) -> Result<Vec<Claim>, StoreError> {
         let ids: Vec<Uuid> = jobs.iter().map(|j| j.id).collect();
         let kinds: Vec<&str> = jobs.iter().map(|j| j.kind.as_str()).collect();
-        let payloads: Vec<Json<&RawValue>> =
-            jobs.iter().map(|j| Json(j.payload.as_ref())).collect();
+        let payloads: Vec<&str> = jobs.iter().map(|j| j.payload.get()).collect();
         let keys: Vec<Option<&str>> = jobs.iter().map(|j| j.dedup_key.as_deref()).collect();
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
 
@@ -68,7 +65,7 @@ impl Store {
         // makes a racing insert, or a dedup key that is already taken, claim nothing.
         let claimed: Vec<(Uuid, i32, i32)> = sqlx::query_as(
             "WITH input AS (
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::int4[])
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[])
                      AS t(id, kind, payload, dedup_key, max_attempts)
              ), upd AS (
                  UPDATE apiary_jobs j
@@ -86,7 +83,7 @@ impl Store {
              ), ins AS (
                  INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, status, attempts,
                                           started_at, lease_until, worker_id)
-                 SELECT i.id, i.kind, i.payload, i.dedup_key, i.max_attempts, 'running', 1,
+                 SELECT i.id, i.kind, i.payload::json, i.dedup_key, i.max_attempts, 'running', 1,
                         now(), now() + $7 * interval '1 millisecond', $6
                    FROM input i
                   WHERE NOT EXISTS (SELECT 1 FROM apiary_jobs j WHERE j.id = i.id)
@@ -157,7 +154,7 @@ impl Store {
             // duplicate of the job that owns the key.
             let original: Option<Uuid> = sqlx::query_scalar(
                 "INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, status, duplicate_of, finished_at)
-                 SELECT $1, $2, $3, $4, $5, 'duplicate', o.id, now()
+                 SELECT $1, $2, $3::json, $4, $5, 'duplicate', o.id, now()
                    FROM apiary_jobs o
                   WHERE o.kind = $2 AND o.dedup_key = $4 AND o.duplicate_of IS NULL
                  ON CONFLICT DO NOTHING
@@ -165,7 +162,7 @@ impl Store {
             )
             .bind(job.id)
             .bind(&job.kind)
-            .bind(Json(job.payload.as_ref()))
+            .bind(job.payload.get())
             .bind(&job.dedup_key)
             .bind(job.max_attempts.unwrap_or(1))
             .fetch_optional(self.pool())

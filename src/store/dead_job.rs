@@ -57,12 +57,12 @@ impl Store {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, run_at)
-             VALUES ($1, $2, $3, $4, $5, $6)
+             VALUES ($1, $2, $3::json, $4, $5, $6)
              ON CONFLICT DO NOTHING",
         )
         .bind(job.id)
         .bind(&job.kind)
-        .bind(Json(job.payload.as_ref()))
+        .bind(job.payload.get())
         .bind(&job.dedup_key)
         .bind(job.max_attempts.unwrap_or(default_max_attempts))
         .bind(job.run_at)

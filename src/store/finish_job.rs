@@ -6,7 +6,6 @@
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 use sqlx::PgExecutor;
-use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{Context, DONE_CHANNEL, Store, StoreError};
@@ -79,7 +78,7 @@ pub async fn finish_jobs<'c>(
     let mut ids = Vec::with_capacity(batch.len());
     let mut attempts = Vec::with_capacity(batch.len());
     let mut statuses = Vec::with_capacity(batch.len());
-    let mut results: Vec<Option<Json<&RawValue>>> = Vec::with_capacity(batch.len());
+    let mut results: Vec<Option<&str>> = Vec::with_capacity(batch.len());
     let mut errors: Vec<Option<&str>> = Vec::with_capacity(batch.len());
     let mut next: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(batch.len());
     for f in batch {
@@ -87,7 +86,7 @@ pub async fn finish_jobs<'c>(
         attempts.push(f.attempt);
         statuses.push(f.outcome.status().as_str());
         let (result, error, at) = match &f.outcome {
-            Outcome::Succeeded(r) => (Some(Json(r.as_ref())), None, None),
+            Outcome::Succeeded(r) => (Some(r.get()), None, None),
             Outcome::Retry { error, at } => (None, Some(error.as_str()), Some(*at)),
             Outcome::Dead(error) => (None, Some(error.as_str()), None),
             Outcome::Cancelled | Outcome::Released => (None, None, None),
@@ -101,12 +100,12 @@ pub async fn finish_jobs<'c>(
     // polls cheap at any rate (ids are 37 bytes; the batch limit keeps the payload under 8 kB).
     let done: Vec<(Uuid,)> = sqlx::query_as(
         "WITH input AS (
-             SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::text[], $6::timestamptz[])
+             SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
                  AS t(id, attempt, status, result, error, next_at)
          ), done AS (
              UPDATE apiary_jobs j
                 SET status = i.status,
-                    result = i.result,
+                    result = i.result::json,
                     error = CASE WHEN i.status = 'queued' THEN j.error ELSE i.error END,
                     errors = CASE WHEN i.error IS NULL THEN j.errors
                                   ELSE j.errors || jsonb_build_array(jsonb_build_object(

@@ -4,7 +4,6 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
-use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{Context, Store, StoreError};
@@ -49,7 +48,7 @@ impl Store {
         for r in rows {
             ids.push(r.id);
             kinds.push(r.kind.as_str());
-            payloads.push(Json(r.payload.as_ref()));
+            payloads.push(r.payload.get());
             keys.push(r.dedup_key.as_deref());
             budgets.push(r.max_attempts);
             run_ats.push(r.run_at);
@@ -58,11 +57,11 @@ impl Store {
         // id or key writes nothing and is resolved to the existing job below.
         let inserted: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
             "WITH input AS (
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::int4[], $6::timestamptz[])
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[])
                      WITH ORDINALITY AS t(id, kind, payload, dedup_key, max_attempts, run_at, ord)
              ), ins AS (
                  INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, run_at)
-                 SELECT id, kind, payload, dedup_key, max_attempts, run_at FROM input ORDER BY ord
+                 SELECT id, kind, payload::json, dedup_key, max_attempts, run_at FROM input ORDER BY ord
                  ON CONFLICT DO NOTHING
                  RETURNING id, created_at
              ), outbox AS (

@@ -76,6 +76,42 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// Whether Postgres refused the statement because of the data it carried (a value it
+    /// cannot store, a CHECK it violates, a field past a limit) rather than because it is
+    /// unreachable or the statement is wrong. Such an error belongs to one item of a batch:
+    /// the batch is retried without it, and the item is refused on its own with this reason.
+    pub fn is_data_error(&self) -> bool {
+        self.sqlstate().is_some_and(|c| {
+            // 22: data exception (bad encoding, untranslatable character, out of range,
+            // invalid text representation); 23: integrity constraint (a CHECK); 54: program
+            // limit exceeded (a value too large for an index).
+            c.starts_with("22") || c.starts_with("23") || c.starts_with("54")
+        })
+    }
+
+    /// The SQLSTATE of a database error, if this is one.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            StoreError::Query {
+                source: sqlx::Error::Database(db),
+                ..
+            } => db.code().map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
+
+    /// Postgres's own message for a refused value, without the driver's wrapping: safe to show
+    /// to the caller who sent the value (it describes their data, not our internals).
+    pub fn refusal(&self) -> Option<String> {
+        match self {
+            StoreError::Query {
+                source: sqlx::Error::Database(db),
+                ..
+            } if self.is_data_error() => Some(db.message().to_string()),
+            _ => None,
+        }
+    }
 }
 
 /// Adds context to a sqlx result.
