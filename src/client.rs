@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::broker::{BrokerError, Publisher, QueueNames};
 use crate::config::Config;
 use crate::job::{InvalidJob, Job, JobId, JobStatus, JobStatusText, NewJob};
-use crate::store::insert_job::{Inserted, JobRow};
+use crate::store::insert_job::{InsertOutcome, Inserted, JobRow};
 use crate::store::{Store, StoreError};
 use crate::wire::WireJob;
 
@@ -26,6 +26,13 @@ pub enum EnqueueError {
     /// Postgres failed; nothing was recorded.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The job's id belongs to a different job (another kind, dedup key or payload); nothing
+    /// was written. Enqueue it with a new id, or none.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Postgres refused to store this job's data (its reason is given); nothing was written.
+    #[error("the job store refused this job: {0}")]
+    Refused(String),
     /// The jobs were recorded but the broker did not confirm them. They are not lost: the
     /// outbox relay publishes them once the broker is back. Enqueueing again with the same
     /// ids or dedup keys is safe.
@@ -134,7 +141,11 @@ impl Client {
             Ok(()) => rx.await.unwrap_or_else(|_| {
                 Err(InvalidJob::new("kind", "the enqueue batcher stopped").into())
             }),
-            Err(mpsc::error::SendError((job, _))) => self.inner.enqueue_one(job).await,
+            Err(mpsc::error::SendError((job, _))) => {
+                let mut out = self.inner.enqueue_many(vec![job]).await?;
+                out.pop()
+                    .ok_or_else(|| EnqueueError::Invalid(InvalidJob::new("kind", "no job given")))
+            }
         };
         metrics::histogram!("apiary_enqueue_duration_seconds")
             .record(began.elapsed().as_secs_f64());
@@ -220,16 +231,11 @@ impl Client {
 }
 
 impl Inner {
-    async fn enqueue_one(&self, job: NewJob) -> Result<Enqueued, EnqueueError> {
-        let mut out = self.enqueue_many(vec![job]).await?;
-        out.pop()
-            .ok_or_else(|| EnqueueError::Invalid(InvalidJob::new("kind", "no job given")))
-    }
-
-    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, EnqueueError> {
+    /// Validates and shapes jobs into rows, every default applied. Nothing is written.
+    fn rows(&self, jobs: &[NewJob]) -> Result<Vec<JobRow>, EnqueueError> {
         let now = Utc::now();
         let mut rows = Vec::with_capacity(jobs.len());
-        for job in &jobs {
+        for job in jobs {
             job.validate(self.max_payload_bytes)?;
             let payload = serde_json::value::to_raw_value(&job.payload)
                 .map_err(|e| InvalidJob::new("payload", e.to_string()))?;
@@ -245,7 +251,48 @@ impl Inner {
                 run_at: job.due_at(now),
             });
         }
-        let inserted = self.store.insert_jobs(&rows).await?;
+        Ok(rows)
+    }
+
+    /// Records and publishes `jobs` as one batch for one caller: all are validated first, and
+    /// one invalid or conflicting job rejects the batch with nothing written.
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, EnqueueError> {
+        let rows = self.rows(&jobs)?;
+        let answers = self.record_and_publish(jobs, rows, true).await?;
+        let mut out = Vec::with_capacity(answers.len());
+        let mut unpublished: Option<(BrokerError, Vec<JobId>)> = None;
+        for answer in answers {
+            match answer {
+                Ok(e) => out.push(e),
+                Err(EnqueueError::NotPublished { source, ids }) => match &mut unpublished {
+                    Some((_, all)) => all.extend(ids),
+                    None => unpublished = Some((source, ids)),
+                },
+                Err(e) => return Err(e),
+            }
+        }
+        match unpublished {
+            Some((source, ids)) => Err(EnqueueError::NotPublished { source, ids }),
+            None => Ok(out),
+        }
+    }
+
+    /// Records `rows` (made from `jobs`), publishes the new ones, and answers each job on its
+    /// own: the batch may be shared by unrelated callers, so what befalls one job (a conflict,
+    /// a failed read of an existing one) is that job's answer alone. `Err` only when nothing
+    /// was written.
+    async fn record_and_publish(
+        &self,
+        jobs: Vec<NewJob>,
+        rows: Vec<JobRow>,
+        all_or_nothing: bool,
+    ) -> Result<Vec<Result<Enqueued, EnqueueError>>, EnqueueError> {
+        let inserted = match self.store.insert_jobs(&rows, all_or_nothing).await? {
+            InsertOutcome::Written(v) => v,
+            InsertOutcome::RolledBack { index, reason } => {
+                return Err(EnqueueError::Conflict(format!("job {index}: {reason}")));
+            }
+        };
 
         let fresh: Vec<WireJob> = rows
             .iter()
@@ -253,73 +300,122 @@ impl Inner {
             .filter(|(_, ins)| matches!(ins, Inserted::New(_)))
             .map(|(r, _)| wire_of(r))
             .collect();
+        let mut publish_error: Option<BrokerError> = None;
         if !fresh.is_empty() {
             let publish = || async { self.publisher.publish_jobs(&fresh).await };
             // A brief broker hiccup should not fail the call; a longer outage does, and the
             // relay publishes the recorded jobs later.
-            let retried = publish
+            match publish
                 .retry(
                     ExponentialBuilder::default()
                         .with_min_delay(Duration::from_millis(50))
                         .with_max_times(3),
                 )
-                .await;
-            if let Err(source) = retried {
-                return Err(EnqueueError::NotPublished {
-                    source,
-                    ids: fresh.iter().map(|j| j.id).collect(),
-                });
+                .await
+            {
+                Ok(()) => {
+                    let _ = self.confirmed.send(fresh.iter().map(|j| j.id).collect());
+                }
+                Err(e) => publish_error = Some(e),
             }
-            let _ = self.confirmed.send(fresh.iter().map(|j| j.id).collect());
         }
 
         let existing: Vec<JobId> = inserted
             .iter()
             .filter_map(|i| match i {
                 Inserted::Existing(id) => Some(*id),
-                Inserted::New(_) => None,
+                _ => None,
             })
             .collect();
-        let mut found = if existing.is_empty() {
-            Vec::new()
+        let found = if existing.is_empty() {
+            Ok(Vec::new())
         } else {
-            self.store.get_jobs(&existing).await?
+            self.store.get_jobs(&existing).await
         };
         let mut out = Vec::with_capacity(jobs.len());
         for ((job, row), ins) in jobs.into_iter().zip(rows).zip(inserted) {
-            match ins {
-                Inserted::New(created_at) => out.push(Enqueued {
+            out.push(match ins {
+                Inserted::New(_) if publish_error.is_some() => Err(EnqueueError::NotPublished {
+                    source: publish_error.clone().unwrap_or(BrokerError::Disconnected),
+                    ids: vec![row.id],
+                }),
+                Inserted::New(created_at) => Ok(Enqueued {
                     job: new_record(job, row, created_at),
                     created: true,
                 }),
-                Inserted::Existing(id) => {
-                    let pos = found.iter().position(|j| j.id == id);
-                    let Some(pos) = pos else {
-                        return Err(EnqueueError::Store(StoreError::Query {
-                            context: "reading an existing job",
-                            source: sqlx::Error::RowNotFound,
-                        }));
-                    };
-                    // Two requests in one batch may share a key: clone, don't take.
-                    let job = if existing.iter().filter(|e| **e == id).count() > 1 {
-                        found[pos].clone()
-                    } else {
-                        found.swap_remove(pos)
-                    };
-                    out.push(Enqueued {
-                        job,
-                        created: false,
-                    });
-                }
-            }
+                Inserted::Conflict(reason) => Err(EnqueueError::Conflict(reason)),
+                Inserted::Existing(id) => match &found {
+                    Ok(found) => found
+                        .iter()
+                        .find(|j| j.id == id)
+                        .map(|j| Enqueued {
+                            job: j.clone(),
+                            created: false,
+                        })
+                        .ok_or_else(|| {
+                            EnqueueError::Store(StoreError::Query {
+                                context: "reading an existing job (it was just pruned; retry)",
+                                source: sqlx::Error::RowNotFound,
+                            })
+                        }),
+                    Err(e) => Err(EnqueueError::Store(StoreError::Query {
+                        context: "reading an existing job",
+                        source: sqlx::Error::Protocol(e.to_string()),
+                    })),
+                },
+            });
         }
         Ok(out)
+    }
+
+    /// Records a batch of unrelated callers' jobs (already validated), isolating any job
+    /// Postgres refuses: the batch is split until the refused job stands alone, and only its
+    /// caller hears of it.
+    async fn record_isolating(
+        &self,
+        jobs: Vec<NewJob>,
+        rows: Vec<JobRow>,
+    ) -> Vec<Result<Enqueued, EnqueueError>> {
+        let n = jobs.len();
+        match self
+            .record_and_publish(jobs.clone(), rows.clone(), false)
+            .await
+        {
+            Ok(answers) => answers,
+            Err(EnqueueError::Store(e)) if e.is_data_error() && n > 1 => {
+                let mid = n / 2;
+                let (jl, jr) = (jobs[..mid].to_vec(), jobs[mid..].to_vec());
+                let (rl, rr) = (rows[..mid].to_vec(), rows[mid..].to_vec());
+                let mut out = Box::pin(self.record_isolating(jl, rl)).await;
+                out.extend(Box::pin(self.record_isolating(jr, rr)).await);
+                out
+            }
+            Err(EnqueueError::Store(e)) if e.is_data_error() => {
+                vec![Err(EnqueueError::Refused(
+                    e.refusal().unwrap_or_else(|| e.to_string()),
+                ))]
+            }
+            // Nothing was written and the cause is not one job's data (Postgres is down, say):
+            // every caller hears it.
+            Err(e) => {
+                let text = e.to_string();
+                let mut out = Vec::with_capacity(n);
+                out.push(Err(e));
+                out.extend((1..n).map(|_| {
+                    Err(EnqueueError::Store(StoreError::Query {
+                        context: "recording jobs",
+                        source: sqlx::Error::Protocol(text.clone()),
+                    }))
+                }));
+                out
+            }
+        }
     }
 }
 
 /// Writes single enqueues in batches: everything that queued up while the previous batch was
-/// in flight goes in one statement and one pipelined publish. If a batch fails, its jobs are
-/// tried one by one, so each caller gets its own answer.
+/// in flight goes in one statement and one pipelined publish, and each caller gets the answer
+/// for its own job.
 async fn batch_enqueues(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Pending>) {
     const MAX: usize = 500;
     while let Some(first) = rx.recv().await {
@@ -330,31 +426,29 @@ async fn batch_enqueues(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Pendi
                 Err(_) => break,
             }
         }
-        let (jobs, replies): (Vec<NewJob>, Vec<_>) = batch.into_iter().unzip();
-        match inner.enqueue_many(jobs.clone()).await {
-            Ok(done) => {
-                for (reply, e) in replies.into_iter().zip(done) {
-                    let _ = reply.send(Ok(e));
+        // Each job was validated by its caller; shaping cannot fail for a valid job, but if
+        // it did, only that caller hears it.
+        let mut jobs = Vec::with_capacity(batch.len());
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for (job, reply) in batch {
+            match inner.rows(std::slice::from_ref(&job)) {
+                Ok(mut r) => {
+                    rows.extend(r.pop());
+                    jobs.push(job);
+                    replies.push(reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
                 }
             }
-            // Recorded but not confirmed: each caller hears that about its own job (the relay
-            // publishes them later). Trying them again one by one would find them recorded
-            // and wrongly answer that they exist.
-            Err(EnqueueError::NotPublished { source, .. }) => {
-                for (reply, job) in replies.into_iter().zip(jobs) {
-                    let ids = job.id.into_iter().collect();
-                    let _ = reply.send(Err(EnqueueError::NotPublished {
-                        source: source.clone(),
-                        ids,
-                    }));
-                }
-            }
-            // Nothing was recorded: each job on its own, so each caller gets its own answer.
-            Err(_) => {
-                for (reply, job) in replies.into_iter().zip(jobs) {
-                    let _ = reply.send(inner.enqueue_one(job).await);
-                }
-            }
+        }
+        if jobs.is_empty() {
+            continue;
+        }
+        let answers = inner.record_isolating(jobs, rows).await;
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            let _ = reply.send(answer);
         }
     }
 }

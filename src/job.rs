@@ -15,6 +15,13 @@ pub const MAX_KIND_LEN: usize = 64;
 pub const MAX_DEDUP_KEY_BYTES: usize = 256;
 /// The largest allowed `max_attempts`.
 pub const MAX_ATTEMPTS_LIMIT: i32 = 1000;
+/// Room for a message's envelope (id, kind, dedup key, budget, `run_at`, and whatever else a
+/// producer adds) on top of the payload limit. The size rule is one rule everywhere: the
+/// payload is at most `APIARY_MAX_PAYLOAD_BYTES`, measured as the JSON text the producer sent
+/// (which is also the text Postgres keeps and every republish carries), and a message body
+/// may be this much larger. Apiary's own envelopes take well under 1 KiB, so a job accepted at
+/// the limit stays acceptable after any number of retries and delay hops.
+pub const ENVELOPE_BYTES: usize = 64 * 1024;
 
 /// Where a job stands. Stored as lower-case text; the schema's CHECK lists the same names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -262,6 +269,9 @@ impl NewJob {
                 format!("must be at most {MAX_DELAY_MS} (one year)"),
             ));
         }
+        if let Some(at) = self.run_at {
+            validate_run_at(at, Utc::now())?;
+        }
         // Serialising again costs an allocation, but only at the edge, once per enqueue.
         let size = serde_json::to_vec(&self.payload)
             .map(|v| v.len())
@@ -331,8 +341,14 @@ pub fn validate_kind(kind: &str) -> Result<(), InvalidJob> {
     Ok(())
 }
 
-/// Checks a dedup key: non-empty, at most 256 bytes.
+/// Checks a dedup key: non-empty, at most 256 bytes, no NUL (Postgres text cannot hold it).
 pub fn validate_dedup_key(key: &str) -> Result<(), InvalidJob> {
+    if key.contains('\0') {
+        return Err(InvalidJob::new(
+            "dedup_key",
+            "must not contain NUL (\\u0000): Postgres text cannot store it",
+        ));
+    }
     if key.is_empty() {
         return Err(InvalidJob::new(
             "dedup_key",
@@ -346,6 +362,19 @@ pub fn validate_dedup_key(key: &str) -> Result<(), InvalidJob> {
                 "is {} bytes; at most {MAX_DEDUP_KEY_BYTES} allowed",
                 key.len()
             ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a due time: at most one year ahead of `now` (the same bound as `delay_ms`), so a
+/// typo cannot park a job in the delay queues for centuries. Any past instant means "now".
+pub fn validate_run_at(at: DateTime<Utc>, now: DateTime<Utc>) -> Result<(), InvalidJob> {
+    let limit = now + chrono::Duration::milliseconds(MAX_DELAY_MS as i64);
+    if at > limit {
+        return Err(InvalidJob::new(
+            "run_at",
+            format!("is {}; it must be at most one year ahead", at.to_rfc3339()),
         ));
     }
     Ok(())
@@ -409,6 +438,11 @@ mod tests {
         assert_eq!(big.validate(50).unwrap_err().field, "payload");
         let key = NewJob::new("echo", json!(null)).with_dedup_key("k".repeat(257));
         assert_eq!(key.validate(1024).unwrap_err().field, "dedup_key");
+        let nul = NewJob::new("echo", json!(null)).with_dedup_key("a\0b");
+        assert!(nul.validate(1024).unwrap_err().reason.contains("NUL"));
+        let far =
+            NewJob::new("echo", json!(null)).with_run_at(Utc::now() + chrono::Duration::days(400));
+        assert_eq!(far.validate(1024).unwrap_err().field, "run_at");
         let att = NewJob::new("echo", json!(null)).with_max_attempts(0);
         assert_eq!(att.validate(1024).unwrap_err().field, "max_attempts");
         let mut both = NewJob::new("echo", json!(null));

@@ -5,6 +5,10 @@
 //! is `{"id", "kind", "payload", "dedup_key", "max_attempts", "run_at"}`; only `kind` is
 //! required. Decoding never panics and never guesses: a body that is not a job comes back as a
 //! [`Poison`] naming what is wrong, and the worker dead-letters it.
+//!
+//! Every message has one stable id, so a redelivery is always recognised as the same job: the
+//! body's `id`, else the `message_id` property if it is a UUID, else a UUID derived from the
+//! `message_id` text, else a UUID derived from the body itself (see [`derived_id`]).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -12,6 +16,39 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::job::{self, JobId};
+
+/// The AMQP header Apiary puts on every job message it publishes for a job it has recorded
+/// (enqueue, relay, retry, delay hop, rescue, replay). A message that carries it but whose job
+/// row is gone belongs to a job that finished and was pruned: it is acked unrun, never
+/// recorded again. Producers should not set it.
+pub const RECORDED_HEADER: &str = "x-apiary-recorded";
+
+/// Namespace of ids derived from a non-UUID `message_id`.
+const MESSAGE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x69128f94_87d2_4fdb_874d_7c413d62ef57);
+/// Namespace of ids derived from a body that names no id at all.
+const BODY_NAMESPACE: Uuid = Uuid::from_u128(0x3ebe62f1_db0c_4a87_bcaf_9a9b7fb0a690);
+/// Namespace of the ids under which messages that collide with another job are recorded.
+const CONFLICT_NAMESPACE: Uuid = Uuid::from_u128(0xa9024965_9f41_4b39_80ac_118475608118);
+
+/// The id of a message that carries no UUID of its own: a UUIDv5 of its `message_id` text if
+/// it has one, else of its body. Derived, not random, so a redelivery of the message (after a
+/// worker died holding it) is the same job and never runs as a second one. The consequence,
+/// documented for producers: two id-less messages with identical bodies are one job.
+pub fn derived_id(message_id: Option<&str>, body: &[u8]) -> JobId {
+    match message_id.filter(|m| !m.is_empty()) {
+        Some(m) => Uuid::new_v5(&MESSAGE_ID_NAMESPACE, m.as_bytes()),
+        None => Uuid::new_v5(&BODY_NAMESPACE, body),
+    }
+}
+
+/// The id under which a message that collides with a recorded job (same id, other content) is
+/// recorded instead: derived from the message, so its redeliveries land on the same record.
+pub fn conflict_id(taken: JobId, body: &[u8]) -> JobId {
+    let mut name = Vec::with_capacity(16 + body.len());
+    name.extend_from_slice(taken.as_bytes());
+    name.extend_from_slice(body);
+    Uuid::new_v5(&CONFLICT_NAMESPACE, &name)
+}
 
 /// A job as carried by a message. The payload stays raw JSON: the worker passes it to Postgres
 /// and to the handler without re-encoding it.
@@ -38,8 +75,8 @@ pub struct WireJob {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]
 pub struct Poison {
-    /// The id to record the message under: the body's or the `message_id`'s if either is a
-    /// UUID, else a new one.
+    /// The id to record the message under: the one a valid message would have had (see
+    /// [`derived_id`]).
     pub id: JobId,
     /// The kind, if one could be read, so the record is findable by kind.
     pub kind: Option<String>,
@@ -71,24 +108,31 @@ impl WireJob {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Reads a message body. `message_id` is the AMQP property, used as the id when the body
-    /// has none. `max_bytes` bounds the body.
+    /// Reads a message body. `message_id` is the AMQP property, used for the id when the body
+    /// has none. `max_payload_bytes` bounds the payload (as the producer wrote it); the body
+    /// may be [`job::ENVELOPE_BYTES`] larger.
     pub fn decode(
         body: &[u8],
         message_id: Option<&str>,
-        max_bytes: usize,
+        max_payload_bytes: usize,
     ) -> Result<WireJob, Poison> {
         let prop_id = message_id.and_then(|m| Uuid::parse_str(m).ok());
+        let fallback = || prop_id.unwrap_or_else(|| derived_id(message_id, body));
         let poison = |id: Option<JobId>, kind: Option<String>, reason: String| Poison {
-            id: id.or(prop_id).unwrap_or_else(Uuid::now_v7),
+            id: id.unwrap_or_else(fallback),
             kind,
             reason,
         };
-        if body.len() > max_bytes {
+        let max_body = max_payload_bytes.saturating_add(job::ENVELOPE_BYTES);
+        if body.len() > max_body {
             return Err(poison(
                 None,
                 None,
-                format!("body is {} bytes; the limit is {max_bytes}", body.len()),
+                format!(
+                    "body is {} bytes; the limit is {max_body} (a payload of at most {max_payload_bytes} plus {} for the envelope)",
+                    body.len(),
+                    job::ENVELOPE_BYTES
+                ),
             ));
         }
         let text = std::str::from_utf8(body)
@@ -166,12 +210,23 @@ impl WireJob {
                 ))
             })?),
         };
+        if let Some(at) = run_at {
+            job::validate_run_at(at, Utc::now()).map_err(|e| with_kind(e.to_string()))?;
+        }
         let payload = match fields.payload {
             Some(raw) => raw.to_owned(),
             None => RawValue::from_string("null".into()).map_err(|e| with_kind(e.to_string()))?,
         };
+        // The payload as the producer wrote it is what Postgres keeps and every republish
+        // carries, so this one measure holds on every path.
+        if payload.get().len() > max_payload_bytes {
+            return Err(with_kind(format!(
+                "payload is {} bytes; the limit is {max_payload_bytes}",
+                payload.get().len()
+            )));
+        }
         Ok(WireJob {
-            id: id.or(prop_id).unwrap_or_else(Uuid::now_v7),
+            id: id.unwrap_or_else(fallback),
             kind,
             payload,
             dedup_key,
@@ -207,8 +262,9 @@ mod tests {
     #[test]
     fn full_message_round_trips() {
         let id = Uuid::now_v7();
+        let at = (Utc::now() + chrono::Duration::days(30)).to_rfc3339();
         let body = format!(
-            r#"{{"id":"{id}","kind":"echo","payload":{{"a":[1,2]}},"dedup_key":"k","max_attempts":3,"run_at":"2030-01-01T00:00:00Z"}}"#
+            r#"{{"id":"{id}","kind":"echo","payload":{{"a":[1,2]}},"dedup_key":"k","max_attempts":3,"run_at":"{at}"}}"#
         );
         let job = decode(&body).expect("valid");
         assert_eq!(job.id, id);
@@ -229,8 +285,17 @@ mod tests {
             WireJob::decode(br#"{"kind":"echo"}"#, Some(&prop.to_string()), LIMIT).expect("valid");
         assert_eq!(job.id, prop);
         assert_eq!(job.payload.get(), "null");
+        // No UUID anywhere: derived, so every delivery of the same message is the same job.
         let fresh = decode(r#"{"kind":"echo"}"#).expect("valid");
-        assert_eq!(fresh.id.get_version_num(), 7);
+        assert_eq!(fresh.id.get_version_num(), 5);
+        assert_eq!(decode(r#"{"kind":"echo"}"#).expect("valid").id, fresh.id);
+        assert_ne!(
+            decode(r#"{"kind":"echo","payload":1}"#).expect("valid").id,
+            fresh.id
+        );
+        let named = WireJob::decode(br#"{"kind":"echo"}"#, Some("order-17"), LIMIT).expect("valid");
+        assert_eq!(named.id, derived_id(Some("order-17"), b"ignored"));
+        assert_ne!(named.id, fresh.id);
     }
 
     #[test]
@@ -269,7 +334,37 @@ mod tests {
         assert!(err.reason.contains("UTF-8"));
         let err = WireJob::decode(br#"{"kind":"echo","payload":"xxxxxxxxxxxx"}"#, None, 10)
             .expect_err("big");
-        assert!(err.reason.contains("limit is 10"));
+        assert!(
+            err.reason.contains("payload is 14 bytes; the limit is 10"),
+            "{}",
+            err.reason
+        );
+        let huge = vec![b' '; 11 + job::ENVELOPE_BYTES];
+        let err = WireJob::decode(&huge, None, 10).expect_err("huge");
+        assert!(err.reason.starts_with("body is"), "{}", err.reason);
+        let err = decode(r#"{"kind":"echo","dedup_key":"a\u0000b"}"#).expect_err("nul key");
+        assert!(err.reason.contains("NUL"), "{}", err.reason);
+        let err = decode(r#"{"kind":"echo","run_at":"2999-01-01T00:00:00Z"}"#).expect_err("far");
+        assert!(err.reason.contains("one year"), "{}", err.reason);
+    }
+
+    #[test]
+    fn the_payload_limit_is_exact_and_independent_of_the_envelope() {
+        // A payload at exactly the limit passes with any envelope Apiary itself adds.
+        let payload = format!("\"{}\"", "x".repeat(2046));
+        assert_eq!(payload.len(), 2048);
+        let id = Uuid::now_v7();
+        let body = format!(
+            r#"{{"id":"{id}","kind":"echo","payload":{payload},"dedup_key":"{}","max_attempts":1000,"run_at":"2026-12-01T00:00:00.123456789Z"}}"#,
+            "k".repeat(256)
+        );
+        let job = WireJob::decode(body.as_bytes(), None, 2048).expect("at the limit");
+        let mut again = job.clone();
+        again.run_at = Some(Utc::now());
+        WireJob::decode(&again.to_body(), None, 2048).expect("republished");
+        let over = format!("\"{}\"", "x".repeat(2047));
+        let body = format!(r#"{{"kind":"echo","payload":{over}}}"#);
+        assert!(WireJob::decode(body.as_bytes(), None, 2048).is_err());
     }
 
     #[test]

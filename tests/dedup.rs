@@ -55,12 +55,25 @@ async fn enqueueing_an_existing_key_returns_the_existing_job() {
     assert!(batch[0].created && !batch[1].created && !batch[2].created);
     assert_eq!(batch[0].job.id, batch[1].job.id);
     assert_eq!(batch[2].job.id, other.job.id);
-    // Re-enqueueing by id is idempotent too.
+    // Re-enqueueing by id is idempotent too, for the same job; the same id for another job
+    // is a conflict, never answered with the job that holds the id.
     let again = client
-        .enqueue(NewJob::new("echo", json!(9)).with_id(other.job.id))
+        .enqueue(
+            NewJob::new("echo", json!(1))
+                .with_dedup_key("k")
+                .with_id(other.job.id),
+        )
         .await
         .expect("by id");
     assert!(!again.created);
+    assert_eq!(again.job.id, other.job.id);
+    let clash = client
+        .enqueue(NewJob::new("echo", json!(9)).with_id(other.job.id))
+        .await;
+    assert!(
+        matches!(&clash, Err(apiary::EnqueueError::Conflict(r)) if r.contains(&other.job.id.to_string())),
+        "{clash:?}"
+    );
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM apiary_jobs")
         .fetch_one(env.store.pool())
         .await
@@ -174,11 +187,19 @@ async fn a_redelivery_after_commit_does_not_run_the_handler_again() {
     };
     let claims = env
         .store
-        .claim_jobs(&[&wire], dead_worker, Duration::from_secs(30), &[5])
+        .claim_jobs(
+            &[apiary::store::claim_job::ClaimInput {
+                job: &wire,
+                budget: 5,
+                recorded: true,
+            }],
+            dead_worker,
+            Duration::from_secs(30),
+        )
         .await
         .expect("claim");
     assert!(matches!(
-        claims[0],
+        claims.claims[0],
         apiary::store::claim_job::Claim::Claimed { attempt: 1, .. }
     ));
     let mut tx = env.store.pool().begin().await.expect("tx");
@@ -194,11 +215,14 @@ async fn a_redelivery_after_commit_does_not_run_the_handler_again() {
             id: job.id,
             attempt: 1,
             outcome: Outcome::Succeeded(result),
+            detached: false,
         }],
+        true,
     )
     .await
     .expect("finish");
-    assert_eq!(finished, vec![job.id]);
+    assert_eq!(finished.len(), 1);
+    assert_eq!(finished[0].id, job.id);
     tx.commit().await.expect("commit");
     assert_eq!(
         env.queue_depth(&env.cfg.queue).await,

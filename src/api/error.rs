@@ -81,10 +81,16 @@ impl From<crate::client::StatsError> for ApiError {
     }
 }
 
+fn e_text(e: &EnqueueError) -> String {
+    e.to_string()
+}
+
 impl From<EnqueueError> for ApiError {
     fn from(e: EnqueueError) -> Self {
         match e {
             EnqueueError::Invalid(invalid) => ApiError::Unprocessable(invalid.to_string()),
+            EnqueueError::Conflict(_) => ApiError::Conflict(e_text(&e)),
+            EnqueueError::Refused(_) => ApiError::Unprocessable(e_text(&e)),
             EnqueueError::Store(s) => s.into(),
             EnqueueError::NotPublished { source, ids } => {
                 tracing::warn!(error = %source, jobs = ids.len(), "enqueue recorded but not confirmed by rabbitmq");

@@ -29,6 +29,9 @@ pub enum BrokerError {
     /// No channel is open: the connection is down.
     #[error("rabbitmq is not connected")]
     Disconnected,
+    /// The broker did not confirm in time (it may be blocking publishers).
+    #[error("rabbitmq did not confirm the publish within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 /// Adds context to a lapin result.

@@ -10,7 +10,12 @@ use tokio::sync::Mutex;
 
 use super::{BrokerError, Context, QueueNames, topology};
 use crate::job::JobId;
-use crate::wire::WireJob;
+use crate::wire::{RECORDED_HEADER, WireJob};
+
+/// How long a publish may take, writing and waiting for the broker's confirms. Past it the publish counts as failed
+/// (the caller's outbox row stays and is sent again later), so a broker that blocks
+/// publishers (a memory or disk alarm) never stalls a worker's duties forever.
+pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One message to publish.
 #[derive(Debug, Clone)]
@@ -26,26 +31,37 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// A job message, routed to the work queue or, if it is not due yet, to a delay tier.
+    /// A job message for a recorded job, routed to the work queue or, if it is not due yet,
+    /// to a delay tier. It carries [`RECORDED_HEADER`], so a copy that outlives its job's row
+    /// (pruned) is recognised and never recorded again.
     pub fn job(names: &QueueNames, job: &WireJob) -> Outgoing {
         let queue = match job.run_at {
             Some(at) => names.next_hop((at - Utc::now()).num_milliseconds()),
             None => names.work.clone(),
         };
+        Outgoing::recorded_to(queue, job)
+    }
+
+    /// A job message for a recorded job, to `queue`.
+    pub fn recorded_to(queue: String, job: &WireJob) -> Outgoing {
+        let mut headers = FieldTable::default();
+        headers.insert(RECORDED_HEADER.into(), AMQPValue::Boolean(true));
         Outgoing {
             queue,
             body: job.to_body(),
             id: job.id,
-            headers: None,
+            headers: Some(headers),
         }
     }
 
-    /// A dead letter: the original body with the reason and job id in headers.
+    /// A dead letter: the original body with the reason and job id in headers. The reason is
+    /// cut to [`crate::store::MAX_ERROR_BYTES`]: a header frame larger than the broker's
+    /// `frame_max` would make RabbitMQ close the whole connection.
     pub fn dead(names: &QueueNames, id: JobId, body: Vec<u8>, reason: &str) -> Outgoing {
         let mut headers = FieldTable::default();
         headers.insert(
             "x-apiary-reason".into(),
-            AMQPValue::LongString(reason.into()),
+            AMQPValue::LongString(crate::store::clip_error(reason).into()),
         );
         headers.insert(
             "x-apiary-job-id".into(),
@@ -187,7 +203,11 @@ impl Publisher {
             return Ok(());
         }
         let channel = self.channel().await?;
-        let result = publish_on(&channel, messages).await;
+        let result =
+            match tokio::time::timeout(CONFIRM_TIMEOUT, publish_on(&channel, messages)).await {
+                Ok(r) => r,
+                Err(_) => Err(BrokerError::Timeout(CONFIRM_TIMEOUT)),
+            };
         if result.is_err() && !channel.status().connected() {
             // Forget the dead channel so the next call opens a new one.
             *self.channel.lock().await = None;

@@ -1,6 +1,8 @@
 //! `fail`: `{"times": K}` fails its first K attempts with a retryable error, then returns
 //! `{"attempts": K+1}`; `{"permanent": true}` fails permanently. `{"panic": true}` panics, to
-//! show that a panicking handler costs one attempt and nothing else.
+//! show that a panicking handler costs one attempt and nothing else. `{"message": "..."}` is
+//! the error text to fail with, and `{"ms": N}` works N milliseconds before each attempt ends
+//! (stopping early if cancelled), so tests can fail long jobs.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -18,6 +20,10 @@ struct Args {
     permanent: bool,
     #[serde(default)]
     panic: bool,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    ms: u64,
 }
 
 impl Handler for Fail {
@@ -25,18 +31,29 @@ impl Handler for Fail {
 
     async fn handle(&self, ctx: &mut JobContext) -> Result<Value, HandlerError> {
         let args: Args = ctx.payload()?;
+        if args.ms > 0 {
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_millis(args.ms)) => {}
+                () = ctx.cancelled().cancelled() => return Err(HandlerError::retry("interrupted")),
+            }
+        }
         if args.panic {
             panic!("fail handler asked to panic");
         }
         if args.permanent {
-            return Err(HandlerError::permanent("failed permanently, as asked"));
+            return Err(HandlerError::permanent(
+                args.message
+                    .unwrap_or_else(|| "failed permanently, as asked".into()),
+            ));
         }
         if ctx.attempt() <= args.times {
-            return Err(HandlerError::retry(format!(
-                "failing attempt {} of the first {}, as asked",
-                ctx.attempt(),
-                args.times
-            )));
+            return Err(HandlerError::retry(args.message.unwrap_or_else(|| {
+                format!(
+                    "failing attempt {} of the first {}, as asked",
+                    ctx.attempt(),
+                    args.times
+                )
+            })));
         }
         Ok(json!({ "attempts": ctx.attempt() }))
     }

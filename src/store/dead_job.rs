@@ -4,14 +4,16 @@
 use sqlx::types::Json;
 
 use super::get_job::JOB_COLUMNS;
-use super::{Context, DONE_CHANNEL, Store, StoreError};
+use super::{Context, Store, StoreError};
 use crate::job::{Job, JobId};
 
 impl Store {
     /// Records a message that is not a job: status `dead`, its reason, and its raw body (cut
-    /// to `max_bytes`). A message whose id is already a job records nothing: that job's own
-    /// record stands. Returns whether its dead letter still has to be sent (false when a
-    /// redelivery finds it already confirmed).
+    /// to `max_bytes`), with its dead letter queued in the outbox. Returns the id it is
+    /// recorded under, whose letter the caller sends: normally `id`; if `id` already belongs
+    /// to another job, an id derived from the message ([`crate::wire::conflict_id`]), so the
+    /// job that owns `id` is left alone and this message is still recorded and dead-lettered.
+    /// A redelivery of the same poison message finds its own record and adds nothing.
     pub async fn record_poison(
         &self,
         id: JobId,
@@ -19,57 +21,102 @@ impl Store {
         body: &[u8],
         reason: &str,
         max_bytes: usize,
-    ) -> Result<bool, StoreError> {
-        let mut raw = String::from_utf8_lossy(&body[..body.len().min(max_bytes)]).into_owned();
-        // Postgres text cannot hold NUL.
-        raw.retain(|c| c != '\0');
-        sqlx::query_scalar(
-            "WITH ins AS (
-                 INSERT INTO apiary_jobs (id, kind, payload, max_attempts, status, attempts, error, errors,
-                                          raw_body, finished_at)
-                 VALUES ($1, $2, 'null', 1, 'dead', 0, $3,
-                         jsonb_build_array(jsonb_build_object('attempt', 0, 'error', $3::text, 'at', now())),
-                         $4, now())
-                 ON CONFLICT DO NOTHING
-                 RETURNING id
-             ), notified AS (
-                 SELECT pg_notify($5, id::text) FROM ins
-             )
-             SELECT EXISTS (SELECT 1 FROM ins)
-                 OR EXISTS (SELECT 1 FROM apiary_outbox WHERE job_id = $1 AND dead_reason IS NOT NULL)
-               FROM (SELECT count(*) FROM notified) n",
+    ) -> Result<JobId, StoreError> {
+        let raw = String::from_utf8_lossy(&body[..body.len().min(max_bytes)]).into_owned();
+        let raw = super::storable_text(&raw).into_owned();
+        let reason = super::clip_error(reason);
+        if self.record_dead_message(id, kind, &raw, &reason).await? {
+            return Ok(id);
+        }
+        let same: Option<bool> = sqlx::query_scalar(
+            "SELECT raw_body IS NOT DISTINCT FROM $2 FROM apiary_jobs WHERE id = $1",
         )
         .bind(id)
-        .bind(kind.unwrap_or(""))
-        .bind(reason)
-        .bind(raw)
-        .bind(DONE_CHANNEL)
-        .fetch_one(self.pool())
+        .bind(&raw)
+        .fetch_optional(self.pool())
         .await
-        .context("recording a poison message")
+        .context("reading a poison message's record")?;
+        if same != Some(false) {
+            // This very message again (or its record was pruned this instant): nothing to add.
+            return Ok(id);
+        }
+        let other = crate::wire::conflict_id(id, body);
+        let reason = super::clip_error(&format!(
+            "{reason} (its id {id} belongs to another job, which this message did not touch)"
+        ));
+        self.record_dead_message(other, kind, &raw, &reason).await?;
+        Ok(other)
     }
 
-    /// Records a scheduled job that was published raw, so it is visible while it waits.
-    pub async fn record_scheduled(
+    /// Looks at messages that are not due yet before they hop to the next delay tier: records
+    /// raw-published ones (so they are visible while they wait, with the budget given), and
+    /// says for each whether it should hop on at all. A cancelled or finished job's message
+    /// stops here instead of hopping until it is due, and a pruned job's message is never
+    /// recorded again.
+    pub async fn check_waiting(
         &self,
-        job: &crate::wire::WireJob,
-        default_max_attempts: i32,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, run_at)
-             VALUES ($1, $2, $3::json, $4, $5, $6)
-             ON CONFLICT DO NOTHING",
+        inputs: &[crate::store::claim_job::ClaimInput<'_>],
+    ) -> Result<Vec<Waiting>, StoreError> {
+        let ids: Vec<uuid::Uuid> = inputs.iter().map(|i| i.job.id).collect();
+        let kinds: Vec<&str> = inputs.iter().map(|i| i.job.kind.as_str()).collect();
+        let payloads: Vec<&str> = inputs.iter().map(|i| i.job.payload.get()).collect();
+        let keys: Vec<Option<&str>> = inputs.iter().map(|i| i.job.dedup_key.as_deref()).collect();
+        let budgets: Vec<i32> = inputs.iter().map(|i| i.budget).collect();
+        let recorded: Vec<bool> = inputs.iter().map(|i| i.recorded).collect();
+        let run_ats: Vec<Option<chrono::DateTime<chrono::Utc>>> =
+            inputs.iter().map(|i| i.job.run_at).collect();
+        #[allow(clippy::type_complexity)]
+        let rows: Vec<(i64, Option<String>, Option<bool>, bool)> = sqlx::query_as(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::bool[],
+                                      $7::timestamptz[])
+                     WITH ORDINALITY AS t(id, kind, payload, dedup_key, max_attempts, recorded, run_at, ord)
+             ), ins AS (
+                 INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, run_at)
+                 SELECT id, kind, payload::json, dedup_key, max_attempts, run_at FROM input i
+                  WHERE NOT i.recorded AND NOT EXISTS (SELECT 1 FROM apiary_jobs j WHERE j.id = i.id)
+                 ON CONFLICT DO NOTHING
+                 RETURNING id
+             )
+             SELECT i.ord, j.status,
+                    (j.kind = i.kind AND j.dedup_key IS NOT DISTINCT FROM i.dedup_key
+                     AND j.payload::text = i.payload AND j.raw_body IS NULL),
+                    EXISTS (SELECT 1 FROM ins WHERE ins.id = i.id)
+               FROM input i LEFT JOIN apiary_jobs j ON j.id = i.id
+              ORDER BY i.ord",
         )
-        .bind(job.id)
-        .bind(&job.kind)
-        .bind(job.payload.get())
-        .bind(&job.dedup_key)
-        .bind(job.max_attempts.unwrap_or(default_max_attempts))
-        .bind(job.run_at)
-        .execute(self.pool())
+        .bind(&ids)
+        .bind(&kinds)
+        .bind(&payloads)
+        .bind(&keys)
+        .bind(&budgets)
+        .bind(&recorded)
+        .bind(&run_ats)
+        .fetch_all(self.pool())
         .await
-        .context("recording a scheduled job")?;
-        Ok(())
+        .context("checking waiting jobs")?;
+        let mut out = Vec::with_capacity(inputs.len());
+        for (input, (_, status, same, inserted)) in inputs.iter().zip(rows) {
+            let w = match (status, inserted) {
+                (_, true) => Waiting::Hop,
+                (None, false) if input.recorded => Waiting::Gone,
+                // The insert hit the dedup index: another job owns the key.
+                (None, false) if input.job.dedup_key.is_some() => {
+                    match self.record_duplicate(input.job).await? {
+                        Some(of) => Waiting::Duplicate(of),
+                        None => Waiting::Hop,
+                    }
+                }
+                (None, false) => Waiting::Hop,
+                (Some(_), false) if same != Some(true) => Waiting::Conflict,
+                (Some(s), false) => match s.parse::<crate::job::JobStatus>() {
+                    Ok(st) if st.is_final() => Waiting::Finished,
+                    _ => Waiting::Hop,
+                },
+            };
+            out.push(w);
+        }
+        Ok(out)
     }
 
     /// Dead jobs, newest first, optionally of one kind.
@@ -84,6 +131,21 @@ impl Store {
         .await
         .context("listing dead jobs")
     }
+}
+
+/// What to do with a message that is not due yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// Send it on to the next delay tier.
+    Hop,
+    /// Its job has finished (cancelled while it waited, say): ack it, it will never run.
+    Finished,
+    /// Its job was recorded once and pruned since: ack it unrun.
+    Gone,
+    /// A raw message repeating another job's key: recorded as a duplicate of this job.
+    Duplicate(JobId),
+    /// Its id belongs to a job with other content: claim it now, which records the conflict.
+    Conflict,
 }
 
 /// Which dead jobs to replay.

@@ -2,6 +2,15 @@
 //! Only the worker that holds the claim on that attempt can finish it, so a worker whose lease
 //! expired (and whose job another worker took over) writes nothing. Finished ids are announced
 //! on [`DONE_CHANNEL`](super::DONE_CHANNEL) in the same transaction, for long polls.
+//!
+//! Two rules hold here, in the statement itself:
+//! - **A cancellation wins.** A job whose cancellation was requested while it ran ends
+//!   `cancelled` whatever its handler returned; a success that would commit the handler's
+//!   own writes is refused instead, so those writes roll back.
+//! - **Every outcome that needs a message has one.** A retry, and a long job handed back after
+//!   its message was acked, get an outbox row in the same statement (a dead job gets its
+//!   letter's row from the trigger), so the message that carries the job on is published even
+//!   if this worker dies the moment after the commit.
 
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
@@ -33,7 +42,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The status the job ends this attempt in.
+    /// The status the job ends this attempt in (unless a cancellation wins).
     pub fn status(&self) -> JobStatus {
         match self {
             Outcome::Succeeded(_) => JobStatus::Succeeded,
@@ -54,78 +63,102 @@ pub struct Finish {
     pub attempt: i32,
     /// How it ended.
     pub outcome: Outcome,
+    /// The job's message was acked early (a long job): handing it back must publish it again.
+    pub detached: bool,
+}
+
+/// What finishing one attempt wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// The job.
+    pub id: JobId,
+    /// The status it now has: the outcome's, or `cancelled` if a cancellation won.
+    pub status: JobStatus,
 }
 
 impl Store {
-    /// Writes a batch of outcomes for `worker` in one statement. Returns the ids whose claim
-    /// still held (the others were taken over after a lease expired and wrote nothing).
+    /// Writes a batch of outcomes for `worker` in one statement. Returns the attempts whose
+    /// claim still held, with the status each ended in; the others (taken over after a lease
+    /// expired, or already released) wrote nothing.
     pub async fn finish_jobs(
         &self,
         worker: Uuid,
         batch: &[Finish],
-    ) -> Result<Vec<JobId>, StoreError> {
-        finish_jobs(self.pool(), worker, batch).await
+    ) -> Result<Vec<Finished>, StoreError> {
+        finish_jobs(self.pool(), worker, batch, false).await
     }
 }
 
-/// [`Store::finish_jobs`] on any executor: a handler's own transaction passes its connection,
-/// so the job's completion commits together with the handler's writes.
+/// [`Store::finish_jobs`] on any executor. A handler's own transaction passes its connection
+/// with `with_handler_writes`, so the job's completion commits together with the handler's
+/// writes; then a job whose cancellation was requested is not finished at all (the caller
+/// rolls the writes back and records the cancellation on its own).
 pub async fn finish_jobs<'c>(
     db: impl PgExecutor<'c>,
     worker: Uuid,
     batch: &[Finish],
-) -> Result<Vec<JobId>, StoreError> {
+    with_handler_writes: bool,
+) -> Result<Vec<Finished>, StoreError> {
     let mut ids = Vec::with_capacity(batch.len());
     let mut attempts = Vec::with_capacity(batch.len());
     let mut statuses = Vec::with_capacity(batch.len());
     let mut results: Vec<Option<&str>> = Vec::with_capacity(batch.len());
-    let mut errors: Vec<Option<&str>> = Vec::with_capacity(batch.len());
+    let mut errors: Vec<Option<String>> = Vec::with_capacity(batch.len());
     let mut next: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(batch.len());
+    let mut detached = Vec::with_capacity(batch.len());
     for f in batch {
         ids.push(f.id);
         attempts.push(f.attempt);
         statuses.push(f.outcome.status().as_str());
         let (result, error, at) = match &f.outcome {
             Outcome::Succeeded(r) => (Some(r.get()), None, None),
-            Outcome::Retry { error, at } => (None, Some(error.as_str()), Some(*at)),
-            Outcome::Dead(error) => (None, Some(error.as_str()), None),
+            Outcome::Retry { error, at } => (None, Some(super::clip_error(error)), Some(*at)),
+            Outcome::Dead(error) => (None, Some(super::clip_error(error)), None),
             Outcome::Cancelled | Outcome::Released => (None, None, None),
         };
         results.push(result);
         errors.push(error);
         next.push(at);
+        detached.push(f.detached);
     }
     // The WHERE is the fence: this worker, this attempt, still running. A released job gives
     // its attempt back, so a drain costs the job nothing. One NOTIFY per batch keeps long
     // polls cheap at any rate (ids are 37 bytes; the batch limit keeps the payload under 8 kB).
-    let done: Vec<(Uuid,)> = sqlx::query_as(
+    let done: Vec<(Uuid, String)> = sqlx::query_as(
         "WITH input AS (
-             SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
-                 AS t(id, attempt, status, result, error, next_at)
+             SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[])
+                 AS t(id, attempt, status, result, error, next_at, detached)
          ), done AS (
              UPDATE apiary_jobs j
-                SET status = i.status,
-                    result = i.result::json,
+                SET status = CASE WHEN j.cancel_requested THEN 'cancelled' ELSE i.status END,
+                    result = CASE WHEN j.cancel_requested THEN NULL ELSE i.result::json END,
                     error = CASE WHEN i.status = 'queued' THEN j.error ELSE i.error END,
                     errors = CASE WHEN i.error IS NULL THEN j.errors
                                   ELSE j.errors || jsonb_build_array(jsonb_build_object(
                                       'attempt', j.attempts, 'error', i.error, 'at', now(),
                                       'retry_at', i.next_at)) END,
                     attempts = CASE WHEN i.status = 'queued' THEN j.attempts - 1 ELSE j.attempts END,
-                    next_attempt_at = i.next_at,
-                    finished_at = CASE WHEN i.status IN ('succeeded', 'dead', 'cancelled') THEN now() END,
+                    next_attempt_at = CASE WHEN j.cancel_requested THEN NULL ELSE i.next_at END,
+                    finished_at = CASE WHEN j.cancel_requested OR i.status IN ('succeeded', 'dead', 'cancelled')
+                                       THEN now() END,
                     lease_until = NULL,
                     worker_id = NULL,
                     detached = false
                FROM input i
-              WHERE j.id = i.id AND j.attempts = i.attempt AND j.status = 'running' AND j.worker_id = $7
+              WHERE j.id = i.id AND j.attempts = i.attempt AND j.status = 'running' AND j.worker_id = $8
+                AND NOT ($10 AND j.cancel_requested)
              RETURNING j.id, j.status
+         ), outbox AS (
+             INSERT INTO apiary_outbox (job_id)
+             SELECT d.id FROM done d JOIN input i ON i.id = d.id
+              WHERE d.status = 'retrying' OR (d.status = 'queued' AND i.detached)
+             ON CONFLICT (job_id) DO UPDATE SET dead_reason = NULL, created_at = now()
          ), notified AS (
-             SELECT pg_notify($8, string_agg(id::text, ',')) FROM done
+             SELECT pg_notify($9, string_agg(id::text, ',')) FROM done
               WHERE status IN ('succeeded', 'dead', 'cancelled')
              HAVING count(*) > 0
          )
-         SELECT id FROM done LEFT JOIN notified ON true",
+         SELECT id, status FROM done LEFT JOIN notified ON true",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -133,41 +166,81 @@ pub async fn finish_jobs<'c>(
     .bind(&results)
     .bind(&errors)
     .bind(&next)
+    .bind(&detached)
     .bind(worker)
     .bind(DONE_CHANNEL)
+    .bind(with_handler_writes)
     .fetch_all(db)
     .await
     .context("finishing jobs")?;
-    Ok(done.into_iter().map(|(id,)| id).collect())
+    Ok(done
+        .into_iter()
+        .map(|(id, status)| Finished {
+            id,
+            status: status.parse().unwrap_or(JobStatus::Failed),
+        })
+        .collect())
+}
+
+/// What the heartbeat learned about one attempt this worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// The job.
+    pub id: JobId,
+    /// The attempt.
+    pub attempt: i32,
+    /// Whether this worker still holds the claim on this attempt. False once the lease lapsed
+    /// and the job was taken over, rescued or ended: the handler should stop, and its
+    /// outcome will be fenced out.
+    pub held: bool,
+    /// Whether someone asked to cancel the job.
+    pub cancel_requested: bool,
 }
 
 impl Store {
-    /// Renews the leases of the jobs this worker is running. Returns those of them that
-    /// someone asked to cancel, so their handlers can be told. Rows locked by a finishing
-    /// batch are skipped (they are finishing anyway): the heartbeat never waits on, or
-    /// deadlocks with, the completer.
+    /// Renews the leases of the attempts this worker is running, fenced by attempt, and says
+    /// for each whether the claim still holds and whether a cancellation was requested. Rows
+    /// locked by a finishing batch are skipped (they are finishing anyway): the heartbeat
+    /// never waits on, or deadlocks with, the completer.
     pub async fn renew_leases(
         &self,
         worker: Uuid,
-        ids: &[JobId],
+        mine: &[(JobId, i32)],
         lease: std::time::Duration,
-    ) -> Result<Vec<JobId>, StoreError> {
+    ) -> Result<Vec<Lease>, StoreError> {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        sqlx::query_scalar(
-            "WITH renewed AS (
-                 UPDATE apiary_jobs SET lease_until = now() + $3 * interval '1 millisecond'
-                  WHERE id IN (SELECT id FROM apiary_jobs
-                                WHERE id = ANY($1) AND worker_id = $2 AND status = 'running'
-                                FOR UPDATE SKIP LOCKED)
-                 RETURNING id, cancel_requested
+        let ids: Vec<Uuid> = mine.iter().map(|m| m.0).collect();
+        let attempts: Vec<i32> = mine.iter().map(|m| m.1).collect();
+        let rows: Vec<(Uuid, i32, Option<bool>, Option<bool>)> = sqlx::query_as(
+            "WITH mine AS (
+                 SELECT * FROM unnest($1::uuid[], $2::int4[]) AS t(id, attempt)
+             ), renewed AS (
+                 UPDATE apiary_jobs SET lease_until = now() + $4 * interval '1 millisecond'
+                  WHERE id IN (SELECT j.id FROM apiary_jobs j JOIN mine m ON m.id = j.id AND m.attempt = j.attempts
+                                WHERE j.worker_id = $3 AND j.status = 'running'
+                                FOR UPDATE OF j SKIP LOCKED)
+                 RETURNING id
              )
-             SELECT id FROM renewed WHERE cancel_requested",
+             SELECT m.id, m.attempt,
+                    j.status = 'running' AND j.worker_id = $3 AND j.attempts = m.attempt,
+                    j.cancel_requested
+               FROM mine m LEFT JOIN apiary_jobs j ON j.id = m.id",
         )
-        .bind(ids)
+        .bind(&ids)
+        .bind(&attempts)
         .bind(worker)
         .bind(lease_ms)
         .fetch_all(self.pool())
         .await
-        .context("renewing leases")
+        .context("renewing leases")?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, attempt, held, cancel)| Lease {
+                id,
+                attempt,
+                held: held.unwrap_or(false),
+                cancel_requested: cancel.unwrap_or(false),
+            })
+            .collect())
     }
 }

@@ -1,6 +1,8 @@
 //! ② Recording new jobs: the row and its outbox entry in one statement, so a job is either
 //! recorded and due to be published, or not recorded at all. An existing `(kind, dedup_key)`
-//! or id creates nothing and resolves to the existing job.
+//! creates nothing and resolves to the job that owns the key; an existing id resolves to that
+//! job only if it is the same job (same kind, dedup key and payload), and is a conflict
+//! otherwise: an enqueue is never answered with a different job than the one asked for.
 
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
@@ -27,90 +29,184 @@ pub struct JobRow {
 }
 
 /// What recording one job did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inserted {
     /// A new job, recorded at this instant; it must now be published.
     New(DateTime<Utc>),
-    /// The id or dedup key already belonged to this job; nothing was written.
+    /// The dedup key, or the id with the same content, already belonged to this job; nothing
+    /// was written.
     Existing(JobId),
+    /// The id belongs to a job with other content; nothing was written. Says how it differs.
+    Conflict(String),
+}
+
+/// What [`Store::insert_jobs`] did with a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// The batch was written: one answer per row, in order.
+    Written(Vec<Inserted>),
+    /// All or nothing was asked for and row `index` conflicts: nothing was written.
+    RolledBack {
+        /// The conflicting row.
+        index: usize,
+        /// How it conflicts.
+        reason: String,
+    },
+}
+
+#[derive(sqlx::FromRow)]
+struct Resolution {
+    created_at: Option<DateTime<Utc>>,
+    by_id: Option<Uuid>,
+    same: Option<bool>,
+    by_id_kind: Option<String>,
+    by_key: Option<Uuid>,
 }
 
 impl Store {
-    /// Records `rows` (queued, each with an outbox entry) in one statement. The result is in
-    /// the same order as `rows`.
-    pub async fn insert_jobs(&self, rows: &[JobRow]) -> Result<Vec<Inserted>, StoreError> {
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut kinds = Vec::with_capacity(rows.len());
-        let mut payloads = Vec::with_capacity(rows.len());
-        let mut keys = Vec::with_capacity(rows.len());
-        let mut budgets = Vec::with_capacity(rows.len());
-        let mut run_ats = Vec::with_capacity(rows.len());
-        for r in rows {
-            ids.push(r.id);
-            kinds.push(r.kind.as_str());
-            payloads.push(r.payload.get());
-            keys.push(r.dedup_key.as_deref());
-            budgets.push(r.max_attempts);
-            run_ats.push(r.run_at);
-        }
-        // ON CONFLICT DO NOTHING covers both the primary key and the dedup index: a repeated
-        // id or key writes nothing and is resolved to the existing job below.
-        let inserted: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
-            "WITH input AS (
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[])
-                     WITH ORDINALITY AS t(id, kind, payload, dedup_key, max_attempts, run_at, ord)
-             ), ins AS (
-                 INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, run_at)
-                 SELECT id, kind, payload::json, dedup_key, max_attempts, run_at FROM input ORDER BY ord
-                 ON CONFLICT DO NOTHING
-                 RETURNING id, created_at
-             ), outbox AS (
-                 INSERT INTO apiary_outbox (job_id) SELECT id FROM ins
-             )
-             SELECT id, created_at FROM ins",
-        )
-        .bind(&ids)
-        .bind(&kinds)
-        .bind(&payloads)
-        .bind(&keys)
-        .bind(&budgets)
-        .bind(&run_ats)
-        .fetch_all(self.pool())
-        .await
-        .context("inserting jobs")?;
-
-        let created: std::collections::HashMap<Uuid, DateTime<Utc>> =
-            inserted.into_iter().collect();
+    /// Records `rows` (queued, each with an outbox entry) in one statement, and says for each
+    /// what happened. With `all_or_nothing`, a conflict rolls the whole batch back.
+    pub async fn insert_jobs(
+        &self,
+        rows: &[JobRow],
+        all_or_nothing: bool,
+    ) -> Result<InsertOutcome, StoreError> {
+        let mut tx = self.pool().begin().await.context("starting an insert")?;
+        let resolved = insert_rows(&mut tx, rows).await?;
         let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            match created.get(&r.id) {
-                Some(at) => out.push(Inserted::New(*at)),
-                None => out.push(Inserted::Existing(self.resolve_conflict(r).await?)),
+        for (i, (row, r)) in rows.iter().zip(resolved).enumerate() {
+            let answer = match r {
+                Resolution {
+                    created_at: Some(at),
+                    ..
+                } => Inserted::New(at),
+                Resolution {
+                    by_id: Some(id),
+                    same: Some(true),
+                    ..
+                } => Inserted::Existing(id),
+                Resolution {
+                    by_id: Some(id),
+                    by_id_kind,
+                    ..
+                } => Inserted::Conflict(format!(
+                    "id {id} already belongs to another job (kind {:?}, with another dedup key or payload)",
+                    by_id_kind.unwrap_or_default()
+                )),
+                Resolution {
+                    by_key: Some(id), ..
+                } => Inserted::Existing(id),
+                // Collided with a row this snapshot did not see: one written concurrently, or by
+                // an earlier row of this same batch. Look again, inside this transaction.
+                _ => resolve_late(&mut tx, row).await?,
+            };
+            if all_or_nothing && let Inserted::Conflict(reason) = &answer {
+                tx.rollback().await.context("rolling back an insert")?;
+                return Ok(InsertOutcome::RolledBack {
+                    index: i,
+                    reason: reason.clone(),
+                });
             }
+            out.push(answer);
         }
-        Ok(out)
+        tx.commit().await.context("committing an insert")?;
+        Ok(InsertOutcome::Written(out))
     }
+}
 
-    /// The job a row collided with: same id, else same `(kind, dedup_key)`.
-    async fn resolve_conflict(&self, row: &JobRow) -> Result<JobId, StoreError> {
-        let existing: Option<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM apiary_jobs WHERE id = $1
-             UNION ALL
-             SELECT id FROM apiary_jobs WHERE kind = $2 AND dedup_key = $3 AND duplicate_of IS NULL
-             LIMIT 1",
-        )
-        .bind(row.id)
-        .bind(&row.kind)
-        .bind(&row.dedup_key)
-        .fetch_optional(self.pool())
-        .await
-        .context("resolving a dedup conflict")?;
-        // The conflicting row cannot vanish between the two statements unless it was pruned in
-        // that instant; then the honest answer is to try the insert again, which the caller does
-        // by retrying the enqueue.
-        existing.ok_or(StoreError::Query {
-            context: "resolving a dedup conflict",
-            source: sqlx::Error::RowNotFound,
-        })
+/// The insert itself. ON CONFLICT DO NOTHING covers both the primary key and the dedup index;
+/// the joins (on the statement's snapshot, which does not see its own inserts) say what each
+/// row that was not inserted collided with.
+async fn insert_rows(
+    tx: &mut sqlx::PgConnection,
+    rows: &[JobRow],
+) -> Result<Vec<Resolution>, StoreError> {
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut kinds = Vec::with_capacity(rows.len());
+    let mut payloads = Vec::with_capacity(rows.len());
+    let mut keys = Vec::with_capacity(rows.len());
+    let mut budgets = Vec::with_capacity(rows.len());
+    let mut run_ats = Vec::with_capacity(rows.len());
+    for r in rows {
+        ids.push(r.id);
+        kinds.push(r.kind.as_str());
+        payloads.push(r.payload.get());
+        keys.push(r.dedup_key.as_deref());
+        budgets.push(r.max_attempts);
+        run_ats.push(r.run_at);
     }
+    sqlx::query_as(
+        "WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[])
+                 WITH ORDINALITY AS t(id, kind, payload, dedup_key, max_attempts, run_at, ord)
+         ), ins AS (
+             INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, run_at)
+             SELECT id, kind, payload::json, dedup_key, max_attempts, run_at FROM input ORDER BY ord
+             ON CONFLICT DO NOTHING
+             RETURNING id, created_at
+         ), outbox AS (
+             INSERT INTO apiary_outbox (job_id) SELECT id FROM ins
+         )
+         SELECT ins.created_at, b.id AS by_id,
+                (b.kind = i.kind AND b.dedup_key IS NOT DISTINCT FROM i.dedup_key
+                 AND b.payload::text = i.payload AND b.raw_body IS NULL) AS same,
+                b.kind AS by_id_kind, k.id AS by_key
+           FROM input i
+           LEFT JOIN ins ON ins.id = i.id
+           LEFT JOIN apiary_jobs b ON b.id = i.id
+           LEFT JOIN apiary_jobs k ON k.kind = i.kind AND k.dedup_key = i.dedup_key AND k.duplicate_of IS NULL
+          ORDER BY i.ord",
+    )
+    .bind(&ids)
+    .bind(&kinds)
+    .bind(&payloads)
+    .bind(&keys)
+    .bind(&budgets)
+    .bind(&run_ats)
+    .fetch_all(&mut *tx)
+    .await
+    .context("inserting jobs")
+}
+
+/// What a row collided with that the insert's snapshot did not show.
+async fn resolve_late(tx: &mut sqlx::PgConnection, row: &JobRow) -> Result<Inserted, StoreError> {
+    #[derive(sqlx::FromRow)]
+    struct Found {
+        id: Uuid,
+        by_id: bool,
+        same: bool,
+        kind: String,
+    }
+    let found: Option<Found> = sqlx::query_as(
+        "SELECT id, true AS by_id,
+                (kind = $2 AND dedup_key IS NOT DISTINCT FROM $3 AND payload::text = $4 AND raw_body IS NULL) AS same,
+                kind
+           FROM apiary_jobs WHERE id = $1
+         UNION ALL
+         SELECT id, false, true, kind FROM apiary_jobs
+          WHERE kind = $2 AND dedup_key = $3 AND duplicate_of IS NULL
+         LIMIT 1",
+    )
+    .bind(row.id)
+    .bind(&row.kind)
+    .bind(&row.dedup_key)
+    .bind(row.payload.get())
+    .fetch_optional(&mut *tx)
+    .await
+    .context("resolving a dedup conflict")?;
+    Ok(match found {
+        Some(f) if !f.by_id || f.same => Inserted::Existing(f.id),
+        Some(f) => Inserted::Conflict(format!(
+            "id {} already belongs to another job (kind {:?}, with another dedup key or payload)",
+            f.id, f.kind
+        )),
+        // The conflicting row vanished (pruned that instant). Nothing was written for this
+        // row; the caller's retry of the enqueue records it.
+        None => {
+            return Err(StoreError::Query {
+                context: "resolving a dedup conflict (the conflicting job was just pruned; retry)",
+                source: sqlx::Error::RowNotFound,
+            });
+        }
+    })
 }

@@ -114,6 +114,36 @@ impl StoreError {
     }
 }
 
+/// The longest error text kept for one attempt (in `error` and in the `errors` history) and
+/// sent in a dead letter's `x-apiary-reason` header. Handlers can fail with any message; the
+/// record and the letter keep its start, marked as cut.
+pub const MAX_ERROR_BYTES: usize = 4096;
+
+/// `s` as Postgres text can hold it: NUL characters (which text cannot store) become U+FFFD.
+/// Used for text we write on a caller's behalf that is not theirs to have refused: error
+/// messages, reasons, the raw body of a poison message.
+pub(crate) fn storable_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+/// An error message as it is stored: storable, and at most [`MAX_ERROR_BYTES`].
+pub fn clip_error(s: &str) -> String {
+    let s = storable_text(s);
+    if s.len() <= MAX_ERROR_BYTES {
+        return s.into_owned();
+    }
+    const MARK: &str = "… (cut)";
+    let mut end = MAX_ERROR_BYTES - MARK.len();
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &s[..end])
+}
+
 /// Adds context to a sqlx result.
 pub(crate) trait Context<T> {
     fn context(self, what: &'static str) -> Result<T, StoreError>;
@@ -246,4 +276,19 @@ pub async fn migrate(url: &str) -> Result<(), StoreError> {
         .context("connecting to the database")?;
     MIGRATOR.run(&mut conn).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_stored_storable_and_bounded() {
+        assert_eq!(clip_error("plain"), "plain");
+        assert_eq!(clip_error("a\0b"), "a\u{FFFD}b");
+        let long = "é".repeat(MAX_ERROR_BYTES);
+        let cut = clip_error(&long);
+        assert!(cut.len() <= MAX_ERROR_BYTES, "{}", cut.len());
+        assert!(cut.ends_with("(cut)"));
+    }
 }

@@ -63,7 +63,8 @@ impl Store {
             .context("starting the relay")
             .map_err(RelayError::Store)?;
         let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT j.id, j.kind, j.payload, j.dedup_key, j.max_attempts, j.run_at, j.raw_body, o.dead_reason
+            "SELECT j.id, j.kind, j.payload, j.dedup_key, j.max_attempts,
+                    coalesce(j.next_attempt_at, j.run_at) AS run_at, j.raw_body, o.dead_reason
                FROM apiary_outbox o JOIN apiary_jobs j ON j.id = o.job_id
               WHERE o.created_at < now() - $1 * interval '1 millisecond'
                 AND ($3::uuid[] IS NULL OR o.job_id = ANY($3))
@@ -83,7 +84,17 @@ impl Store {
         }
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let items = rows.into_iter().map(OutboxRow::into_item).collect();
-        publish(items).await.map_err(RelayError::Publish)?;
+        if let Err(e) = publish(items).await {
+            // Send these to the back of the line, so rows that can be sent are not stuck behind
+            // rows that cannot (the next pass tries them again after the others).
+            drop(tx);
+            let _ =
+                sqlx::query("UPDATE apiary_outbox SET created_at = now() WHERE job_id = ANY($1)")
+                    .bind(&ids)
+                    .execute(self.pool())
+                    .await;
+            return Err(RelayError::Publish(e));
+        }
         sqlx::query("DELETE FROM apiary_outbox WHERE job_id = ANY($1)")
             .bind(&ids)
             .execute(&mut *tx)

@@ -39,19 +39,11 @@ pub struct WorkerRow {
 }
 
 impl Store {
-    /// Inserts or refreshes a worker's row, and removes rows whose heartbeat is older than
-    /// `expire` (workers killed without a chance to say goodbye).
-    pub async fn beat_worker(
-        &self,
-        w: &WorkerRow,
-        expire: std::time::Duration,
-    ) -> Result<(), StoreError> {
-        let expire_ms = i64::try_from(expire.as_millis()).unwrap_or(i64::MAX);
+    /// Inserts or refreshes a worker's row. Rows of workers that stopped beating are removed
+    /// by a rescuer, once it has put their jobs back ([`Store::lapsed_workers`]).
+    pub async fn beat_worker(&self, w: &WorkerRow) -> Result<(), StoreError> {
         sqlx::query(
-            "WITH gone AS (
-                 DELETE FROM apiary_workers WHERE heartbeat_at < now() - $13 * interval '1 millisecond' AND id <> $1
-             )
-             INSERT INTO apiary_workers (id, queue, host, pid, version, concurrency, started_at, heartbeat_at,
+            "INSERT INTO apiary_workers (id, queue, host, pid, version, concurrency, started_at, heartbeat_at,
                                          in_flight, processed, failed, rate, draining)
              VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9, $10, $11, $12)
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), in_flight = $8, processed = $9, failed = $10,
@@ -69,7 +61,6 @@ impl Store {
         .bind(w.failed)
         .bind(w.rate)
         .bind(w.draining)
-        .bind(expire_ms)
         .execute(self.pool())
         .await
         .context("recording a worker heartbeat")?;
@@ -83,6 +74,41 @@ impl Store {
             .execute(self.pool())
             .await
             .context("removing a worker")?;
+        Ok(())
+    }
+
+    /// Workers whose last heartbeat is older than `silent`: killed, or cut off. Their jobs'
+    /// leases have expired too, so a rescuer looks for them, then [`Store::forget_workers`].
+    pub async fn lapsed_workers(
+        &self,
+        silent: std::time::Duration,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let silent_ms = i64::try_from(silent.as_millis()).unwrap_or(i64::MAX);
+        sqlx::query_scalar(
+            "SELECT id FROM apiary_workers WHERE heartbeat_at < now() - $1 * interval '1 millisecond'",
+        )
+        .bind(silent_ms)
+        .fetch_all(self.pool())
+        .await
+        .context("listing silent workers")
+    }
+
+    /// Removes the rows of workers whose jobs were rescued. A worker that was only cut off
+    /// and comes back simply inserts its row again with its next heartbeat.
+    pub async fn forget_workers(
+        &self,
+        ids: &[Uuid],
+        silent: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        let silent_ms = i64::try_from(silent.as_millis()).unwrap_or(i64::MAX);
+        sqlx::query(
+            "DELETE FROM apiary_workers WHERE id = ANY($1) AND heartbeat_at < now() - $2 * interval '1 millisecond'",
+        )
+        .bind(ids)
+        .bind(silent_ms)
+        .execute(self.pool())
+        .await
+        .context("removing silent workers")?;
         Ok(())
     }
 

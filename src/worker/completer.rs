@@ -2,20 +2,21 @@
 //! commit is in flight and the next commit takes them all: one statement and one
 //! multiple-ack for a burst, and no waiting at all when a job finishes alone.
 //!
-//! The order is the guarantee: the outcome commits first, then retries and dead letters are
-//! published with confirms, then the delivery is acked. A crash anywhere in between leaves
-//! the delivery unacked; it comes back, and the claim sees the committed outcome.
+//! The order is the guarantee: the outcome commits first, together with an outbox row for
+//! whatever message must carry the job on (a retry, a long job handed back, a dead letter);
+//! then those messages are published; then the delivery is acked. A crash before the commit
+//! leaves the delivery unacked, so it comes back and the claim sees the job as it was; a crash
+//! after it leaves the outbox row, which the relay publishes.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{DeliveryRef, Shared};
+use super::{DeliveryRef, Failed, Shared};
 use crate::broker::consume::Settle;
-use crate::broker::publish::Outgoing;
+use crate::job::JobStatus;
 use crate::store::finish_job::{Finish, Outcome};
 use crate::wire::WireJob;
 
@@ -24,9 +25,6 @@ pub(crate) struct Completion {
     pub(crate) finish: Finish,
     pub(crate) job: Arc<WireJob>,
     pub(crate) delivery: DeliveryRef,
-    /// The message was already acked (a long job): handing the job back means publishing it
-    /// again, since there is no delivery left to requeue.
-    pub(crate) detached: bool,
 }
 
 /// Runs until `stop` fires and everything queued before it is written.
@@ -54,119 +52,84 @@ pub(crate) async fn run(
     }
 }
 
-async fn flush(shared: &Shared, batch: Vec<Completion>) {
-    let finishes: Vec<Finish> = batch.iter().map(|c| c.finish.clone()).collect();
-    let Some(applied) = shared
-        .with_store(|| shared.store.finish_jobs(shared.id, &finishes))
-        .await
-    else {
-        // Postgres refused the batch, or stayed down until the stop. Hand the deliveries back:
-        // their claims lapse with the lease (nothing renews them now), and the redelivery
-        // claims them again; holding them unacked would strand them until the channel closed.
-        forget(shared, &batch);
+async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
+    let Some(applied) = finish_isolating(shared, &mut batch).await else {
+        // Interrupted while Postgres was unreachable. Hand the deliveries back: their claims
+        // lapse with the lease (nothing renews them now), and the redelivery claims them
+        // again; holding them unacked would strand them until the channel closed.
         for c in &batch {
+            super::executor::forget(shared, c.finish.id, c.finish.attempt);
             c.delivery.settle(Settle::Requeue);
         }
         return;
     };
-    let applied: HashSet<_> = applied.into_iter().collect();
 
-    // Retries wait in a delay tier and dead jobs go to the dead-letter queue: both must be in
-    // the broker before the original delivery is acked.
-    let mut outgoing = Vec::new();
-    for c in &batch {
-        if !applied.contains(&c.finish.id) {
-            continue;
-        }
-        match &c.finish.outcome {
-            Outcome::Retry { at, error } => {
-                tracing::info!(job_id = %c.job.id, kind = %c.job.kind, attempt = c.finish.attempt, error = %error, next_attempt_at = %at, "attempt failed; retrying");
-                let mut next = (*c.job).clone();
-                next.run_at = Some(*at);
-                outgoing.push(Outgoing::job(&shared.names, &next));
-            }
-            Outcome::Released if c.detached => {
-                let mut again = (*c.job).clone();
-                again.run_at = None;
-                outgoing.push(Outgoing::job(&shared.names, &again));
-            }
-            Outcome::Dead(reason) => {
-                tracing::warn!(job_id = %c.job.id, kind = %c.job.kind, attempt = c.finish.attempt, reason = %reason, "job is dead");
-            }
-            _ => {}
-        }
-    }
-    if !outgoing.is_empty() {
-        let published = match shared.publisher().await {
-            Some(p) => p.publish(&outgoing).await.map_err(|e| e.to_string()),
-            None => Err("rabbitmq is not connected".into()),
-        };
-        if let Err(e) = published {
-            // The deliveries stay unacked and come back; the claim then re-delays the retries.
-            tracing::warn!(error = %e, "retries or dead letters not published; their messages will come back");
-            forget(shared, &batch);
-            return;
-        }
-    }
-
-    // Dead letters were queued in the outbox by the commit; send them now.
-    let dead: Vec<_> = batch
+    // Retries, long jobs handed back and dead jobs each got an outbox row in the commit: send
+    // those messages now, under the relay's row locks. If this fails the relay sends them
+    // later; either way the deliveries can be acked, since the commit made them redundant.
+    let to_send: Vec<_> = batch
         .iter()
-        .filter(|c| matches!(c.finish.outcome, Outcome::Dead(_)) && applied.contains(&c.finish.id))
-        .map(|c| c.finish.id)
+        .zip(&applied)
+        .filter_map(|(c, status)| match status {
+            Some(JobStatus::Dead | JobStatus::Retrying) => Some(c.finish.id),
+            Some(JobStatus::Queued) if c.finish.detached => Some(c.finish.id),
+            _ => None,
+        })
         .collect();
-    let letters_sent = super::flush_outbox(shared, &dead).await;
+    super::flush_outbox(shared, &to_send).await;
 
     let now_ms = chrono::Utc::now().timestamp_millis();
-    for c in batch.iter().filter(|c| applied.contains(&c.finish.id)) {
-        let km = shared.metrics.kind(&c.job.kind);
-        match c.finish.outcome {
-            Outcome::Succeeded(_) => km.succeeded.increment(1),
-            Outcome::Retry { .. } => {
-                km.failed.increment(1);
-                km.retried.increment(1);
-            }
-            Outcome::Dead(_) => {
-                km.failed.increment(1);
-                km.dead.increment(1);
-            }
-            Outcome::Cancelled | Outcome::Released => {}
-        }
-        if matches!(c.finish.outcome, Outcome::Succeeded(_) | Outcome::Dead(_))
-            && let Some(at) = super::executor::enqueued_ms(&c.job)
-        {
-            km.end_to_end.record((now_ms - at).max(0) as f64 / 1000.0);
-        }
-    }
-
     let mut finished = 0;
     let mut handed_back = 0;
-    for c in &batch {
-        if matches!(c.finish.outcome, Outcome::Dead(_)) && !letters_sent {
-            // Left unacked: it comes back, finds the job dead, and its letter is still queued.
-            continue;
-        }
-        let how = if !applied.contains(&c.finish.id) {
-            // The claim was no longer ours (the lease ran out and another worker took the job,
-            // or a forced stop released it first). Requeue rather than ack: the redelivery's
-            // claim finds the job running or finished and settles it, whereas an ack here
-            // could drop the only message of a job that is queued again.
-            Settle::Requeue
-        } else if matches!(c.finish.outcome, Outcome::Released) {
-            // Handed back: requeue so another worker starts it now.
-            handed_back += 1;
-            Settle::Requeue
-        } else {
-            finished += 1;
-            Settle::Ack
+    let mut failed = 0;
+    for (c, status) in batch.iter().zip(&applied) {
+        let km = shared.metrics.kind(&c.job.kind);
+        let how = match status {
+            // The claim was no longer ours (the lease ran out and another worker or the
+            // rescuer took the job, or a forced stop released it first). Requeue rather than
+            // ack: the redelivery's claim finds the job as it is and settles it.
+            None => Settle::Requeue,
+            Some(JobStatus::Queued) => {
+                handed_back += 1;
+                if c.finish.detached {
+                    // Its message was acked at detach; the outbox row carries it back.
+                    Settle::Ack
+                } else {
+                    // Handed back: requeue so another worker starts it now.
+                    Settle::Requeue
+                }
+            }
+            Some(st) => {
+                finished += 1;
+                match st {
+                    JobStatus::Succeeded => km.succeeded.increment(1),
+                    JobStatus::Retrying => {
+                        failed += 1;
+                        km.failed.increment(1);
+                        km.retried.increment(1);
+                        tracing::info!(job_id = %c.job.id, kind = %c.job.kind, attempt = c.finish.attempt, "attempt failed; retrying");
+                    }
+                    JobStatus::Dead => {
+                        failed += 1;
+                        km.failed.increment(1);
+                        km.dead.increment(1);
+                        if let Outcome::Dead(reason) = &c.finish.outcome {
+                            tracing::warn!(job_id = %c.job.id, kind = %c.job.kind, attempt = c.finish.attempt, reason = %reason, "job is dead");
+                        }
+                    }
+                    _ => {}
+                }
+                if matches!(st, JobStatus::Succeeded | JobStatus::Dead)
+                    && let Some(at) = super::executor::enqueued_ms(&c.job)
+                {
+                    km.end_to_end.record((now_ms - at).max(0) as f64 / 1000.0);
+                }
+                Settle::Ack
+            }
         };
-        tracing::debug!(job_id = %c.finish.id, outcome = ?c.finish.outcome.status(), applied = applied.contains(&c.finish.id), settle = ?how, "settled");
+        tracing::debug!(job_id = %c.finish.id, outcome = ?c.finish.outcome.status(), status = ?status, settle = ?how, "settled");
+        super::executor::forget(shared, c.finish.id, c.finish.attempt);
         c.delivery.settle(how);
-    }
-    if let Ok(mut running) = shared.running.lock() {
-        for c in &batch {
-            running.remove(&c.finish.id);
-        }
     }
     shared
         .counters
@@ -176,20 +139,51 @@ async fn flush(shared: &Shared, batch: Vec<Completion>) {
         .counters
         .handed_back
         .fetch_add(handed_back, Ordering::Relaxed);
-    let failed = batch
-        .iter()
-        .filter(|c| matches!(c.finish.outcome, Outcome::Retry { .. } | Outcome::Dead(_)))
-        .count();
-    shared
-        .counters
-        .failed
-        .fetch_add(failed as u64, Ordering::Relaxed);
+    shared.counters.failed.fetch_add(failed, Ordering::Relaxed);
 }
 
-fn forget(shared: &Shared, batch: &[Completion]) {
-    if let Ok(mut running) = shared.running.lock() {
-        for c in batch {
-            running.remove(&c.finish.id);
+/// Writes the batch's outcomes. Returns, per completion, the status it ended in, or `None`
+/// where the claim no longer held. If Postgres refuses the statement because of one job's data
+/// (a result or error it cannot store), the rest are written without it, and that job's
+/// outcome becomes `dead` with Postgres's reason: no other job is requeued or charged for it.
+/// `None` overall if the worker was interrupted first.
+async fn finish_isolating(
+    shared: &Shared,
+    batch: &mut [Completion],
+) -> Option<Vec<Option<JobStatus>>> {
+    let finishes: Vec<Finish> = batch.iter().map(|c| c.finish.clone()).collect();
+    match shared
+        .with_store(|| shared.store.finish_jobs(shared.id, &finishes))
+        .await
+    {
+        Ok(done) => Some(
+            finishes
+                .iter()
+                .map(|f| done.iter().find(|d| d.id == f.id).map(|d| d.status))
+                .collect(),
+        ),
+        Err(Failed::Interrupted) => None,
+        Err(Failed::Refused(e)) if batch.len() == 1 => {
+            let c = &mut batch[0];
+            if matches!(c.finish.outcome, Outcome::Dead(_)) {
+                // Even the plainest outcome is refused: leave the job to its lease.
+                tracing::error!(job_id = %c.finish.id, error = %e, "postgres refused to record a job's outcome");
+                return Some(vec![None]);
+            }
+            let reason = format!(
+                "the attempt's outcome could not be stored: {}",
+                e.refusal().unwrap_or_else(|| e.to_string())
+            );
+            tracing::warn!(job_id = %c.finish.id, %reason, "recording the job as dead instead");
+            c.finish.outcome = Outcome::Dead(reason);
+            Box::pin(finish_isolating(shared, batch)).await
+        }
+        Err(Failed::Refused(_)) => {
+            let mid = batch.len() / 2;
+            let (left, right) = batch.split_at_mut(mid);
+            let mut out = Box::pin(finish_isolating(shared, left)).await?;
+            out.extend(Box::pin(finish_isolating(shared, right)).await?);
+            Some(out)
         }
     }
 }

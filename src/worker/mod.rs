@@ -76,20 +76,30 @@ impl DeliveryRef {
     }
 }
 
-/// A job this worker is running: what the heartbeat renews and what a forced stop releases.
+/// An attempt this worker is running: what the heartbeat renews and what a forced stop
+/// releases. Kept by `(job id, attempt)`: after a lapsed lease the same job may come back to
+/// this worker as a new attempt, and the two must never be mistaken for each other.
 pub(crate) struct Running {
-    pub(crate) attempt: i32,
-    /// The handler's token; the heartbeat fires it when someone cancels the job.
+    /// The handler's token; the heartbeat fires it when someone cancels the job, or when the
+    /// claim is found lost (the lease lapsed and the job went elsewhere).
     pub(crate) cancel: CancellationToken,
     /// Set with `cancel` when the job itself was cancelled (not the worker stopping or a
     /// timeout): the attempt then ends `cancelled` whatever the handler returns.
     pub(crate) cancel_requested: Arc<AtomicBool>,
     /// Set when the job's message was acked early (a long job): handing it back then means
-    /// publishing it again.
+    /// publishing it again, which the finish's outbox row does.
     pub(crate) detached: Arc<AtomicBool>,
-    /// The job, to publish again if it must be handed back after being detached.
-    pub(crate) job: Arc<crate::wire::WireJob>,
     pub(crate) delivery: DeliveryRef,
+}
+
+/// Why a store operation gave up.
+#[derive(Debug)]
+pub(crate) enum Failed {
+    /// The worker was interrupted (forced stop, drain timeout) while Postgres did not answer.
+    Interrupted,
+    /// Postgres refused the statement because of the data it carried
+    /// ([`StoreError::is_data_error`]): the caller isolates the item at fault.
+    Refused(StoreError),
 }
 
 /// Counters behind the summary, the registry row and the metrics.
@@ -107,9 +117,16 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) id: Uuid,
     pub(crate) names: QueueNames,
-    /// Jobs claimed and not yet finished. Written by the executor and completer; read by the
-    /// heartbeat and by a forced stop.
-    pub(crate) running: std::sync::Mutex<HashMap<JobId, Running>>,
+    /// A small pool of its own for lease renewals, so a heartbeat never waits for a
+    /// connection behind claims, finishes and handlers' transactions.
+    pub(crate) lease_store: Store,
+    /// Attempts claimed and not yet finished, by `(job, attempt)`. Written by the executor and
+    /// completer; read by the heartbeat and by a forced stop.
+    pub(crate) running: std::sync::Mutex<HashMap<(JobId, i32), Running>>,
+    /// Postgres's clock minus this process's, in milliseconds, as last seen by a claim: due
+    /// times are judged by the store's clock, so a skewed worker neither runs jobs early nor
+    /// hops them in a loop.
+    pub(crate) clock_offset_ms: std::sync::atomic::AtomicI64,
     /// Deliveries to claim, to the claimer.
     pub(crate) claim_tx: mpsc::UnboundedSender<executor::Incoming>,
     /// Finished attempts, to the completer. Closed when the completer stops, after the drain.
@@ -138,6 +155,8 @@ pub(crate) struct Shared {
     /// A channel of the current session for reading queue depths; `None` between sessions.
     pub(crate) stats_channel: RwLock<Option<Channel>>,
     pub(crate) started_at: chrono::DateTime<chrono::Utc>,
+    /// When the registry row was last written, and the finished count then: for the rate.
+    pub(crate) last_beat: std::sync::Mutex<(Instant, u64)>,
 }
 
 impl Shared {
@@ -156,13 +175,32 @@ impl Shared {
         self.publisher.read().await.clone()
     }
 
-    /// Runs a store operation until it succeeds, backing off while Postgres is down; gives up
-    /// only when the worker is interrupted.
-    pub(crate) async fn with_store<T, F, Fut>(&self, mut op: F) -> Option<T>
+    /// Postgres's clock, estimated from this process's and the last offset seen.
+    pub(crate) fn db_now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now()
+            + chrono::Duration::milliseconds(self.clock_offset_ms.load(Ordering::Relaxed))
+    }
+
+    /// Records Postgres's `now()` as returned by a statement that just ran.
+    pub(crate) fn observe_db_now(&self, db_now: Option<chrono::DateTime<chrono::Utc>>) {
+        if let Some(t) = db_now {
+            let offset = (t - chrono::Utc::now()).num_milliseconds();
+            self.clock_offset_ms.store(offset, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs a store operation until it succeeds. While Postgres is unreachable, and also when
+    /// it rejects the statement for a reason no retry of ours can fix at once (a schema an
+    /// operator is migrating), it backs off and tries again, logging once. Once the worker is
+    /// interrupted it makes one last attempt bounded to a couple of seconds (so a drain still
+    /// records what finished when Postgres answers) and then gives up. A refusal of the data
+    /// itself is returned at once, for the caller to isolate.
+    pub(crate) async fn with_store<T, F, Fut>(&self, mut op: F) -> Result<T, Failed>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
+        const LAST_TRY: Duration = Duration::from_secs(2);
         let mut delays = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(50))
             .with_max_delay(Duration::from_secs(2))
@@ -170,22 +208,38 @@ impl Shared {
             .with_jitter()
             .build();
         loop {
-            match op().await {
+            let interrupted = self.interrupt.is_cancelled();
+            let result = if interrupted {
+                match tokio::time::timeout(LAST_TRY, op()).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(Failed::Interrupted),
+                }
+            } else {
+                tokio::select! {
+                    r = op() => r,
+                    // Abandon the call in flight; the next round is the bounded last try.
+                    () = self.interrupt.cancelled() => continue,
+                }
+            };
+            match result {
                 Ok(v) => {
                     self.postgres.up();
-                    return Some(v);
+                    return Ok(v);
                 }
-                Err(e) if e.is_transient() => {
+                Err(e) if e.is_data_error() => return Err(Failed::Refused(e)),
+                Err(e) => {
+                    if !e.is_transient() {
+                        tracing::error!(error = %e, "postgres rejected a worker statement; retrying with backoff");
+                    }
                     self.postgres.down(&e);
+                    if interrupted {
+                        return Err(Failed::Interrupted);
+                    }
                     let wait = delays.next().unwrap_or(Duration::from_secs(2));
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
-                        () = self.interrupt.cancelled() => return None,
+                        () = self.interrupt.cancelled() => {}
                     }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "postgres rejected a worker query");
-                    return None;
                 }
             }
         }
@@ -204,6 +258,7 @@ impl Worker {
     /// A worker with `registry`'s handlers, stopping when `shutdown` says so.
     pub fn new(cfg: Config, registry: Registry, shutdown: Shutdown) -> Result<Worker, WorkerError> {
         let store = Store::connect_lazy(&cfg.database_url, cfg.db_pool)?;
+        let lease_store = Store::connect_lazy(&cfg.database_url, 2)?;
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let (claim_tx, claim_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -213,7 +268,9 @@ impl Worker {
             store,
             registry,
             id: Uuid::now_v7(),
+            lease_store,
             running: std::sync::Mutex::new(HashMap::new()),
+            clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
             done_tx,
             claim_tx,
             publisher: RwLock::new(None),
@@ -229,6 +286,7 @@ impl Worker {
             depths: std::sync::Mutex::new(Default::default()),
             stats_channel: RwLock::new(None),
             started_at: chrono::Utc::now(),
+            last_beat: std::sync::Mutex::new((Instant::now(), 0)),
         });
         Ok(Worker {
             shared,
@@ -272,6 +330,9 @@ impl Worker {
             }
         }
         shared.postgres.up();
+        // In the registry before the first claim, so a rescuer can find this worker's jobs
+        // the moment its heartbeat stops.
+        rescuer::register_now(&shared, &shutdown.drain).await;
         tracing::info!(
             worker = %shared.id, queue = %cfg.queue, concurrency = cfg.concurrency,
             prefetch = cfg.effective_prefetch(), kinds = ?shared.registry.kinds(), "worker starting"
@@ -332,15 +393,18 @@ impl Worker {
             }
         }
 
-        // The drain. New work has stopped; what follows only finishes or hands back.
+        // The drain. New work has stopped; what follows only finishes or hands back. Every
+        // step is bounded: by the drain timeout, and by a second signal, which hands back
+        // everything at once, whether or not Postgres and RabbitMQ answer.
         let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
         // The consume loop cancelled its consumer on the way out; without a session there is
         // nothing to cancel.
         shared.consuming_stopped.cancel();
         shared.tasks.close();
         let finished_in_time = tokio::select! {
             () = shared.tasks.wait() => true,
-            () = tokio::time::sleep(cfg.drain_timeout) => false,
+            () = tokio::time::sleep_until(deadline) => false,
             () = shutdown.force.cancelled() => false,
         };
         if !finished_in_time {
@@ -361,18 +425,37 @@ impl Worker {
         }
         claimer_stop.cancel();
         let _ = claimer.await;
+        // The completer writes what finished in time. It gets until the drain deadline (and at
+        // least a few seconds); past it, or on a second signal, it stops waiting for Postgres
+        // and hands the rest back.
         completer_stop.cancel();
-        let _ = completer.await;
+        let mut completer = completer;
+        let completer_deadline = deadline.max(tokio::time::Instant::now() + Duration::from_secs(5));
+        tokio::select! {
+            _ = &mut completer => {}
+            () = tokio::time::sleep_until(completer_deadline) => {
+                shared.interrupt.cancel();
+                let _ = completer.await;
+            }
+            () = shutdown.force.cancelled() => {
+                shared.interrupt.cancel();
+                let _ = completer.await;
+            }
+        }
         background_stop.cancel();
         let _ = rescuer.await;
         let _ = probes.await;
-        if let Err(e) = shared.store.remove_worker(shared.id).await {
-            tracing::debug!(error = %e, "could not remove this worker's registry row; it expires");
+        let quick = Duration::from_secs(2);
+        match tokio::time::timeout(quick, shared.store.remove_worker(shared.id)).await {
+            Ok(Ok(())) => {}
+            _ => {
+                tracing::debug!("could not remove this worker's registry row; a rescuer removes it")
+            }
         }
         if let Some((conn, channel, acks)) = session {
-            acks.flush().await;
-            let _ = channel.close(200, "worker stopping".into()).await;
-            let _ = conn.close(200, "worker stopping".into()).await;
+            let _ = tokio::time::timeout(quick, acks.flush()).await;
+            let _ = tokio::time::timeout(quick, channel.close(200, "worker stopping".into())).await;
+            let _ = tokio::time::timeout(quick, conn.close(200, "worker stopping".into())).await;
         }
         let summary = Summary {
             finished: shared.counters.finished.load(Ordering::Relaxed),
@@ -438,18 +521,14 @@ async fn open_session(
 }
 
 /// After the drain's grace: whatever still runs is released in Postgres (uncharged) and its
-/// delivery requeued, so another worker starts it now rather than after the lease.
+/// delivery requeued, so another worker starts it now rather than after the lease. A long
+/// job's release queues an outbox row that publishes it again. Bounded in time: if Postgres
+/// does not answer, the leases lapse and the jobs are rescued instead.
 async fn release_stuck(shared: &Arc<Shared>) {
-    let mut detached: Vec<Arc<crate::wire::WireJob>> = Vec::new();
-    let stuck: Vec<(JobId, i32, DeliveryRef)> = match shared.running.lock() {
+    let stuck: Vec<(JobId, i32, bool, DeliveryRef)> = match shared.running.lock() {
         Ok(mut running) => running
             .drain()
-            .map(|(id, r)| {
-                if r.detached.load(Ordering::Relaxed) {
-                    detached.push(r.job.clone());
-                }
-                (id, r.attempt, r.delivery)
-            })
+            .map(|((id, attempt), r)| (id, attempt, r.detached.load(Ordering::Relaxed), r.delivery))
             .collect(),
         Err(_) => return,
     };
@@ -458,26 +537,30 @@ async fn release_stuck(shared: &Arc<Shared>) {
     }
     let batch: Vec<crate::store::finish_job::Finish> = stuck
         .iter()
-        .map(|(id, attempt, _)| crate::store::finish_job::Finish {
-            id: *id,
-            attempt: *attempt,
-            outcome: crate::store::finish_job::Outcome::Released,
-        })
+        .map(
+            |(id, attempt, detached, _)| crate::store::finish_job::Finish {
+                id: *id,
+                attempt: *attempt,
+                outcome: crate::store::finish_job::Outcome::Released,
+                detached: *detached,
+            },
+        )
         .collect();
-    if let Err(e) = shared.store.finish_jobs(shared.id, &batch).await {
-        tracing::warn!(error = %e, "could not release stuck jobs; their leases will expire instead");
-    }
-    for (_, _, d) in &stuck {
-        d.settle(Settle::Requeue);
-    }
-    // Detached jobs have no delivery left to requeue: publish them again.
-    if !detached.is_empty()
-        && let Some(p) = shared.publisher().await
-    {
-        let jobs: Vec<crate::wire::WireJob> = detached.iter().map(|j| (**j).clone()).collect();
-        if let Err(e) = p.publish_jobs(&jobs).await {
-            tracing::warn!(error = %e, "could not republish handed-back long jobs; the rescuer will once their lease expires");
+    let quick = Duration::from_secs(3);
+    match tokio::time::timeout(quick, shared.store.finish_jobs(shared.id, &batch)).await {
+        Ok(Ok(done)) => {
+            let ids: Vec<JobId> = done.iter().map(|d| d.id).collect();
+            let _ = tokio::time::timeout(quick, flush_outbox(shared, &ids)).await;
         }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not release stuck jobs; their leases will lapse and a rescuer puts them back")
+        }
+        Err(_) => tracing::warn!(
+            "postgres did not answer in time to release stuck jobs; their leases will lapse and a rescuer puts them back"
+        ),
+    }
+    for (_, _, _, d) in &stuck {
+        d.settle(Settle::Requeue);
     }
     shared
         .counters

@@ -1,7 +1,14 @@
-//! Background duties of every worker: renewing the leases of the jobs it runs (so a killed
-//! worker's claims expire in seconds and live ones never do), passing on cancellations of
-//! running jobs, putting back long (detached) jobs whose worker died, and relaying outbox rows whose
-//! enqueuer died between its commit and the broker's confirm.
+//! Background duties of every worker, each in a task of its own so none can starve another:
+//!
+//! - **leases**: renews the leases of the attempts this worker runs (so a killed worker's
+//!   claims expire in seconds and live ones never do), passes on cancellations, and stops
+//!   handlers whose claim was lost. It has its own small connection pool, and nothing else
+//!   runs in its loop: a slow prune, a blocked broker or a busy pool cannot delay it.
+//! - **registry**: this worker's row in `apiary_workers`, and the broker's queue depths.
+//! - **relay**: outbox rows whose sender died between its commit and the broker's confirm.
+//! - **rescue**: running jobs whose lease expired (detached jobs, jobs of workers whose
+//!   heartbeat stopped, and once a minute every running job), put back or ended.
+//! - **prune**: finished jobs past their retention.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,61 +18,114 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use crate::broker::publish::Outgoing;
 use crate::job::JobId;
+use crate::store::rescue_job::{FULL_RESCUE_INTERVAL, RESCUE_INTERVAL, RescueScope};
 
-/// Runs the heartbeat and the relay until `stop` fires.
+/// Runs every duty until `stop` fires. Each stops at once then, abandoning a call in flight.
 pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut beat = tokio::time::interval(shared.cfg.heartbeat_interval());
-    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut relay = tokio::time::interval(Duration::from_secs(1));
-    relay.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut rescue = tokio::time::interval(crate::store::rescue_job::RESCUE_INTERVAL);
-    rescue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut prune = tokio::time::interval(shared.cfg.prune_interval);
-    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = (std::time::Instant::now(), 0u64);
+    let tasks = [
+        tokio::spawn(every(
+            shared.clone(),
+            stop.clone(),
+            shared.cfg.heartbeat_interval(),
+            |s| Box::pin(async move { renew_leases(&s).await }),
+        )),
+        tokio::spawn(every(
+            shared.clone(),
+            stop.clone(),
+            shared.cfg.heartbeat_interval(),
+            |s| {
+                Box::pin(async move {
+                    register(&s).await;
+                    read_depths(&s).await;
+                })
+            },
+        )),
+        tokio::spawn(every(
+            shared.clone(),
+            stop.clone(),
+            Duration::from_secs(1),
+            |s| Box::pin(async move { relay_outbox(&s).await }),
+        )),
+        tokio::spawn(every(shared.clone(), stop.clone(), RESCUE_INTERVAL, |s| {
+            Box::pin(async move { rescue(&s).await })
+        })),
+        tokio::spawn(every(
+            shared.clone(),
+            stop.clone(),
+            FULL_RESCUE_INTERVAL,
+            |s| Box::pin(async move { rescue_all(&s).await }),
+        )),
+        tokio::spawn(prune_loop(shared.clone(), stop.clone())),
+    ];
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+type Duty = fn(Arc<Shared>) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs `duty` every `period` (the first time at once) until `stop` fires. A pass that
+/// overruns delays the next one rather than piling passes up.
+async fn every(shared: Arc<Shared>, stop: CancellationToken, period: Duration, duty: Duty) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = beat.tick() => {
-                heartbeat(&shared).await;
-                register(&shared, &mut last).await;
-                read_depths(&shared).await;
-            }
-            _ = prune.tick() => prune_old(&shared).await,
-            _ = relay.tick() => relay_outbox(&shared).await,
-            _ = rescue.tick() => rescue_detached(&shared).await,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = duty(shared.clone()) => {}
         }
     }
 }
 
-async fn heartbeat(shared: &Shared) {
-    let ids: Vec<JobId> = match shared.running.lock() {
+async fn renew_leases(shared: &Shared) {
+    let mine: Vec<(JobId, i32)> = match shared.running.lock() {
         Ok(r) => r.keys().copied().collect(),
         Err(_) => return,
     };
-    if ids.is_empty() {
+    if mine.is_empty() {
         return;
     }
-    match shared
-        .store
-        .renew_leases(shared.id, &ids, shared.cfg.lease)
-        .await
-    {
-        Ok(cancelled) => {
-            shared.postgres.up();
-            let Ok(running) = shared.running.lock() else {
-                return;
-            };
-            for id in cancelled {
-                if let Some(r) = running.get(&id) {
-                    tracing::info!(job_id = %id, "job cancelled while running: signalling its handler");
-                    r.cancel_requested
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                    r.cancel.cancel();
-                }
-            }
+    // Bounded, so a renewal stuck on a dead connection does not hold up the next one.
+    let renewal = shared
+        .lease_store
+        .renew_leases(shared.id, &mine, shared.cfg.lease);
+    let leases = match tokio::time::timeout(shared.cfg.heartbeat_interval(), renewal).await {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => return shared.postgres.down(&e),
+        Err(_) => {
+            tracing::warn!("lease renewal took longer than a heartbeat; trying again");
+            return;
         }
-        Err(e) => shared.postgres.down(&e),
+    };
+    shared.postgres.up();
+    let Ok(running) = shared.running.lock() else {
+        return;
+    };
+    for lease in leases {
+        let Some(r) = running.get(&(lease.id, lease.attempt)) else {
+            continue;
+        };
+        if !lease.held {
+            if !r.cancel.is_cancelled() {
+                // The lease lapsed and the job went elsewhere (rescued, taken over, ended):
+                // whatever this attempt does now is fenced out, so stop it doing more.
+                tracing::warn!(job_id = %lease.id, attempt = lease.attempt, "claim lost (the lease lapsed); stopping this attempt");
+                r.cancel.cancel();
+            }
+        } else if lease.cancel_requested
+            && !r
+                .cancel_requested
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!(job_id = %lease.id, "job cancelled while running: signalling its handler");
+            r.cancel_requested
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            r.cancel.cancel();
+        }
     }
 }
 
@@ -87,37 +147,92 @@ async fn relay_outbox(shared: &Shared) {
         Ok(0) => {}
         Ok(n) => tracing::info!(
             relayed = n,
-            "republished jobs whose enqueuer stopped before the broker confirmed"
+            "republished jobs whose sender stopped before the broker confirmed"
         ),
         Err(e) => tracing::debug!(error = %e, "outbox relay pass failed; the next one retries"),
     }
 }
 
-/// Puts back detached jobs whose worker died (their lease expired and no message is left).
-async fn rescue_detached(shared: &Shared) {
-    let ids = match shared.store.rescue_expired(100).await {
-        Ok(ids) => ids,
+/// Puts back detached jobs whose lease expired, and the jobs of workers whose heartbeat
+/// stopped.
+async fn rescue(shared: &Shared) {
+    let mut rescued = match shared
+        .store
+        .rescue_expired(RescueScope::Detached, 100)
+        .await
+    {
+        Ok(ids) => ids.unwrap_or_default(),
         Err(e) => return shared.postgres.down(&e),
     };
+    // A worker silent for two leases is gone (or cut off): every lease it held has expired.
+    let silent = shared.cfg.lease * 2;
+    let lapsed = match shared.store.lapsed_workers(silent).await {
+        Ok(w) => w,
+        Err(e) => return shared.postgres.down(&e),
+    };
+    if !lapsed.is_empty() {
+        match shared
+            .store
+            .rescue_expired(RescueScope::Workers(&lapsed), 1000)
+            .await
+        {
+            Ok(ids) => {
+                let ids = ids.unwrap_or_default();
+                // Forget the workers only once a pass found nothing more of theirs.
+                if ids.len() < 1000
+                    && let Err(e) = shared.store.forget_workers(&lapsed, silent).await
+                {
+                    tracing::debug!(error = %e, "could not remove silent workers");
+                }
+                rescued.extend(ids);
+            }
+            Err(e) => return shared.postgres.down(&e),
+        }
+    }
+    announce(shared, rescued).await;
+}
+
+/// The safety net: every running job whose lease expired, whoever held it.
+async fn rescue_all(shared: &Shared) {
+    match shared.store.rescue_expired(RescueScope::All, 1000).await {
+        Ok(Some(ids)) => announce(shared, ids).await,
+        Ok(None) => {}
+        Err(e) => shared.postgres.down(&e),
+    }
+}
+
+async fn announce(shared: &Shared, ids: Vec<JobId>) {
     if ids.is_empty() {
         return;
     }
-    tracing::warn!(jobs = ids.len(), "rescued long jobs whose worker stopped");
+    tracing::warn!(
+        jobs = ids.len(),
+        "rescued jobs whose lease expired (their worker stopped or stalled)"
+    );
     super::flush_outbox(shared, &ids).await;
 }
 
-/// Upserts this worker's registry row with its counters and recent rate.
-async fn register(shared: &Shared, last: &mut (std::time::Instant, u64)) {
+/// Puts this worker in the registry, retrying until it is there or the worker is told to
+/// stop: a worker claims nothing before a rescuer could find it.
+pub(crate) async fn register_now(shared: &Shared, stop: &CancellationToken) {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match shared.store.beat_worker(&registry_row(shared, 0.0)).await {
+            Ok(()) => return,
+            Err(e) => shared.postgres.down(&e),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return,
+        }
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn registry_row(shared: &Shared, rate: f64) -> crate::store::workers::WorkerRow {
     use std::sync::atomic::Ordering;
     let processed = shared.counters.finished.load(Ordering::Relaxed);
-    let elapsed = last.0.elapsed().as_secs_f64();
-    let rate = if elapsed > 0.0 {
-        processed.saturating_sub(last.1) as f64 / elapsed
-    } else {
-        0.0
-    };
-    *last = (std::time::Instant::now(), processed);
-    let row = crate::store::workers::WorkerRow {
+    crate::store::workers::WorkerRow {
         id: shared.id,
         queue: shared.cfg.queue.clone(),
         host: hostname(),
@@ -131,10 +246,32 @@ async fn register(shared: &Shared, last: &mut (std::time::Instant, u64)) {
         failed: i64::try_from(shared.counters.failed.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
         rate,
         draining: shared.stop_taking.is_cancelled(),
+    }
+}
+
+/// Upserts this worker's registry row with its counters and recent rate.
+async fn register(shared: &Shared) {
+    use std::sync::atomic::Ordering;
+    let processed = shared.counters.finished.load(Ordering::Relaxed);
+    let rate = {
+        let Ok(mut last) = shared.last_beat.lock() else {
+            return;
+        };
+        let elapsed = last.0.elapsed().as_secs_f64();
+        let rate = if elapsed > 0.0 {
+            processed.saturating_sub(last.1) as f64 / elapsed
+        } else {
+            0.0
+        };
+        *last = (std::time::Instant::now(), processed);
+        rate
     };
-    // A worker silent for three leases is gone: its claims have expired too.
-    if let Err(e) = shared.store.beat_worker(&row, shared.cfg.lease * 3).await {
-        tracing::debug!(error = %e, "could not update the worker registry");
+    let row = registry_row(shared, rate);
+    let beat = shared.store.beat_worker(&row);
+    match tokio::time::timeout(shared.cfg.heartbeat_interval(), beat).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "could not update the worker registry"),
+        Err(_) => tracing::debug!("the worker registry update timed out"),
     }
 }
 
@@ -153,14 +290,36 @@ async fn read_depths(shared: &Shared) {
     let Some(ch) = shared.stats_channel.read().await.clone() else {
         return;
     };
-    if let Ok(d) = crate::broker::topology::depths(&ch, &shared.names).await
+    let read = crate::broker::topology::depths(&ch, &shared.names);
+    if let Ok(Ok(d)) = tokio::time::timeout(Duration::from_secs(5), read).await
         && let Ok(mut depths) = shared.depths.lock()
     {
         *depths = d;
     }
 }
 
-async fn prune_old(shared: &Shared) {
+/// Prunes continuously: as fast as it can while there is a backlog, then once per
+/// `APIARY_PRUNE_INTERVAL`.
+async fn prune_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let caught_up = tokio::select! {
+            () = stop.cancelled() => return,
+            c = prune_old(&shared) => c,
+        };
+        let pause = if caught_up {
+            shared.cfg.prune_interval
+        } else {
+            Duration::from_millis(10)
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// One pruning pass. Returns true when nothing is left to prune (or another worker prunes).
+async fn prune_old(shared: &Shared) -> bool {
     // Per-kind retention from APIARY_KINDS and from handler registrations.
     let mut kinds: Vec<String> = shared
         .registry
@@ -175,15 +334,24 @@ async fn prune_old(shared: &Shared) {
         .into_iter()
         .filter_map(|k| shared.kind_options(&k).retention.map(|r| (k, r)))
         .collect();
+    const BATCH: i64 = 5000;
+    const BATCHES: usize = 4;
     match shared
         .store
-        .prune(shared.cfg.retention, &overrides, 500, 20)
+        .prune(shared.cfg.retention, &overrides, BATCH, BATCHES)
         .await
     {
-        Ok(Some(n)) if n > 0 => {
-            tracing::info!(pruned = n, "pruned finished jobs past their retention")
+        Ok(Some(n)) => {
+            if n > 0 {
+                tracing::debug!(pruned = n, "pruned finished jobs past their retention");
+            }
+            // Every pass (the default one and each kind's) deleted less than a full run.
+            n < (BATCH as u64) * (BATCHES as u64)
         }
-        Ok(_) => {}
-        Err(e) => tracing::debug!(error = %e, "prune pass failed; the next one retries"),
+        Ok(None) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "prune pass failed; the next one retries");
+            true
+        }
     }
 }

@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use rand::Rng;
 
+/// The longest wait before a retry, whatever a handler asks for with
+/// [`crate::HandlerError::retry_after`]: one year, the bound on every delay.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_millis(crate::job::MAX_DELAY_MS);
+
 /// The ceiling of the wait before attempt `attempt + 1`, after `attempt` failed:
 /// `min(cap, base * 2^(attempt-1))`.
 pub fn ceiling(attempt: i32, base: Duration, cap: Duration) -> Duration {
