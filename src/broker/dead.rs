@@ -95,7 +95,15 @@ pub async fn sweep_replayed(
     // its job was dead, so a job not dead now was replayed since and its letters are stale.
     // Read before, a job dying again meanwhile would lose the new letter it just got.
     let queued = sweep.queued.clone();
-    let gone: HashSet<JobId> = sweep.not_dead(&queued).await?.into_iter().collect();
+    let gone: HashSet<JobId> = match sweep.not_dead(&queued).await {
+        Ok(ids) => ids.into_iter().collect(),
+        Err(e) => {
+            // Hand every letter back now: the channel may live on (a worker's), and held
+            // letters would stay invisible until it closes.
+            pass.settle(channel, |_| false).await?;
+            return Err(e.into());
+        }
+    };
     let seen: HashSet<JobId> = pass.letters.iter().filter_map(|(_, id)| *id).collect();
     let complete = pass.complete;
     let removed = pass.settle(channel, |id| gone.contains(&id)).await?;
@@ -117,7 +125,8 @@ pub async fn sweep_replayed(
 }
 
 /// Every letter of the dead-letter queue, held unacknowledged by one consumer (already
-/// cancelled), so none is seen twice and none can be taken by anyone else meanwhile.
+/// cancelled), so none is seen twice and none can be taken by anyone else meanwhile. Until
+/// [`Pass::settle`] the letters are out of the queue; closing the channel also returns them.
 struct Pass {
     /// Delivery tag and job id of each letter, in queue order.
     letters: Vec<(u64, Option<JobId>)>,

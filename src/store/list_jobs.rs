@@ -56,7 +56,8 @@ pub struct JobFilter {
     pub before: Option<JobId>,
     /// At most this many jobs.
     pub limit: i64,
-    /// At most this many bytes of jobs (as [`JOB_BYTES`] counts them), but at least one job.
+    /// At most this many bytes of jobs (each counted as stored, plus a fixed allowance for
+    /// its other fields), but at least one job.
     pub max_bytes: i64,
     /// With a `status` filter, examine at most this many rows.
     pub scan_budget: i64,
@@ -208,8 +209,8 @@ impl Store {
     }
 
     /// The jobs `ids` (newest first, as given) up to `max_bytes`: the walk sizes one job at
-    /// a time and stops before the first that would not fit, so a large job past the bound
-    /// is never read in full. The first job always goes in.
+    /// a time and stops at the first that would not fit, so no job after that one is sized
+    /// and none past the bound is sent. The first job always goes in.
     async fn read_within(&self, ids: &[JobId], max_bytes: i64) -> Result<Vec<Job>, StoreError> {
         let sql = format!(
             "WITH RECURSIVE walk(ord, id, total) AS (
