@@ -3,15 +3,19 @@
 //!
 //! Each route carries its scope in its own layer ([`require_scope`], applied with
 //! `route_layer` in [`super::router`]); health and metrics routes carry none and stay open.
-//! With no tokens configured nothing is checked: that is the loopback-only mode the CLI
-//! enforces at start-up.
+//! The layer attaches what the token was granted ([`Granted`]) to the request, so a handler
+//! can tell whether its caller may also read jobs (see [`super::view`]). With no tokens
+//! configured nothing is checked and everything is granted: that is the loopback-only mode
+//! the CLI enforces at start-up.
 
+use std::convert::Infallible;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
@@ -70,6 +74,36 @@ impl FromStr for Scope {
                 "unknown scope {other:?} (expected enqueue, read or admin)"
             )),
         }
+    }
+}
+
+/// The scopes a request was let through with: attached to it by [`require_scope`], read by
+/// handlers as an extractor. A request that never passed a guard is granted nothing, so a
+/// route wired without one answers as little as it can rather than everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granted(u8);
+
+impl Granted {
+    /// Everything: authentication is off (no tokens configured).
+    pub const ALL: Granted = Granted(1 | 2 | 4);
+    /// Nothing.
+    pub const NONE: Granted = Granted(0);
+
+    /// Whether `scope` was granted.
+    pub fn allows(self, scope: Scope) -> bool {
+        self.0 & scope.bit() != 0
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Granted {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Granted, Infallible> {
+        Ok(parts
+            .extensions
+            .get::<Granted>()
+            .copied()
+            .unwrap_or(Granted::NONE))
     }
 }
 
@@ -169,8 +203,14 @@ impl Tokens {
 
     /// Checks an `Authorization` header value against these tokens for `scope`.
     pub fn check(&self, authorization: Option<&[u8]>, scope: Scope) -> Result<(), Denied> {
+        self.grant(authorization, scope).map(|_| ())
+    }
+
+    /// Checks an `Authorization` header value against these tokens for `scope`, and returns
+    /// every scope its token holds ([`Granted::ALL`] when authentication is off).
+    pub fn grant(&self, authorization: Option<&[u8]>, scope: Scope) -> Result<Granted, Denied> {
         if self.is_empty() {
-            return Ok(());
+            return Ok(Granted::ALL);
         }
         let header = authorization.ok_or(Denied::Missing)?;
         let presented = bearer_token(header).ok_or(Denied::Malformed)?;
@@ -181,7 +221,7 @@ impl Tokens {
         if granted & scope.bit() == 0 {
             return Err(Denied::MissingScope(scope));
         }
-        Ok(())
+        Ok(Granted(granted))
     }
 }
 
@@ -195,10 +235,26 @@ fn bearer_token(header: &[u8]) -> Option<&[u8]> {
     (!token.is_empty()).then_some(token)
 }
 
+/// Words that mark a token copied from an example rather than generated (compared
+/// case-insensitively): such a token is public, so it is refused like a short one.
+const PLACEHOLDER_WORDS: [&str; 5] = [
+    "REPLACE_ME",
+    "CHANGE_ME",
+    "CHANGEME",
+    "EXAMPLE",
+    "PLACEHOLDER",
+];
+
+/// Whether `secret` contains one of [`PLACEHOLDER_WORDS`].
+fn is_placeholder(secret: &str) -> bool {
+    let upper = secret.to_ascii_uppercase();
+    PLACEHOLDER_WORDS.iter().any(|w| upper.contains(w))
+}
+
 /// Parses `APIARY_API_TOKENS`: `TOKEN:scope+scope,TOKEN2:scope`. Empty means no tokens.
 ///
 /// Errors name the entry by position, never by its token, so a bad setting does not print
-/// a secret into a log.
+/// a secret into a log. Placeholders left from an example (`REPLACE_ME...`) are refused.
 pub fn parse_tokens(s: &str) -> Result<Tokens, String> {
     let mut tokens: Vec<Token> = Vec::new();
     for (i, entry) in s.split(',').map(str::trim).enumerate() {
@@ -224,6 +280,14 @@ pub fn parse_tokens(s: &str) -> Result<Tokens, String> {
         if secret.len() < MIN_TOKEN_LEN {
             return Err(format!(
                 "token entry {n}: tokens must be at least {MIN_TOKEN_LEN} characters"
+            ));
+        }
+        if is_placeholder(secret) {
+            // Naming the words, not the one found: the error must say nothing of the token.
+            return Err(format!(
+                "token entry {n} is a placeholder (it contains one of {}): set a long random \
+                 token, for example from `openssl rand -hex 32`",
+                PLACEHOLDER_WORDS.join(", ")
             ));
         }
         let mut bits = 0u8;
@@ -260,10 +324,13 @@ pub struct Guard {
 
 /// Middleware: lets the request through if the tokens allow its scope; otherwise answers
 /// 401 (with `WWW-Authenticate: Bearer`) or 403 before the handler reads the body.
-pub async fn require_scope(State(guard): State<Guard>, req: Request, next: Next) -> Response {
+pub async fn require_scope(State(guard): State<Guard>, mut req: Request, next: Next) -> Response {
     let header = req.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
-    match guard.tokens.check(header, guard.scope) {
-        Ok(()) => next.run(req).await,
+    match guard.tokens.grant(header, guard.scope) {
+        Ok(granted) => {
+            req.extensions_mut().insert(granted);
+            next.run(req).await
+        }
         Err(denied) => {
             tracing::debug!(?denied, method = %req.method(), path = req.uri().path(), "request denied");
             ApiError::from(denied).into_response()
@@ -356,6 +423,40 @@ mod tests {
             t.check(Some(format!("bearer {RO}").as_bytes()), Scope::Read),
             Ok(())
         );
+    }
+
+    #[test]
+    fn placeholders_are_refused_without_printing_them() {
+        for token in [
+            "REPLACE_ME_WITH_A_LONG_RANDOM_TOKEN",
+            "please-change_me-0123456789",
+            "xxxxCHANGEMExxxxxxxx",
+            "an-example-token-0123",
+            "placeholder-0123456789",
+        ] {
+            let err = parse_tokens(&format!("{RO}:read,{token}:admin")).expect_err(token);
+            assert!(err.contains("entry 2 is a placeholder"), "{token}: {err}");
+            assert!(
+                !err.contains(token),
+                "{token}: the error leaks the token: {err}"
+            );
+        }
+    }
+
+    /// The example Secret's token must not run if copied as it is.
+    #[test]
+    fn the_example_secrets_token_is_refused() {
+        let example = include_str!("../../deploy/kubernetes/secret.example.yaml");
+        let value = example
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("APIARY_API_TOKENS:"))
+            .next()
+            .expect("the example sets APIARY_API_TOKENS")
+            .trim()
+            .trim_matches(|c| c == '"' || c == '\'');
+        assert!(!value.is_empty());
+        let err = parse_tokens(value).expect_err("the example's token must be refused");
+        assert!(err.contains("entry 1 is a placeholder"), "{err}");
     }
 
     #[test]

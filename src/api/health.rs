@@ -1,5 +1,6 @@
-//! `GET /healthz` (the process answers), `GET /readyz` (its dependencies answer too),
-//! `GET /v1/stats` (the operator's snapshot) and `GET /metrics` (Prometheus).
+//! `GET /healthz` (the process answers), `GET /readyz` (its dependencies answer too, as
+//! [`super::readiness`] last saw them), `GET /v1/stats` (the operator's snapshot) and
+//! `GET /metrics` (Prometheus).
 
 use axum::Json;
 use axum::extract::State;
@@ -13,10 +14,11 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Readiness: Postgres answers and the publisher's channel is open (or can be opened).
+/// Readiness: Postgres answered lately, the publisher's channel is open and the API is not
+/// draining. Reads state only: a probe never opens a connection to RabbitMQ.
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let postgres = state.client.store().ping().await.is_ok();
-    let rabbitmq = state.client.publisher().ensure_connected().await.is_ok();
+    let postgres = state.readiness.postgres(state.client.store()).await;
+    let rabbitmq = state.readiness.rabbitmq(state.client.publisher()).await;
     let draining = state.shutdown.drain.is_cancelled();
     let ready = postgres && rabbitmq && !draining;
     let code = if ready {
@@ -39,13 +41,8 @@ pub async fn stats(
     Ok(Json(state.client.stats().await?))
 }
 
-/// Prometheus metrics of this API process.
-pub async fn metrics() -> (StatusCode, String) {
-    match crate::telemetry::render_metrics() {
-        Some(text) => (StatusCode::OK, text),
-        None => (
-            StatusCode::NOT_FOUND,
-            "metrics are not enabled in this process\n".into(),
-        ),
-    }
+/// Prometheus metrics of this API process; a JSON 404 when metrics are off.
+pub async fn metrics() -> Result<String, super::ApiError> {
+    crate::telemetry::render_metrics()
+        .ok_or_else(|| super::ApiError::NotFound("metrics are not enabled in this process".into()))
 }

@@ -1,14 +1,20 @@
 //! ⑦ Reading jobs: `GET /v1/jobs/{id}` (with `?wait=SECONDS` to long-poll until it finishes)
-//! and `GET /v1/jobs` (newest first, filtered, with a cursor).
+//! and `GET /v1/jobs` (newest first, filtered, with a cursor, in pages bounded by rows, bytes
+//! and rows examined); and changing them: cancel and retry. Every answer that carries a job
+//! goes through [`JobView`], so a token without `read` never sees what a job carries.
 
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
+use super::auth::Granted;
+use super::extract::{PathParams, QueryParams};
+use super::view::JobView;
 use super::{ApiError, AppState};
-use crate::job::{Job, JobId, JobStatus};
+use crate::job::{Job, JobId, JobStatus, validate_dedup_key, validate_kind};
 use crate::store::list_jobs::JobFilter;
 
 /// The longest long poll.
@@ -26,9 +32,10 @@ pub struct GetParams {
 /// Returns one job; with `wait`, answers as soon as it finishes or the wait is over.
 pub async fn get(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    Query(params): Query<GetParams>,
-) -> Result<Json<Job>, ApiError> {
+    granted: Granted,
+    PathParams(id): PathParams<String>,
+    QueryParams(params): QueryParams<GetParams>,
+) -> Result<Json<JobView>, ApiError> {
     let id = parse_id(&id)?;
     let wait = match params.wait.as_deref() {
         None => None,
@@ -36,31 +43,34 @@ pub async fn get(
     };
     let store = state.client.store();
     let Some(wait) = wait else {
-        return found(store.get_job(id).await?, id);
+        return answer(store.get_job(id).await?, id, granted);
     };
-    let reg = state.waiters.register(id);
+    let Some(reg) = state.waiters.register(id) else {
+        return Err(ApiError::Unavailable(
+            "too many waiting requests; retry without wait or later".into(),
+        ));
+    };
     let notified = reg.notify.notified();
     let everyone = state.waiters.all().notified();
     tokio::pin!(notified, everyone);
     // Enabled before the read: a finish between the read and the wait still wakes us.
     notified.as_mut().enable();
     everyone.as_mut().enable();
-    let job = found(store.get_job(id).await?, id)?;
+    let mut job = found(store.get_job(id).await?, id)?;
     if job.status().is_final() {
-        return Ok(job);
+        return Ok(Json(JobView::of(job, granted)));
     }
     let deadline = tokio::time::Instant::now() + wait;
-    let mut job = job;
     loop {
         tokio::select! {
             () = &mut notified => {}
             () = &mut everyone => {}
-            () = tokio::time::sleep_until(deadline) => return Ok(job),
-            () = state.shutdown.drain.cancelled() => return found(store.get_job(id).await?, id),
+            () = tokio::time::sleep_until(deadline) => return Ok(Json(JobView::of(job, granted))),
+            () = state.shutdown.drain.cancelled() => return answer(store.get_job(id).await?, id, granted),
         }
         job = found(store.get_job(id).await?, id)?;
         if job.status().is_final() {
-            return Ok(job);
+            return Ok(Json(JobView::of(job, granted)));
         }
         // Woken for everyone (a listener reconnect): wait again for the rest of the time.
         notified.set(reg.notify.notified());
@@ -70,9 +80,12 @@ pub async fn get(
     }
 }
 
-fn found(job: Option<Job>, id: JobId) -> Result<Json<Job>, ApiError> {
-    job.map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))
+fn found(job: Option<Job>, id: JobId) -> Result<Job, ApiError> {
+    job.ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))
+}
+
+fn answer(job: Option<Job>, id: JobId, granted: Granted) -> Result<Json<JobView>, ApiError> {
+    found(job, id).map(|j| Json(JobView::of(j, granted)))
 }
 
 /// Parses a job id from a path.
@@ -109,18 +122,31 @@ pub struct ListParams {
 }
 
 /// A page of jobs.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize)]
 pub struct JobPage {
-    /// The jobs, newest first.
-    pub jobs: Vec<Job>,
-    /// Pass as `before` for the next page; absent on the last page.
+    /// The jobs, newest first. Fewer than `limit` (even none) does not mean the last page:
+    /// a page also ends at its byte bound and, with a `status` filter, at its scan budget.
+    pub jobs: Vec<JobView>,
+    /// Pass as `before` for the next page; `null` once nothing older can match.
     pub next: Option<JobId>,
+}
+
+/// A filter value Postgres could not even compare: text cannot hold NUL. Checked here, not
+/// left to the validators of what may be enqueued, because a filter only has to be storable.
+fn no_nul(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.contains('\0') {
+        return Err(ApiError::BadRequest(format!(
+            "{field}: must not contain a NUL character"
+        )));
+    }
+    Ok(())
 }
 
 /// Lists jobs newest first.
 pub async fn list(
     State(state): State<AppState>,
-    Query(p): Query<ListParams>,
+    granted: Granted,
+    QueryParams(p): QueryParams<ListParams>,
 ) -> Result<Json<JobPage>, ApiError> {
     let status = match p.status.as_deref() {
         None => None,
@@ -129,6 +155,15 @@ pub async fn list(
                 .map_err(|e| ApiError::BadRequest(format!("status: {e}")))?,
         ),
     };
+    // A kind or key no job can have is the caller's mistake, not an empty page.
+    if let Some(kind) = &p.kind {
+        no_nul("kind", kind)?;
+        validate_kind(kind).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    }
+    if let Some(key) = &p.dedup_key {
+        no_nul("dedup_key", key)?;
+        validate_dedup_key(key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    }
     let limit = match p.limit.as_deref() {
         None => 50,
         Some(l) => l
@@ -143,10 +178,9 @@ pub async fn list(
     };
     let before = match p.before.as_deref() {
         None => None,
-        Some(b) => Some(
-            b.parse()
-                .map_err(|_| ApiError::BadRequest(format!("before: malformed cursor {b:?}")))?,
-        ),
+        Some(b) => Some(b.parse().map_err(|_| {
+            ApiError::BadRequest(format!("before: malformed cursor {b:?}: expected a job id"))
+        })?),
     };
     let filter = JobFilter {
         status,
@@ -154,22 +188,27 @@ pub async fn list(
         dedup_key: p.dedup_key,
         before,
         limit,
+        max_bytes: state.options.max_page_bytes,
+        scan_budget: state.options.scan_budget,
     };
-    let jobs = state.client.store().list_jobs(&filter).await?;
-    let next = if jobs.len() as i64 == limit {
-        jobs.last().map(|j| j.id)
-    } else {
-        None
-    };
-    Ok(Json(JobPage { jobs, next }))
+    let page = state.client.store().list_jobs(&filter).await?;
+    Ok(Json(JobPage {
+        jobs: page
+            .jobs
+            .into_iter()
+            .map(|j| JobView::of(j, granted))
+            .collect(),
+        next: page.next,
+    }))
 }
 
 /// `POST /v1/jobs/{id}/cancel`: a job that has not started never runs; a running one is
 /// told and ends `cancelled` when its handler returns; a finished one is a 409.
 pub async fn cancel(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<(axum::http::StatusCode, Json<Job>), ApiError> {
+    granted: Granted,
+    PathParams(id): PathParams<String>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
     use crate::store::cancel_job::CancelOutcome;
     let id = parse_id(&id)?;
     let store = state.client.store();
@@ -180,23 +219,24 @@ pub async fn cancel(
                 "job {id} has already finished ({s}); nothing to cancel"
             )));
         }
-        CancelOutcome::Cancelled => axum::http::StatusCode::OK,
-        CancelOutcome::Requested => axum::http::StatusCode::ACCEPTED,
+        CancelOutcome::Cancelled => StatusCode::OK,
+        CancelOutcome::Requested => StatusCode::ACCEPTED,
     };
-    let Json(job) = found(store.get_job(id).await?, id)?;
-    Ok((code, Json(job)))
+    let job = found(store.get_job(id).await?, id)?;
+    Ok((code, Json(JobView::of(job, granted))))
 }
 
 /// `POST /v1/jobs/{id}/retry`: replays a `dead` or `failed` job with a fresh attempt budget;
 /// 409 for any other status.
 pub async fn retry(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<(axum::http::StatusCode, Json<Job>), ApiError> {
+    granted: Granted,
+    PathParams(id): PathParams<String>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
     use crate::store::dead_job::ReplaySelector;
     let id = parse_id(&id)?;
     let store = state.client.store();
-    let Json(before) = found(store.get_job(id).await?, id)?;
+    let before = found(store.get_job(id).await?, id)?;
     if !matches!(before.status(), JobStatus::Dead | JobStatus::Failed) {
         return Err(ApiError::Conflict(format!(
             "job {id} is {}; only dead or failed jobs can be retried",
@@ -205,7 +245,7 @@ pub async fn retry(
     }
     let replayed = state.client.replay(&ReplaySelector::Id(id)).await?;
     if replayed.is_empty() {
-        let Json(now) = found(store.get_job(id).await?, id)?;
+        let now = found(store.get_job(id).await?, id)?;
         let why = if now.raw_body.is_some() {
             "it is a poison message, not a job"
         } else {
@@ -215,6 +255,6 @@ pub async fn retry(
             "job {id} cannot be retried: {why}"
         )));
     }
-    let Json(job) = found(store.get_job(id).await?, id)?;
-    Ok((axum::http::StatusCode::ACCEPTED, Json(job)))
+    let job = found(store.get_job(id).await?, id)?;
+    Ok((StatusCode::ACCEPTED, Json(JobView::of(job, granted))))
 }

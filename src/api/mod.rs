@@ -1,24 +1,59 @@
 //! The HTTP API: ① enqueue and ⑦ poll. [`router`] builds the routes apart from [`serve`], so
-//! tests call it without a socket.
+//! tests call it without a socket. Every error it answers, axum's own included, is
+//! `{"error": "..."}` ([`error`]).
 
 pub mod auth;
 pub mod enqueue;
 pub mod error;
+pub mod extract;
 pub mod health;
 pub mod jobs;
+pub mod readiness;
+pub mod view;
 pub mod waiters;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::http::{Method, Uri};
 use axum::routing::{get, post};
 
 use crate::client::Client;
 use crate::shutdown::Shutdown;
+use crate::store::list_jobs::{DEFAULT_SCAN_BUDGET, MAX_PAGE_BYTES};
 use auth::{Guard, Scope, Tokens};
 pub use error::ApiError;
+use readiness::Readiness;
 use waiters::Waiters;
+
+/// The API's bounds, each with its default; [`AppState::with_options`] takes them, so tests
+/// can make them small.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiOptions {
+    /// The most long polls (`?wait=`) waiting at once in this process (defaults to 10,000);
+    /// past it a long poll is answered 503.
+    pub max_waiters: usize,
+    /// The most bytes of jobs in one `GET /v1/jobs` page (defaults to 8 MiB); a page holds
+    /// at least one job.
+    pub max_page_bytes: i64,
+    /// The most rows one `GET /v1/jobs` page examines for a `status` filter (defaults to
+    /// 50,000).
+    pub scan_budget: i64,
+    /// The readiness reconnector's backoff (defaults to 100 ms, doubling up to 2 s).
+    pub reconnect: readiness::Backoff,
+}
+
+impl Default for ApiOptions {
+    fn default() -> Self {
+        ApiOptions {
+            max_waiters: waiters::DEFAULT_MAX_WAITERS,
+            max_page_bytes: MAX_PAGE_BYTES,
+            scan_budget: DEFAULT_SCAN_BUDGET,
+            reconnect: readiness::Backoff::default(),
+        }
+    }
+}
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -27,23 +62,52 @@ pub struct AppState {
     pub client: Client,
     /// Long polls waiting for jobs to finish.
     pub waiters: Arc<Waiters>,
-    /// Fires when the server drains: long polls answer at once with the current state.
+    /// Fires when the server drains: long polls answer at once with the current state, and
+    /// the readiness reconnector stops.
     pub shutdown: Shutdown,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// The bearer tokens each scoped route checks; empty means the API is open.
     pub tokens: Arc<Tokens>,
+    /// What `/readyz` reports, kept by a background task.
+    pub readiness: Arc<Readiness>,
+    /// The bounds of pages and long polls.
+    pub options: ApiOptions,
 }
 
 impl AppState {
-    /// State for `client`, listening for finished jobs on its store, accepting `tokens`.
+    /// State for `client`, listening for finished jobs on its store, accepting `tokens`, with
+    /// the default [`ApiOptions`]. Starts the API's background tasks (the long-poll listener
+    /// and the readiness reconnector), so it must be called within a tokio runtime.
     pub fn new(
         client: Client,
         shutdown: Shutdown,
         max_payload_bytes: usize,
         tokens: Tokens,
     ) -> AppState {
-        let waiters = Waiters::start(client.store().clone(), shutdown.force.clone());
+        AppState::with_options(
+            client,
+            shutdown,
+            max_payload_bytes,
+            tokens,
+            ApiOptions::default(),
+        )
+    }
+
+    /// [`AppState::new`] with other bounds.
+    pub fn with_options(
+        client: Client,
+        shutdown: Shutdown,
+        max_payload_bytes: usize,
+        tokens: Tokens,
+        options: ApiOptions,
+    ) -> AppState {
+        let waiters = Waiters::start(
+            client.store().clone(),
+            shutdown.force.clone(),
+            options.max_waiters,
+        );
+        let readiness = Readiness::start(client.clone(), options.reconnect, shutdown.drain.clone());
         // The body holds the payload plus a little JSON around it.
         AppState {
             client,
@@ -51,12 +115,15 @@ impl AppState {
             shutdown,
             max_body_bytes: max_payload_bytes + 64 * 1024,
             tokens: Arc::new(tokens),
+            readiness,
+            options,
         }
     }
 }
 
 /// The API's routes. Each job route carries the scope it needs in its own layer
-/// ([`auth::require_scope`]); health checks carry none and stay open.
+/// ([`auth::require_scope`]); health checks carry none and stay open. An unknown path and a
+/// known path with the wrong method answer JSON like every other error.
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
     let tokens = state.tokens.clone();
@@ -95,8 +162,22 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        // After every route: it applies to the routes registered before it. axum still sets
+        // the `Allow` header on these answers.
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(no_route)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// The answer for a path no route has.
+async fn no_route() -> ApiError {
+    ApiError::NoRoute("no such route; see the HTTP API in the README".into())
+}
+
+/// The answer for a route's path with a method it does not take.
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
 }
 
 /// Serves `router` on `addr` until the shutdown drains it: stops accepting, lets open requests

@@ -1,9 +1,10 @@
 //! Long polls without a polling loop: one LISTEN connection per API process hears every
 //! finished job id (sent by the completing transaction's NOTIFY) and wakes the requests
-//! waiting on it.
+//! waiting on it. How many requests may wait at once is capped, so callers cannot grow the
+//! registry without bound.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
@@ -13,12 +14,26 @@ use tokio_util::sync::CancellationToken;
 use crate::job::JobId;
 use crate::store::{DONE_CHANNEL, Store};
 
+/// The most requests one API process lets wait at once, by default.
+pub const DEFAULT_MAX_WAITERS: usize = 10_000;
+
 /// Requests waiting for jobs to finish. A request registers before it reads the job, so a
 /// finish between its read and its wait still wakes it.
 pub struct Waiters {
-    waiting: Mutex<HashMap<JobId, (Arc<Notify>, usize)>>,
+    registry: Mutex<Registry>,
+    /// At most this many registrations at once.
+    max: usize,
     /// Wakes every waiter: after the listener reconnects (notifications may have been missed).
     all: Notify,
+}
+
+/// Who waits for which job.
+#[derive(Default)]
+struct Registry {
+    /// Per job: what wakes its waiters, and how many there are.
+    jobs: HashMap<JobId, (Arc<Notify>, usize)>,
+    /// Registrations over all jobs.
+    total: usize,
 }
 
 /// A registration; dropping it unregisters.
@@ -30,33 +45,48 @@ pub struct Registration<'a> {
 }
 
 impl Waiters {
-    /// Starts the listener on `store`; it stops when `stop` fires.
-    pub fn start(store: Store, stop: CancellationToken) -> Arc<Waiters> {
+    /// Starts the listener on `store`, letting at most `max` requests wait at once; it stops
+    /// when `stop` fires.
+    pub fn start(store: Store, stop: CancellationToken, max: usize) -> Arc<Waiters> {
         let w = Arc::new(Waiters {
-            waiting: Mutex::new(HashMap::new()),
+            registry: Mutex::new(Registry::default()),
+            max,
             all: Notify::new(),
         });
         tokio::spawn(listen(store, w.clone(), stop));
         w
     }
 
-    /// Registers interest in `id`.
-    pub fn register(&self, id: JobId) -> Registration<'_> {
-        let notify = match self.waiting.lock() {
-            Ok(mut map) => {
-                let entry = map
-                    .entry(id)
-                    .or_insert_with(|| (Arc::new(Notify::new()), 0));
-                entry.1 += 1;
-                entry.0.clone()
-            }
-            Err(_) => Arc::new(Notify::new()),
-        };
-        Registration {
+    /// The registry. Every change to it is a whole insert or remove, so a thread that
+    /// panicked holding the lock left nothing half-done: a poisoned lock is used as it is.
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers interest in `id`; `None` when [`Waiters::start`]'s `max` requests wait
+    /// already.
+    pub fn register(&self, id: JobId) -> Option<Registration<'_>> {
+        let mut reg = self.registry();
+        if reg.total >= self.max {
+            return None;
+        }
+        reg.total += 1;
+        let entry = reg
+            .jobs
+            .entry(id)
+            .or_insert_with(|| (Arc::new(Notify::new()), 0));
+        entry.1 += 1;
+        let notify = entry.0.clone();
+        Some(Registration {
             waiters: self,
             id,
             notify,
-        }
+        })
+    }
+
+    /// How many requests wait now.
+    pub fn waiting(&self) -> usize {
+        self.registry().total
     }
 
     /// Fires on a listener reconnect.
@@ -65,9 +95,7 @@ impl Waiters {
     }
 
     fn wake(&self, id: JobId) {
-        if let Ok(map) = self.waiting.lock()
-            && let Some((n, _)) = map.get(&id)
-        {
+        if let Some((n, _)) = self.registry().jobs.get(&id) {
             n.notify_waiters();
         }
     }
@@ -75,12 +103,12 @@ impl Waiters {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.waiters.waiting.lock()
-            && let Some(entry) = map.get_mut(&self.id)
-        {
+        let mut reg = self.waiters.registry();
+        reg.total = reg.total.saturating_sub(1);
+        if let Some(entry) = reg.jobs.get_mut(&self.id) {
             entry.1 -= 1;
             if entry.1 == 0 {
-                map.remove(&self.id);
+                reg.jobs.remove(&self.id);
             }
         }
     }
@@ -118,5 +146,32 @@ async fn listen(store: Store, waiters: Arc<Waiters>, stop: CancellationToken) {
                 Ok(None) | Err(_) => break,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn registrations_stop_at_the_cap_and_free_their_place() {
+        let store = Store::connect_lazy("postgres://nobody@127.0.0.1:1/none", 1).expect("pool");
+        let stop = CancellationToken::new();
+        let w = Waiters::start(store, stop.clone(), 2);
+        let id = uuid::Uuid::now_v7();
+        let a = w.register(id).expect("first");
+        let b = w.register(uuid::Uuid::now_v7()).expect("second");
+        assert!(
+            w.register(id).is_none(),
+            "a third registration passed the cap of 2"
+        );
+        assert_eq!(w.waiting(), 2);
+        drop(a);
+        assert_eq!(w.waiting(), 1);
+        let c = w.register(id).expect("a freed place is taken again");
+        drop((b, c));
+        assert_eq!(w.waiting(), 0);
+        assert!(w.registry().jobs.is_empty());
+        stop.cancel();
     }
 }

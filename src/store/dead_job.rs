@@ -208,3 +208,110 @@ impl Store {
             .collect())
     }
 }
+
+/// The advisory lock a dead-letter sweep holds, so two sweepers never sweep at once (a
+/// second one would find every letter held by the first and remove nothing anyway).
+pub const DEAD_SWEEP_LOCK: i64 = 0x6170_6961_7279_0d5e; // "apiary" + sweep
+
+/// A sweep in progress: holds [`DEAD_SWEEP_LOCK`] in its transaction until
+/// [`DeadSweep::finish`] commits or the value is dropped (which rolls back and releases it).
+pub struct DeadSweep {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// The ids queued for sweeping whose job was not `dead` when the sweep began.
+    pub queued: Vec<JobId>,
+    /// When the sweep began, before it read the dead-letter queue: only ids queued before
+    /// this are forgotten, since a later replay may have letters this pass did not see.
+    started: chrono::DateTime<chrono::Utc>,
+}
+
+impl Store {
+    /// Queues the dead letters of `ids` for removal by the next sweep (replayed jobs, whose
+    /// letters no longer stand for a dead job). Queueing an id twice is harmless.
+    pub async fn queue_dead_sweep(&self, ids: &[JobId]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO apiary_dead_sweep (job_id) SELECT unnest($1::uuid[])
+             ON CONFLICT (job_id) DO UPDATE SET queued_at = now()",
+        )
+        .bind(ids)
+        .execute(self.pool())
+        .await
+        .context("queueing dead letters for sweeping")?;
+        Ok(())
+    }
+
+    /// Starts a sweep: takes [`DEAD_SWEEP_LOCK`] and reads up to `max` queued ids whose job
+    /// is not `dead`, oldest first. `None` when another sweep holds the lock.
+    ///
+    /// The ids of jobs that died again after their replay stay queued, unread, until a later
+    /// replay: they neither take a sweep's places nor lose the stale letters they stand for.
+    pub async fn begin_dead_sweep(&self, max: i64) -> Result<Option<DeadSweep>, StoreError> {
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .context("starting a dead-letter sweep")?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(DEAD_SWEEP_LOCK)
+            .fetch_one(&mut *tx)
+            .await
+            .context("taking the dead-letter sweep lock")?;
+        if !locked {
+            return Ok(None);
+        }
+        let started = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&mut *tx)
+            .await
+            .context("reading the clock")?;
+        let queued = sqlx::query_scalar(
+            "SELECT s.job_id FROM apiary_dead_sweep s LEFT JOIN apiary_jobs j ON j.id = s.job_id
+              WHERE j.status IS DISTINCT FROM 'dead'
+              ORDER BY s.queued_at, s.job_id LIMIT $1",
+        )
+        .bind(max)
+        .fetch_all(&mut *tx)
+        .await
+        .context("reading the ids queued for sweeping")?;
+        Ok(Some(DeadSweep {
+            tx,
+            queued,
+            started,
+        }))
+    }
+}
+
+impl DeadSweep {
+    /// Of `ids`, those whose job is no longer `dead` (or no longer exists): their letters
+    /// stand for nothing and may go. A job that died again after its replay keeps its
+    /// letters: one of them is its current one, and they look alike.
+    pub async fn not_dead(&mut self, ids: &[JobId]) -> Result<Vec<JobId>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT q.id FROM unnest($1::uuid[]) AS q(id)
+               LEFT JOIN apiary_jobs j ON j.id = q.id
+              WHERE j.status IS DISTINCT FROM 'dead'",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.tx)
+        .await
+        .context("reading the status of replayed jobs")
+    }
+
+    /// Ends the sweep: forgets `swept` (their letters are gone) unless queued again since the
+    /// sweep began, and releases the lock.
+    pub async fn finish(mut self, swept: &[JobId]) -> Result<(), StoreError> {
+        if !swept.is_empty() {
+            sqlx::query("DELETE FROM apiary_dead_sweep WHERE job_id = ANY($1) AND queued_at < $2")
+                .bind(swept)
+                .bind(self.started)
+                .execute(&mut *self.tx)
+                .await
+                .context("forgetting swept ids")?;
+        }
+        self.tx
+            .commit()
+            .await
+            .context("finishing a dead-letter sweep")
+    }
+}

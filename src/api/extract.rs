@@ -1,0 +1,22 @@
+//! The extractors the routes use in place of axum's `Json`, `Query` and `Path`: the same
+//! parsing, but a request they refuse gets an [`ApiError`], so `{"error": "..."}` like every
+//! other error, instead of axum's plain-text rejection.
+
+use axum::extract::{FromRequest, FromRequestParts};
+
+use super::ApiError;
+
+/// A JSON body (`Content-Type: application/json`, within the body limit).
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct JsonBody<T>(pub T);
+
+/// The query string, deserialized.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct QueryParams<T>(pub T);
+
+/// The path parameters, deserialized.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct PathParams<T>(pub T);
