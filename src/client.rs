@@ -174,31 +174,17 @@ impl Client {
             return Ok(Vec::new());
         }
         let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+        // Queued before the publish: once replayed, the old letters are stale whether or not
+        // this publish is confirmed. The workers' sweep removes them, one pass for many
+        // replays; failing to queue leaves stale letters, not lost jobs.
+        if let Err(e) = self.inner.store.queue_dead_sweep(&ids).await {
+            tracing::warn!(error = %e, "replayed, but could not queue their dead letters for removal");
+        }
         if let Err(source) = self.inner.publisher.publish_jobs(&jobs).await {
             return Err(EnqueueError::NotPublished { source, ids });
         }
         let _ = self.inner.confirmed.send(ids.clone());
-        // The jobs are safe in the work queue now; a failed sweep leaves stale letters, not
-        // lost jobs, so it is logged rather than failed.
-        match self.inner.publisher.open_channel().await {
-            Ok(ch) => {
-                let set = ids.iter().copied().collect();
-                match crate::broker::dead::remove(&ch, self.inner.publisher.names(), &set).await {
-                    Ok(n) => tracing::info!(
-                        replayed = ids.len(),
-                        letters_removed = n,
-                        "replayed dead jobs"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "replayed, but could not remove their dead letters")
-                    }
-                }
-                let _ = ch.close(200, "sweep done".into()).await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "replayed, but could not open a channel to sweep dead letters")
-            }
-        }
+        tracing::info!(replayed = ids.len(), "replayed dead jobs");
         Ok(ids)
     }
 

@@ -174,12 +174,14 @@ async fn a_dead_job_replays_with_a_fresh_budget_and_keeps_its_id_and_history() {
     assert_eq!(job.attempts, 1, "fresh attempt budget");
     assert_eq!(job.result, Some(json!({"v": 1})));
     assert_eq!(job.errors.as_array().map(Vec::len), Some(1), "history kept");
-    assert!(
+    // The workers' sweep removes its dead letter, within one sweep interval.
+    env.wait_until("its dead letter to be swept", T, || async {
         common::peek_dead_letters(&env.names().dead)
             .await
-            .is_empty(),
-        "its dead letter is gone"
-    );
+            .is_empty()
+            .then_some(())
+    })
+    .await;
     // Only dead or failed jobs can be retried.
     let (status, body) = post(&app, &format!("/v1/jobs/{id}/retry")).await;
     assert_eq!(status, 409, "{body}");
@@ -228,6 +230,16 @@ async fn dead_list_and_replay_from_the_cli() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), a.to_string());
     let job = env.job(a).await.expect("job");
     assert_eq!((job.status(), job.attempts), (JobStatus::Queued, 0));
+    // One sweep (what every worker runs every few seconds) removes the replayed letter.
+    let conn = lapin::Connection::connect(common::AMQP, Default::default())
+        .await
+        .expect("rabbitmq");
+    let ch = conn.create_channel().await.expect("channel");
+    let removed = apiary::broker::dead::sweep_replayed(&env.store, &ch, &env.names())
+        .await
+        .expect("sweep");
+    assert_eq!(removed, 1);
+    let _ = conn.close(200, "".into()).await;
     let letters = common::peek_dead_letters(&env.names().dead).await;
     assert_eq!(letters.len(), 1, "only b's letter is left: {letters:?}");
     assert_eq!(letters[0].0.as_deref(), Some(b.to_string().as_str()));

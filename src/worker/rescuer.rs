@@ -9,6 +9,8 @@
 //! - **rescue**: running jobs whose lease expired (detached jobs, jobs of workers whose
 //!   heartbeat stopped, and once a minute every running job), put back or ended.
 //! - **prune**: finished jobs past their retention.
+//! - **dead-letter sweep**: removes the letters of replayed jobs from the dead-letter queue,
+//!   one pass for many replays, one worker at a time.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +56,12 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             stop.clone(),
             FULL_RESCUE_INTERVAL,
             |s| Box::pin(async move { rescue_all(&s).await }),
+        )),
+        tokio::spawn(every(
+            shared.clone(),
+            stop.clone(),
+            Duration::from_secs(10),
+            |s| Box::pin(async move { sweep_dead_letters(&s).await }),
         )),
         tokio::spawn(prune_loop(shared.clone(), stop.clone())),
     ];
@@ -295,6 +303,19 @@ async fn read_depths(shared: &Shared) {
         && let Ok(mut depths) = shared.depths.lock()
     {
         *depths = d;
+    }
+}
+
+/// Removes the dead letters of replayed jobs. Every worker tries; an advisory lock lets one
+/// sweep at a time. The stats channel serves: the sweep hands every letter back on error.
+async fn sweep_dead_letters(shared: &Shared) {
+    let Some(channel) = shared.stats_channel.read().await.clone() else {
+        return;
+    };
+    if let Err(e) =
+        crate::broker::dead::sweep_replayed(&shared.store, &channel, &shared.names).await
+    {
+        tracing::debug!(error = %e, "dead-letter sweep failed; the next one tries again");
     }
 }
 
