@@ -70,6 +70,10 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Check the invariants behind "nothing lost, nothing run twice" against the live
+        /// database and broker; print each violation and exit 1 if there is any.
+        #[arg(long)]
+        check: bool,
     },
     /// Measure throughput, latency, CPU and memory on the configured servers.
     Bench(crate::bench::BenchArgs),
@@ -123,7 +127,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = cli.config.validate()?;
     match cli.command {
         Command::Bench(args) => crate::bench::run(&cfg, &args).await.map(|_| ()),
-        Command::Status { json } => {
+        Command::Status { json, check: true } => {
+            let client = Client::new(&cfg)?;
+            client.store().check_schema().await?;
+            let violations = client.check().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&violations)?);
+            } else if violations.is_empty() {
+                println!("invariants hold: no violations");
+            } else {
+                for v in &violations {
+                    match v.job {
+                        Some(id) => println!("invariant {}: job {id}: {}", v.invariant, v.detail),
+                        None => println!("invariant {}: {}", v.invariant, v.detail),
+                    }
+                }
+            }
+            if violations.is_empty() {
+                Ok(())
+            } else {
+                anyhow::bail!("{} invariant violation(s)", violations.len())
+            }
+        }
+        Command::Status { json, check: false } => {
             let client = Client::new(&cfg)?;
             let stats = client.stats().await?;
             if json {

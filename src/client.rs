@@ -188,6 +188,37 @@ impl Client {
         Ok(ids)
     }
 
+    /// Checks the invariants ([`crate::store::invariants`]) against the live database, with the
+    /// dead-letter queue's depth from RabbitMQ. Safe while work runs; exact checks of the
+    /// broker side need [`Client::check_quiescent`].
+    pub async fn check(&self) -> Result<Vec<crate::store::invariants::Violation>, StatsError> {
+        let channel = self.inner.publisher.open_channel().await?;
+        let depths = crate::broker::topology::depths(&channel, self.inner.publisher.names()).await;
+        let _ = channel.close(200, "check done".into()).await;
+        let depths = depths?;
+        let quiet = crate::store::invariants::Quiet::Live {
+            dead_letters: Some(u64::from(depths.dead)),
+        };
+        Ok(self.inner.store.check_invariants(quiet).await?)
+    }
+
+    /// Like [`Client::check`], for a deployment where nothing is in flight (no worker holds a
+    /// delivery): then every message is counted, and every unfinished job must be accounted
+    /// for by a message or an outbox row.
+    pub async fn check_quiescent(
+        &self,
+    ) -> Result<Vec<crate::store::invariants::Violation>, StatsError> {
+        let channel = self.inner.publisher.open_channel().await?;
+        let depths = crate::broker::topology::depths(&channel, self.inner.publisher.names()).await;
+        let _ = channel.close(200, "check done".into()).await;
+        let depths = depths?;
+        let quiet = crate::store::invariants::Quiet::Quiescent {
+            messages: u64::from(depths.ready) + u64::from(depths.delayed),
+            dead_letters: u64::from(depths.dead),
+        };
+        Ok(self.inner.store.check_invariants(quiet).await?)
+    }
+
     /// A snapshot for operators: queue depths from RabbitMQ, live workers, jobs by status in
     /// the last hour, and the oldest waiting job.
     pub async fn stats(&self) -> Result<Stats, StatsError> {

@@ -208,6 +208,8 @@ async fn chaos_terms_and_kills_lose_nothing_and_apply_nothing_twice() {
         want.values().sum::<i64>(),
         "no counter moved that no job targets"
     );
+    // Every worker has stopped: every message of this world is counted.
+    env.assert_invariants_quiescent().await;
     for t in terms.iter().chain(&final_terms) {
         assert!(
             t.took <= DRAIN_TIMEOUT + DRAIN_MARGIN,

@@ -109,6 +109,7 @@ async fn connection_kills_on_both_sides_mid_stream_lose_nothing() {
     assert!(log.contains("rabbitmq available again"), "{log}");
     worker.signal("TERM");
     assert!(worker.wait(T).await.success());
+    env.assert_invariants_quiescent().await;
 }
 
 #[tokio::test]
@@ -319,6 +320,7 @@ async fn a_mixed_run_with_connection_kills_ends_with_everything_in_its_place() {
         w.signal("TERM");
         assert!(w.wait(T).await.success());
     }
+    env.assert_invariants_quiescent().await;
     eprintln!(
         "mixed run: {N} jobs + {} poison in {:.1}s; {} succeeded, {} dead, {} dead letters ({} distinct)",
         poison.len(),

@@ -8,6 +8,7 @@ pub mod dead_job;
 pub mod finish_job;
 pub mod get_job;
 pub mod insert_job;
+pub mod invariants;
 pub mod list_jobs;
 pub mod outbox;
 pub mod prune;

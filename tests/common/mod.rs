@@ -194,6 +194,23 @@ impl TestEnv {
         publish_raw_to(&self.cfg.queue, bodies).await
     }
 
+    /// Fails with every violation if the invariants do not hold, workers possibly running.
+    pub async fn assert_invariants(&self) {
+        let v = self.client().check().await.expect("check invariants");
+        assert!(v.is_empty(), "invariants broken: {v:#?}");
+    }
+
+    /// Fails with every violation if the invariants do not hold; for when every worker has
+    /// stopped, so every message of this test's world is counted.
+    pub async fn assert_invariants_quiescent(&self) {
+        let v = self
+            .client()
+            .check_quiescent()
+            .await
+            .expect("check invariants");
+        assert!(v.is_empty(), "invariants broken: {v:#?}");
+    }
+
     /// Messages ready in a queue.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         passive_declare(queue).await.message_count()
