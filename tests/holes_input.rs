@@ -24,7 +24,12 @@ fn api_with_limit(env: &TestEnv, max: usize) -> axum::Router {
     let mut cfg = env.cfg.clone();
     cfg.max_payload_bytes = max;
     let client = apiary::Client::new(&cfg).expect("client");
-    router(AppState::new(client, Shutdown::new(), max, Default::default()))
+    router(AppState::new(
+        client,
+        Shutdown::new(),
+        max,
+        Default::default(),
+    ))
 }
 
 fn api(env: &TestEnv) -> axum::Router {
@@ -153,7 +158,11 @@ async fn one_size_rule_holds_from_the_api_through_retries_and_raw_messages() {
     let (status, body) = post_job(&app, &json!({"kind": "echo", "payload": over})).await;
     assert!(status == 422 || status == 413, "{status}: {body}");
     assert!(error_of(&body).contains("payload"), "{body}");
-    assert_eq!(row_count(&env).await, before, "a refused enqueue wrote a row");
+    assert_eq!(
+        row_count(&env).await,
+        before,
+        "a refused enqueue wrote a row"
+    );
 
     // At the limit, through two retries: each republish (with run_at, through the delay
     // queues) carries the same payload and passes the same rule.
@@ -233,7 +242,11 @@ async fn nul_in_payloads_runs_and_nul_elsewhere_is_refused_or_replaced() {
         let job = env.wait_for_status(*id, JobStatus::Succeeded, T).await;
         assert_eq!(job.attempts, 1, "{job:#?}");
         assert_eq!(&job.payload, payload);
-        assert_eq!(job.result.as_ref(), Some(payload), "echo returns the payload");
+        assert_eq!(
+            job.result.as_ref(),
+            Some(payload),
+            "echo returns the payload"
+        );
     }
 
     // Over HTTP too.
@@ -315,7 +328,11 @@ async fn a_huge_failure_message_is_cut_in_the_letter_and_the_record() {
     let job = env.wait_for_status(id, JobStatus::Dead, T).await;
     let error = job.error.clone().unwrap_or_default();
     assert!(error.len() <= 4096, "stored error is {} bytes", error.len());
-    assert!(error.starts_with("mmmm"), "{}", &error[..error.len().min(80)]);
+    assert!(
+        error.starts_with("mmmm"),
+        "{}",
+        &error[..error.len().min(80)]
+    );
     for entry in job.errors.as_array().expect("errors") {
         let e = entry["error"].as_str().unwrap_or_default();
         assert!(e.len() <= 4096, "history entry is {} bytes", e.len());
@@ -324,7 +341,11 @@ async fn a_huge_failure_message_is_cut_in_the_letter_and_the_record() {
     let letters = wait_for_letters(&env, 1).await;
     let (_, reason) = letter_for(&letters, id).unwrap_or_else(|| panic!("{letters:?}"));
     let reason = reason.expect("x-apiary-reason");
-    assert!(reason.len() <= 4096, "reason header is {} bytes", reason.len());
+    assert!(
+        reason.len() <= 4096,
+        "reason header is {} bytes",
+        reason.len()
+    );
     assert!(reason.starts_with("mmmm"));
 
     assert_eq!(consumer_count(&env.cfg.queue).await, 1);
@@ -379,7 +400,11 @@ async fn refused_data_in_a_claim_batch_is_isolated_and_dead_lettered() {
         assert_eq!(job.attempts, 1, "{job:#?}");
     }
     for (i, sum) in sums.iter().enumerate() {
-        assert_eq!(env.tally(&format!("c{i}")).await, Some(*sum), "counter c{i}");
+        assert_eq!(
+            env.tally(&format!("c{i}")).await,
+            Some(*sum),
+            "counter c{i}"
+        );
     }
     let letters = wait_for_letters(&env, 2).await;
     assert_eq!(letters.len(), 2, "{letters:?}");
@@ -476,8 +501,11 @@ async fn refused_data_in_an_enqueue_batch_is_refused_to_its_caller_alone() {
     assert_eq!(created.len(), 19);
     assert!(env.job(bad).await.is_none(), "a refused job was written");
 
-    let (status, body) = post_job(&api(&env), &json!({"kind": "echo", "payload": "refuse-payload"}))
-        .await;
+    let (status, body) = post_job(
+        &api(&env),
+        &json!({"kind": "echo", "payload": "refuse-payload"}),
+    )
+    .await;
     assert_eq!(status, 422, "{body}");
 
     let worker = env.start_worker();
@@ -558,12 +586,7 @@ async fn finishing_a_detached_job_with_a_retry_queues_its_message_in_the_outbox(
         "{:?}",
         claims.claims
     );
-    assert!(
-        env.store
-            .detach_job(id, worker, 1)
-            .await
-            .expect("detach")
-    );
+    assert!(env.store.detach_job(id, worker, 1).await.expect("detach"));
     let outbox = || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM apiary_outbox WHERE job_id = $1")
             .bind(id)
@@ -668,7 +691,10 @@ async fn a_corrected_message_after_a_poison_one_is_not_silently_acked() {
     let letters = wait_for_letters(&env, 2).await;
     assert_eq!(letters.len(), 2, "{letters:?}");
     assert!(letter_for(&letters, p).is_some(), "{letters:?}");
-    assert!(letter_for(&letters, conflicts[0].id).is_some(), "{letters:?}");
+    assert!(
+        letter_for(&letters, conflicts[0].id).is_some(),
+        "{letters:?}"
+    );
     let after = env.job(p).await.expect("poison record");
     assert_eq!(after.status(), JobStatus::Dead);
     assert_eq!(after.raw_body, poison.raw_body);
@@ -755,8 +781,10 @@ async fn a_run_at_more_than_a_year_ahead_is_refused() {
 
     let worker = env.start_worker();
     let id = Uuid::now_v7();
-    env.publish_raw(&[raw(&json!({"id": id, "kind": "echo", "payload": 1, "run_at": far}))])
-        .await;
+    env.publish_raw(&[raw(
+        &json!({"id": id, "kind": "echo", "payload": 1, "run_at": far}),
+    )])
+    .await;
     let job = env.wait_for_status(id, JobStatus::Dead, T).await;
     let error = job.error.clone().unwrap_or_default();
     assert!(error.contains("run_at"), "{error}");
