@@ -598,3 +598,48 @@ async fn payloads_and_results_keep_nul_and_their_exact_text() {
     let j = env.job(failing.id).await.expect("job");
     assert_eq!(j.error.as_deref(), Some("bad\u{FFFD}byte"));
 }
+
+/// Found by the mixed outage run: an enqueue's publish confirmation, cleaned up late, deleted
+/// the outbox row that a retry had rewritten for the same job meanwhile; with the retry's own
+/// publish lost in a broker outage, the job stayed `retrying` with nothing to carry it.
+#[tokio::test]
+async fn a_late_enqueue_confirmation_never_deletes_a_retrys_outbox_row() {
+    let env = TestEnv::new().await;
+    let worker = Uuid::now_v7();
+    let job = recorded(&env, "fail", json!({"times": 1}), 3).await;
+    // The enqueue's row, as if its cleanup had not run yet (the test client's may have).
+    sqlx::query(
+        "INSERT INTO apiary_outbox (job_id, created_at) SELECT id, created_at FROM apiary_jobs WHERE id = $1
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(job.id)
+    .execute(env.store.pool())
+    .await
+    .expect("enqueue row");
+    let Claim::Claimed { attempt, .. } = claim(&env, &job, worker).await else {
+        panic!("claimed")
+    };
+    env.store
+        .finish_jobs(
+            worker,
+            &[Finish {
+                id: job.id,
+                attempt,
+                outcome: Outcome::Retry {
+                    error: "boom".into(),
+                    at: chrono::Utc::now(),
+                },
+                detached: false,
+            }],
+        )
+        .await
+        .expect("finish");
+    env.store
+        .delete_outbox(&[job.id])
+        .await
+        .expect("late cleanup");
+    assert!(
+        outbox_has(&env, job.id).await,
+        "the retry's row outlives the enqueue's confirmation"
+    );
+}
