@@ -57,6 +57,8 @@ pub enum Claim {
         worker: Uuid,
         /// The holder's attempt.
         attempt: i32,
+        /// The job's attempt budget.
+        max_attempts: i32,
     },
     /// Not due yet, by Postgres's clock: wait this many milliseconds in a delay queue.
     NotDue {
@@ -302,6 +304,7 @@ impl Store {
                         until,
                         worker: row.worker_id.unwrap_or_default(),
                         attempt: attempts,
+                        max_attempts,
                     });
                 }
                 // The lease lapsed: its worker died or stalled. Whatever it does next is fenced

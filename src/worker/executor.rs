@@ -403,16 +403,19 @@ async fn claim_isolating(
 /// once otherwise.
 fn dispatch(shared: &Arc<Shared>, mut inc: Incoming, claim: Claim, permit: OwnedSemaphorePermit) {
     // A job that runs keeps its slot; any other answer frees it at once.
-    let permit = matches!(claim, Claim::Claimed { .. }).then_some(permit);
+    let runs = matches!(claim, Claim::Claimed { .. })
+        || matches!(claim, Claim::Busy { worker, .. } if worker == shared.id);
+    let permit = runs.then_some(permit);
     let shared2 = shared.clone();
     match claim {
         Claim::Claimed {
             attempt,
             max_attempts,
         } => {
-            shared
-                .tasks
-                .spawn(async move { run_job(&shared2, inc, attempt, max_attempts, permit).await });
+            if let Err(inc) = start_job(shared, inc, attempt, max_attempts, permit) {
+                // Cannot happen for a fresh claim; settle rather than strand it.
+                inc.delivery.settle(Settle::Ack);
+            }
         }
         Claim::Finished | Claim::Duplicate(_) | Claim::Cancelled | Claim::Gone => {
             if matches!(claim, Claim::Gone) {
@@ -438,20 +441,28 @@ fn dispatch(shared: &Arc<Shared>, mut inc: Incoming, claim: Claim, permit: Owned
                 .spawn(async move { hop(&shared2, inc, remaining_ms).await });
         }
         Claim::Busy {
-            until,
             worker,
             attempt,
-        } => {
-            let ours = worker == shared.id
-                && shared
-                    .running
-                    .lock()
-                    .is_ok_and(|r| r.contains_key(&(inc.job.id, attempt)));
-            if ours || !inc.redelivered || inc.busy_waits >= MAX_BUSY_WAITS {
+            max_attempts,
+            ..
+        } if worker == shared.id => {
+            // This worker holds the claim. If it is not running that attempt, its claim
+            // committed and the answer was lost (a connection cut mid-statement): the lease is
+            // this worker's, so run it now rather than strand the job until the lease lapses
+            // and costs an attempt. If it is running it, this is a second copy: ack it.
+            let job_id = inc.job.id;
+            match start_job(shared, inc, attempt, max_attempts, permit) {
+                Ok(()) => tracing::info!(%job_id, attempt, "adopting a claim of this worker's whose answer was lost"),
+                Err(inc) => inc.delivery.settle(Settle::Ack),
+            }
+        }
+        Claim::Busy { until, .. } => {
+            if !inc.redelivered || inc.busy_waits >= MAX_BUSY_WAITS {
                 // A second copy of a job a live claim holds (a relay's republish, a raw
-                // duplicate, a redelivery after a channel broke under a live worker). The
-                // holder commits it; if the holder dies, its lease lapses and the rescuer
-                // puts the job back. Holding this copy would only risk the consumer timeout.
+                // duplicate, a redelivery after a channel broke under a live worker, or a
+                // copy of an attempt this worker runs). The holder commits it; if the holder
+                // dies, its lease lapses and the rescuer puts the job back. Holding this copy
+                // would only risk the consumer timeout.
                 inc.delivery.settle(Settle::Ack);
             } else {
                 // A redelivery: possibly the very message of a worker that just died holding
@@ -599,27 +610,68 @@ async fn hop(shared: &Shared, inc: Incoming, remaining_ms: i64) {
 
 /// Runs one claimed attempt and hands its outcome to the completer (or, when the handler
 /// wrote to the database, commits the outcome with those writes itself).
+/// Starts a claimed attempt: registers it for the heartbeat before anything else can look
+/// (so another delivery of the same job, claimed in the next batch, finds it), then runs it.
+/// Returns false, starting nothing, if this worker already runs that attempt.
+fn start_job(
+    shared: &Arc<Shared>,
+    inc: Incoming,
+    attempt: i32,
+    max_attempts: i32,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Result<(), Incoming> {
+    let handles = Handles {
+        cancel: shared.interrupt.child_token(),
+        cancel_requested: Arc::new(AtomicBool::new(false)),
+        detached: Arc::new(AtomicBool::new(false)),
+    };
+    {
+        let Ok(mut running) = shared.running.lock() else {
+            return Err(inc);
+        };
+        let key = (inc.job.id, attempt);
+        if running.contains_key(&key) {
+            return Err(inc);
+        }
+        running.insert(
+            key,
+            Running {
+                cancel: handles.cancel.clone(),
+                cancel_requested: handles.cancel_requested.clone(),
+                detached: handles.detached.clone(),
+                delivery: inc.delivery.clone(),
+            },
+        );
+    }
+    let shared2 = shared.clone();
+    shared.tasks.spawn(async move {
+        run_job(&shared2, inc, attempt, max_attempts, handles, permit).await
+    });
+    Ok(())
+}
+
+/// What the heartbeat and a forced stop use to reach a running attempt.
+struct Handles {
+    cancel: CancellationToken,
+    cancel_requested: Arc<AtomicBool>,
+    detached: Arc<AtomicBool>,
+}
+
 async fn run_job(
     shared: &Arc<Shared>,
     inc: Incoming,
     attempt: i32,
     max_attempts: i32,
+    handles: Handles,
     _permit: Option<OwnedSemaphorePermit>,
 ) {
     let job = inc.job.clone();
     let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt);
-    let cancel = shared.interrupt.child_token();
-    let cancel_requested = Arc::new(AtomicBool::new(false));
-    let detached_flag = Arc::new(AtomicBool::new(false));
-    if let Ok(mut running) = shared.running.lock() {
-        let entry = Running {
-            cancel: cancel.clone(),
-            cancel_requested: cancel_requested.clone(),
-            detached: detached_flag.clone(),
-            delivery: inc.delivery.clone(),
-        };
-        running.insert((job.id, attempt), entry);
-    }
+    let Handles {
+        cancel,
+        cancel_requested,
+        detached: detached_flag,
+    } = handles;
     let finish = |outcome, detached: bool| Finish {
         id: job.id,
         attempt,

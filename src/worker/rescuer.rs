@@ -97,15 +97,17 @@ async fn renew_leases(shared: &Shared) {
     if mine.is_empty() {
         return;
     }
-    // Bounded, so a renewal stuck on a dead connection does not hold up the next one.
+    // Bounded by the lease, past which renewing is moot, so a renewal stuck on a dead
+    // connection gives way to a fresh one. A slow link (a renewal taking longer than the
+    // heartbeat interval) only delays the next beat; it is never abandoned early.
     let renewal = shared
         .lease_store
         .renew_leases(shared.id, &mine, shared.cfg.lease);
-    let leases = match tokio::time::timeout(shared.cfg.heartbeat_interval(), renewal).await {
+    let leases = match tokio::time::timeout(shared.cfg.lease, renewal).await {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => return shared.postgres.down(&e),
         Err(_) => {
-            tracing::warn!("lease renewal took longer than a heartbeat; trying again");
+            tracing::warn!("lease renewal took longer than a lease; trying again");
             return;
         }
     };
