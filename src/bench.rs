@@ -206,7 +206,11 @@ pub async fn run(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     }
     let result = measure(&cfg, args).await;
     if args.keep {
-        eprintln!("kept database {} and queue {}", cfg.database_url, cfg.queue);
+        eprintln!(
+            "kept database {} and queue {}",
+            crate::config::mask_url(&cfg.database_url),
+            cfg.queue
+        );
     } else {
         scratch.remove().await;
     }
