@@ -58,6 +58,10 @@ struct KindSeries {
 impl WorkerMetrics {
     /// Metrics with no kinds named up front: the first [`UNNAMED_KIND_SERIES`] kinds seen get
     /// their own series, the rest count as `other`. Prefer [`WorkerMetrics::with_known_kinds`].
+    #[allow(
+        dead_code,
+        reason = "the worker uses one of new() and with_known_kinds(), whichever it is given"
+    )]
     pub(crate) fn new() -> Self {
         Self::build(std::iter::empty::<String>(), UNNAMED_KIND_SERIES)
     }
@@ -67,7 +71,7 @@ impl WorkerMetrics {
     /// as `other`.
     #[allow(
         dead_code,
-        reason = "Worker::new switches to it from new() with the pruner task rework"
+        reason = "the worker uses one of new() and with_known_kinds(), whichever it is given"
     )]
     pub(crate) fn with_known_kinds<I, S>(known: I) -> Self
     where
