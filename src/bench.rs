@@ -81,6 +81,10 @@ pub struct BenchArgs {
     /// The workers' APIARY_PRUNE_INTERVAL (default: theirs, 1m).
     #[arg(long, value_parser = crate::config::parse_duration)]
     pub prune_interval: Option<Duration>,
+    /// Run `VACUUM` on the job and outbox tables this often, as autovacuum would: for servers
+    /// with `autovacuum = off` (CI setups), where nothing else reclaims pruned rows.
+    #[arg(long, value_parser = crate::config::parse_duration)]
+    pub vacuum_every: Option<Duration>,
 }
 
 /// How often a `--duration` run samples.
@@ -124,6 +128,13 @@ pub struct Report {
     /// With `--duration`: whether the rate, memory and table size held.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steady: Option<Steadiness>,
+    /// With `--duration`: the server's `autovacuum` setting. Off, nothing reclaims the rows
+    /// the pruner deletes (unless `--vacuum-every`), and the table grows whatever it holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autovacuum: Option<bool>,
+    /// `--vacuum-every`, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vacuum_every_s: Option<f64>,
 }
 
 /// One sample of a `--duration` run.
@@ -391,6 +402,39 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
         });
     }
     let sampling = args.duration.is_some();
+    let autovacuum = if sampling {
+        let on: String = sqlx::query_scalar("SHOW autovacuum")
+            .fetch_one(&pool)
+            .await
+            .context("reading the autovacuum setting")?;
+        if on != "on" && args.vacuum_every.is_none() {
+            eprintln!(
+                "note: this server runs with autovacuum = {on}: the rows the pruner deletes are \
+                 never reclaimed and the job table grows whatever it holds (see --vacuum-every)"
+            );
+        }
+        Some(on == "on")
+    } else {
+        None
+    };
+    let vacuum = args.vacuum_every.map(|every| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at((Instant::now() + every).into(), every);
+            loop {
+                ticks.tick().await;
+                // Plain VACUUM, as autovacuum runs it: marks dead rows' space reusable
+                // without locking out the workers (VACUUM FULL would). One statement per
+                // query: several in one string would share a transaction, which VACUUM refuses.
+                for table in ["apiary_jobs", "apiary_outbox"] {
+                    let sql = format!("VACUUM {table}");
+                    if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await {
+                        eprintln!("VACUUM {table} failed: {e}");
+                    }
+                }
+            }
+        })
+    });
     let mut samples: Vec<Sample> = Vec::new();
     let mut ticks = tokio::time::interval_at((started + SAMPLE_EVERY).into(), SAMPLE_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -449,6 +493,9 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
         }
     }
     counter.abort();
+    if let Some(v) = &vacuum {
+        v.abort();
+    }
     progress.done();
     let published = published.unwrap_or_else(|| started.elapsed());
     if args.mode == Mode::Enqueue {
@@ -469,6 +516,8 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
             duration_s: None,
             samples: Vec::new(),
             steady: None,
+            autovacuum: None,
+            vacuum_every_s: None,
         });
     }
     let Some(workers) = workers else {
@@ -536,6 +585,8 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
         duration_s: sampling.then_some(published.as_secs_f64()),
         samples,
         steady,
+        autovacuum,
+        vacuum_every_s: args.vacuum_every.map(|d| d.as_secs_f64()),
     })
 }
 
@@ -772,6 +823,15 @@ fn print_report(r: &Report) {
         for s in &r.samples {
             println!("{}", sample_line(s));
         }
+    }
+    if let Some(on) = r.autovacuum {
+        let vacuum = r
+            .vacuum_every_s
+            .map_or("no".to_string(), |v| format!("every {v:.0} s"));
+        println!(
+            "  server autovacuum: {}; bench VACUUM: {vacuum}",
+            if on { "on" } else { "off" }
+        );
     }
     if let Some(s) = &r.steady {
         let verdict = |ok: bool| if ok { "yes" } else { "NO" };
