@@ -5,6 +5,10 @@
 //! in Postgres, published with confirms), runs real `apiary worker` processes until every
 //! result is committed, reads the timings back from the job records, samples the workers'
 //! CPU and peak memory from `/proc`, and removes everything it made.
+//!
+//! With `--duration` (live mode) it publishes at `--rate` for that long and samples, every
+//! [`SAMPLE_EVERY`], the completions per second, the size of the job table and each worker's
+//! memory: whether a rate holds for minutes with pruning running, not just for a burst.
 
 use std::io::IsTerminal;
 use std::process::Stdio;
@@ -64,10 +68,27 @@ pub struct BenchArgs {
     /// Keep the scratch database and queues afterwards (to inspect them).
     #[arg(long)]
     pub keep: bool,
-    /// Give up after this long.
+    /// Give up after this long (counted from the end of publishing with --duration).
     #[arg(long, default_value = "10m", value_parser = crate::config::parse_duration)]
     pub timeout: Duration,
+    /// Live mode: publish at --rate for this long (`5m`, `10m`) instead of a fixed --jobs,
+    /// sampling rates, table size and worker memory every 10 s.
+    #[arg(long, value_parser = crate::config::parse_duration)]
+    pub duration: Option<Duration>,
+    /// The workers' APIARY_RETENTION (default: theirs, 7d).
+    #[arg(long, value_parser = crate::config::parse_duration)]
+    pub retention: Option<Duration>,
+    /// The workers' APIARY_PRUNE_INTERVAL (default: theirs, 1m).
+    #[arg(long, value_parser = crate::config::parse_duration)]
+    pub prune_interval: Option<Duration>,
+    /// Run `VACUUM` on the job and outbox tables this often, as autovacuum would: for servers
+    /// with `autovacuum = off` (CI setups), where nothing else reclaims pruned rows.
+    #[arg(long, value_parser = crate::config::parse_duration)]
+    pub vacuum_every: Option<Duration>,
 }
+
+/// How often a `--duration` run samples.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
 /// What one run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -98,6 +119,68 @@ pub struct Report {
     pub worker_cpu_seconds: f64,
     /// Worker CPU per job, microseconds.
     pub worker_cpu_us_per_job: f64,
+    /// With `--duration`: how long it published.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<f64>,
+    /// With `--duration`: one sample every [`SAMPLE_EVERY`] while publishing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<Sample>,
+    /// With `--duration`: whether the rate, memory and table size held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steady: Option<Steadiness>,
+    /// With `--duration`: the server's `autovacuum` setting. Off, nothing reclaims the rows
+    /// the pruner deletes (unless `--vacuum-every`), and the table grows whatever it holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autovacuum: Option<bool>,
+    /// `--vacuum-every`, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vacuum_every_s: Option<f64>,
+}
+
+/// One sample of a `--duration` run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    /// Seconds since publishing began.
+    pub at_s: f64,
+    /// Jobs enqueued so far.
+    pub published: usize,
+    /// Jobs finished so far.
+    pub completed: usize,
+    /// Jobs finished per second since the previous sample.
+    pub completions_per_s: f64,
+    /// Rows in `apiary_jobs`.
+    pub job_rows: i64,
+    /// `pg_total_relation_size('apiary_jobs')` (table, indexes, TOAST), MiB.
+    pub jobs_table_mib: f64,
+    /// Each worker's resident memory, MiB.
+    pub worker_rss_mib: Vec<f64>,
+}
+
+/// Whether a `--duration` run held steady: its last minute against its first.
+#[derive(Debug, Clone, Serialize)]
+pub struct Steadiness {
+    /// Completions per second over the first minute.
+    pub first_minute_rate: f64,
+    /// Completions per second over the last minute.
+    pub last_minute_rate: f64,
+    /// The last minute reached at least 90% of the first.
+    pub rate_held: bool,
+    /// Largest worker RSS at the end of the first minute, MiB.
+    pub rss_start_mib: f64,
+    /// Largest worker RSS at the end, MiB.
+    pub rss_end_mib: f64,
+    /// RSS grew by at most 10% or 4 MiB, whichever is larger.
+    pub rss_flat: bool,
+    /// Job table size once retention could apply (retention + 1 min into the run), MiB.
+    pub table_settled_mib: f64,
+    /// Job table size at the end, MiB.
+    pub table_end_mib: f64,
+    /// Rows once retention could apply.
+    pub rows_settled: i64,
+    /// Rows at the end.
+    pub rows_end: i64,
+    /// Table size and rows grew by at most 25% after settling.
+    pub table_flat: bool,
 }
 
 /// p50/p95/p99.
@@ -134,7 +217,11 @@ pub async fn run(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     }
     let result = measure(&cfg, args).await;
     if args.keep {
-        eprintln!("kept database {} and queue {}", cfg.database_url, cfg.queue);
+        eprintln!(
+            "kept database {} and queue {}",
+            crate::config::mask_url(&cfg.database_url),
+            cfg.queue
+        );
     } else {
         scratch.remove().await;
     }
@@ -196,6 +283,18 @@ impl Workers {
             if let Some(c) = args.concurrency {
                 cmd.env("APIARY_CONCURRENCY", c.to_string());
             }
+            if let Some(r) = args.retention {
+                cmd.env(
+                    "APIARY_RETENTION",
+                    humantime::format_duration(r).to_string(),
+                );
+            }
+            if let Some(p) = args.prune_interval {
+                cmd.env(
+                    "APIARY_PRUNE_INTERVAL",
+                    humantime::format_duration(p).to_string(),
+                );
+            }
             children.push(cmd.spawn().context("starting a worker")?);
         }
         Ok(Workers { children })
@@ -221,6 +320,20 @@ impl Workers {
 }
 
 async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    if args.duration.is_some() {
+        anyhow::ensure!(
+            args.mode == Mode::Live && args.rate.is_some_and(|r| r > 0.0),
+            "--duration needs --mode live and a --rate"
+        );
+    }
+    // With a duration, the job count is what the rate publishes in that time.
+    let jobs = match (args.duration, args.rate) {
+        (Some(d), Some(rate)) => ((d.as_secs_f64() * rate).ceil() as usize).max(1),
+        _ => args.jobs,
+    };
     let client = Client::new(cfg)?;
     client.publisher().ensure_connected().await?;
     let pool = client.store().pool().clone();
@@ -233,22 +346,43 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
         workers_started = Some(chrono::Utc::now());
         workers = Some(w);
     }
+    // Count finished jobs from the completions' NOTIFYs rather than by scanning the table,
+    // which would compete with the system under test. A task of its own owns the listener,
+    // so the loop below can wait on publishers, samples and completions at once.
     let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
     listener.listen(crate::store::DONE_CHANNEL).await?;
-    let progress = Progress::new(args.jobs);
+    let done = Arc::new(AtomicUsize::new(0));
+    let (done_tx, mut done_rx) = tokio::sync::watch::channel(());
+    let counter = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            loop {
+                let n = match listener.recv().await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        return Err::<(), _>(
+                            anyhow::Error::from(e).context("listening for finished jobs"),
+                        );
+                    }
+                };
+                done.fetch_add(n.payload().split(',').count(), Ordering::Relaxed);
+                let _ = done_tx.send(());
+            }
+        })
+    };
+    let progress = Progress::new(jobs);
     let started = Instant::now();
     // Publishers take batches from a shared counter; paced, each batch waits for its due time.
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
     let mut publishers = tokio::task::JoinSet::new();
     for _ in 0..args.publishers.max(1) {
         let (client, payload, next, sent) =
             (client.clone(), payload.clone(), next.clone(), sent.clone());
-        let (jobs, batch, rate, mode) =
-            (args.jobs, args.enqueue_batch.max(1), args.rate, args.mode);
+        let (batch, rate, mode) = (args.enqueue_batch.max(1), args.rate, args.mode);
         publishers.spawn(async move {
             loop {
-                let from = next.fetch_add(batch, std::sync::atomic::Ordering::Relaxed);
+                let from = next.fetch_add(batch, Ordering::Relaxed);
                 if from >= jobs {
                     return Ok::<(), anyhow::Error>(());
                 }
@@ -263,24 +397,115 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
                     .map(|_| NewJob::new("echo", payload.clone()))
                     .collect();
                 client.enqueue_many(jobs).await?;
-                sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                sent.fetch_add(n, Ordering::Relaxed);
             }
         });
     }
-    while let Some(r) = publishers.join_next().await {
-        r.context("a publisher task failed")??;
-        progress.show("enqueued", sent.load(std::sync::atomic::Ordering::Relaxed));
+    let sampling = args.duration.is_some();
+    let autovacuum = if sampling {
+        let on: String = sqlx::query_scalar("SHOW autovacuum")
+            .fetch_one(&pool)
+            .await
+            .context("reading the autovacuum setting")?;
+        if on != "on" && args.vacuum_every.is_none() {
+            eprintln!(
+                "note: this server runs with autovacuum = {on}: the rows the pruner deletes are \
+                 never reclaimed and the job table grows whatever it holds (see --vacuum-every)"
+            );
+        }
+        Some(on == "on")
+    } else {
+        None
+    };
+    let vacuum = args.vacuum_every.map(|every| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at((Instant::now() + every).into(), every);
+            loop {
+                ticks.tick().await;
+                // Plain VACUUM, as autovacuum runs it: marks dead rows' space reusable
+                // without locking out the workers (VACUUM FULL would). One statement per
+                // query: several in one string would share a transaction, which VACUUM refuses.
+                for table in ["apiary_jobs", "apiary_outbox"] {
+                    let sql = format!("VACUUM {table}");
+                    if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await {
+                        eprintln!("VACUUM {table} failed: {e}");
+                    }
+                }
+            }
+        })
+    });
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut ticks = tokio::time::interval_at((started + SAMPLE_EVERY).into(), SAMPLE_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut published = None;
+    let mut deadline =
+        tokio::time::Instant::now() + args.duration.unwrap_or_default() + args.timeout;
+    loop {
+        let finished = done.load(Ordering::Relaxed);
+        if published.is_some() && (args.mode == Mode::Enqueue || finished >= jobs) {
+            break;
+        }
+        tokio::select! {
+            r = publishers.join_next(), if published.is_none() => match r {
+                Some(r) => {
+                    r.context("a publisher task failed")??;
+                    progress.show("enqueued", sent.load(Ordering::Relaxed));
+                }
+                None => {
+                    published = Some(started.elapsed());
+                    if sampling {
+                        let pids = workers.as_ref().map(Workers::pids).unwrap_or_default();
+                        let prev = samples.last();
+                        let s = sample(&pool, started, &sent, finished, prev, &pids).await?;
+                        samples.push(s);
+                        deadline = tokio::time::Instant::now() + args.timeout;
+                    }
+                    if args.mode == Mode::Backlog {
+                        workers_started = Some(chrono::Utc::now());
+                        workers = Some(Workers::start(cfg, args)?);
+                    }
+                }
+            },
+            _ = ticks.tick(), if sampling && published.is_none() => {
+                let pids = workers.as_ref().map(Workers::pids).unwrap_or_default();
+                let s = sample(&pool, started, &sent, finished, samples.last(), &pids).await?;
+                if samples.is_empty() {
+                    eprintln!("{}", sample_header());
+                }
+                eprintln!("{}", sample_line(&s));
+                samples.push(s);
+            }
+            r = done_rx.changed() => {
+                if r.is_err() {
+                    // The counter stopped: say why.
+                    counter.await.context("the completion counter failed")??;
+                    anyhow::bail!("the completion counter stopped");
+                }
+                if published.is_some() {
+                    progress.show("finished", done.load(Ordering::Relaxed));
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => anyhow::bail!(
+                "only {finished} of {jobs} jobs finished within {:?}",
+                args.timeout
+            ),
+        }
     }
-    let published = started.elapsed();
+    counter.abort();
+    if let Some(v) = &vacuum {
+        v.abort();
+    }
+    progress.done();
+    let published = published.unwrap_or_else(|| started.elapsed());
     if args.mode == Mode::Enqueue {
-        progress.done();
         return Ok(Report {
             mode: args.mode,
-            jobs: args.jobs,
+            jobs,
             workers: 0,
             concurrency: None,
             rate: None,
-            publish_rate: args.jobs as f64 / published.as_secs_f64(),
+            publish_rate: jobs as f64 / published.as_secs_f64(),
             e2e_rate: 0.0,
             drain_rate: 0.0,
             latency_ms: Percentiles::default(),
@@ -288,46 +513,41 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
             worker_idle_rss_mib: 0.0,
             worker_cpu_seconds: 0.0,
             worker_cpu_us_per_job: 0.0,
+            duration_s: None,
+            samples: Vec::new(),
+            steady: None,
+            autovacuum: None,
+            vacuum_every_s: None,
         });
     }
-    let workers = match workers {
-        Some(w) => w,
-        None => {
-            workers_started = Some(chrono::Utc::now());
-            Workers::start(cfg, args)?
-        }
+    let Some(workers) = workers else {
+        anyhow::bail!("no workers ran");
     };
-    // Count finished jobs from the completions' NOTIFYs rather than by scanning the table,
-    // which would compete with the system under test.
-    let deadline = tokio::time::Instant::now() + args.timeout;
-    let mut done = 0usize;
-    while done < args.jobs {
-        let n = tokio::time::timeout_at(deadline, listener.recv()).await;
-        let n = match n {
-            Ok(n) => n.context("listening for finished jobs")?,
-            Err(_) => anyhow::bail!(
-                "only {done} of {} jobs finished within {:?}",
-                args.jobs,
-                args.timeout
-            ),
-        };
-        done += n.payload().split(',').count();
-        progress.show("finished", done);
-    }
-    progress.done();
-    // The job records carry the truth about timing: first record to last commit.
-    let (first, last): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
-        sqlx::query_as("SELECT min(created_at), max(finished_at) FROM apiary_jobs")
-            .fetch_one(&pool)
-            .await?;
-    let span = (last - first)
-        .to_std()
-        .unwrap_or_default()
-        .max(Duration::from_millis(1));
-    let drain_span = workers_started
-        .map(|w| (last - w).to_std().unwrap_or_default())
-        .unwrap_or(span)
-        .max(Duration::from_millis(1));
+    let (e2e_rate, drain_rate) = if sampling {
+        // Records past their retention are gone: the rates come from the clock and the
+        // NOTIFY count instead of the table.
+        let span = started.elapsed().as_secs_f64();
+        (jobs as f64 / span, jobs as f64 / span)
+    } else {
+        // The job records carry the truth about timing: first record to last commit.
+        let (first, last): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
+            sqlx::query_as("SELECT min(created_at), max(finished_at) FROM apiary_jobs")
+                .fetch_one(&pool)
+                .await?;
+        let span = (last - first)
+            .to_std()
+            .unwrap_or_default()
+            .max(Duration::from_millis(1));
+        let drain_span = workers_started
+            .map(|w| (last - w).to_std().unwrap_or_default())
+            .unwrap_or(span)
+            .max(Duration::from_millis(1));
+        (
+            jobs as f64 / span.as_secs_f64(),
+            jobs as f64 / drain_span.as_secs_f64().max(0.001),
+        )
+    };
+    // With retention running, these are the jobs still kept: the last retention's worth.
     let lat: Vec<f64> = sqlx::query_scalar(
         "SELECT extract(epoch FROM finished_at - created_at)::float8 * 1000 FROM apiary_jobs ORDER BY 1",
     )
@@ -343,15 +563,16 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = pids.iter().map(|p| rss_now(*p)).fold(0.0, f64::max);
     workers.stop().await;
+    let steady = sampling.then(|| steadiness(&samples, args.retention));
     Ok(Report {
         mode: args.mode,
-        jobs: args.jobs,
+        jobs,
         workers: args.workers,
         concurrency: args.concurrency,
         rate: args.rate,
-        publish_rate: args.jobs as f64 / published.as_secs_f64(),
-        e2e_rate: args.jobs as f64 / span.as_secs_f64(),
-        drain_rate: args.jobs as f64 / drain_span.as_secs_f64().max(0.001),
+        publish_rate: jobs as f64 / published.as_secs_f64(),
+        e2e_rate,
+        drain_rate,
         latency_ms: Percentiles {
             p50: pct(0.50),
             p95: pct(0.95),
@@ -360,8 +581,114 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
         worker_peak_rss_mib: peak,
         worker_idle_rss_mib: idle,
         worker_cpu_seconds: cpu,
-        worker_cpu_us_per_job: cpu * 1e6 / args.jobs as f64,
+        worker_cpu_us_per_job: cpu * 1e6 / jobs as f64,
+        duration_s: sampling.then_some(published.as_secs_f64()),
+        samples,
+        steady,
+        autovacuum,
+        vacuum_every_s: args.vacuum_every.map(|d| d.as_secs_f64()),
     })
+}
+
+/// Reads one sample: counts so far, the job table's rows and size, the workers' memory.
+async fn sample(
+    pool: &sqlx::PgPool,
+    started: Instant,
+    sent: &std::sync::atomic::AtomicUsize,
+    completed: usize,
+    prev: Option<&Sample>,
+    pids: &[u32],
+) -> anyhow::Result<Sample> {
+    let at_s = started.elapsed().as_secs_f64();
+    // count(*) reads the whole table, once per sample: the one extra load the bench adds.
+    let (job_rows, bytes): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM apiary_jobs), pg_total_relation_size('apiary_jobs')",
+    )
+    .fetch_one(pool)
+    .await
+    .context("sampling the job table")?;
+    let (prev_at, prev_done) = prev.map_or((0.0, 0), |p| (p.at_s, p.completed));
+    Ok(Sample {
+        at_s,
+        published: sent.load(std::sync::atomic::Ordering::Relaxed),
+        completed,
+        completions_per_s: completed.saturating_sub(prev_done) as f64 / (at_s - prev_at).max(0.001),
+        job_rows,
+        jobs_table_mib: bytes as f64 / (1024.0 * 1024.0),
+        worker_rss_mib: pids.iter().map(|p| rss_now(*p)).collect(),
+    })
+}
+
+/// The last minute against the first: rate, worker memory, and the job table once retention
+/// had time to apply.
+fn steadiness(samples: &[Sample], retention: Option<Duration>) -> Steadiness {
+    let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+        return Steadiness {
+            first_minute_rate: 0.0,
+            last_minute_rate: 0.0,
+            rate_held: false,
+            rss_start_mib: 0.0,
+            rss_end_mib: 0.0,
+            rss_flat: false,
+            table_settled_mib: 0.0,
+            table_end_mib: 0.0,
+            rows_settled: 0,
+            rows_end: 0,
+            table_flat: false,
+        };
+    };
+    // The first sample at or past `t` seconds, or the last one.
+    let at = |t: f64| samples.iter().find(|s| s.at_s >= t - 0.5).unwrap_or(last);
+    let minute = at(60.0);
+    let first_minute_rate = minute.completed as f64 / minute.at_s.max(0.001);
+    let before_last = samples
+        .iter()
+        .rev()
+        .find(|s| s.at_s <= last.at_s - 59.5)
+        .unwrap_or(first);
+    let last_minute_rate = last.completed.saturating_sub(before_last.completed) as f64
+        / (last.at_s - before_last.at_s).max(0.001);
+    let rss = |s: &Sample| s.worker_rss_mib.iter().copied().fold(0.0, f64::max);
+    let (rss_start, rss_end) = (rss(minute), rss(last));
+    // Retention starts deleting `retention` after the first jobs finished; a minute more
+    // lets the pruner catch up with the backlog of its first pass.
+    let settled = at(retention.map_or(f64::INFINITY, |r| r.as_secs_f64()) + 60.0);
+    let grew = |from: f64, to: f64| to <= from * 1.25;
+    Steadiness {
+        first_minute_rate,
+        last_minute_rate,
+        rate_held: last_minute_rate >= 0.9 * first_minute_rate,
+        rss_start_mib: rss_start,
+        rss_end_mib: rss_end,
+        rss_flat: rss_end - rss_start <= (rss_start * 0.10).max(4.0),
+        table_settled_mib: settled.jobs_table_mib,
+        table_end_mib: last.jobs_table_mib,
+        rows_settled: settled.job_rows,
+        rows_end: last.job_rows,
+        table_flat: grew(settled.jobs_table_mib, last.jobs_table_mib)
+            && grew(settled.job_rows as f64, last.job_rows as f64),
+    }
+}
+
+fn sample_header() -> String {
+    format!(
+        "{:>7} {:>10} {:>10} {:>10} {:>11} {:>10}  worker RSS MiB",
+        "t (s)", "published", "finished", "jobs/s", "job rows", "table MiB"
+    )
+}
+
+fn sample_line(s: &Sample) -> String {
+    let rss: Vec<String> = s.worker_rss_mib.iter().map(|r| format!("{r:.1}")).collect();
+    format!(
+        "{:>7.0} {:>10} {:>10} {:>10.0} {:>11} {:>10.1}  {}",
+        s.at_s,
+        s.published,
+        s.completed,
+        s.completions_per_s,
+        s.job_rows,
+        s.jobs_table_mib,
+        rss.join(" ")
+    )
 }
 
 async fn wait_for_consumers(cfg: &Config, n: usize) -> anyhow::Result<()> {
@@ -489,6 +816,44 @@ fn print_report(r: &Report) {
         println!(
             "  worker CPU                   {:.2} s ({:.1} µs/job)",
             r.worker_cpu_seconds, r.worker_cpu_us_per_job
+        );
+    }
+    if !r.samples.is_empty() {
+        println!("\n{}", sample_header());
+        for s in &r.samples {
+            println!("{}", sample_line(s));
+        }
+    }
+    if let Some(on) = r.autovacuum {
+        let vacuum = r
+            .vacuum_every_s
+            .map_or("no".to_string(), |v| format!("every {v:.0} s"));
+        println!(
+            "  server autovacuum: {}; bench VACUUM: {vacuum}",
+            if on { "on" } else { "off" }
+        );
+    }
+    if let Some(s) = &r.steady {
+        let verdict = |ok: bool| if ok { "yes" } else { "NO" };
+        println!(
+            "  rate held (last minute / first)   {:.0} / {:.0} jobs/s: {}",
+            s.last_minute_rate,
+            s.first_minute_rate,
+            verdict(s.rate_held)
+        );
+        println!(
+            "  worker RSS flat (end / 1 min)     {:.1} / {:.1} MiB: {}",
+            s.rss_end_mib,
+            s.rss_start_mib,
+            verdict(s.rss_flat)
+        );
+        println!(
+            "  job table flat (end / settled)    {:.1} / {:.1} MiB, {} / {} rows: {}",
+            s.table_end_mib,
+            s.table_settled_mib,
+            s.rows_end,
+            s.rows_settled,
+            verdict(s.table_flat)
         );
     }
 }

@@ -3,8 +3,19 @@
 //! The same struct is the `clap` argument group of the binary, so `apiary --help` and
 //! `apiary worker --help` list each variable with its default; [`Config::from_env`] reads it
 //! without a command line for library users and tests.
+//!
+//! A setting that cannot work is refused at start-up with a [`ConfigError`] naming the
+//! variable and its allowed range (`APIARY_PRUNE_INTERVAL is 0s; it must be between 100ms and
+//! 1d`), never found later as a panic deep in a task. The ranges live in one table of
+//! constants below, used both by the parsers clap runs and by [`Config::validate`], so a
+//! `Config` built in code is held to the same limits as one read from the environment.
+//!
+//! Connection strings carry passwords: [`mask_url`] hides them, and every message this module
+//! makes about a URL goes through it, as does `Config`'s `Debug`.
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Args;
@@ -15,14 +26,369 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration like 25s, 150ms or 10m: {e}"))
 }
 
+/// The range a duration setting must lie in, and the variable it comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct DurationRange {
+    /// The environment variable.
+    pub var: &'static str,
+    /// The shortest allowed value.
+    pub min: Duration,
+    /// The longest allowed value.
+    pub max: Duration,
+}
+
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+const HOUR: u64 = 3600;
+const DAY: u64 = 24 * HOUR;
+
+/// `APIARY_LEASE`: at least 1 s, since heartbeats come every lease/5 and each is a write.
+pub const LEASE: DurationRange = DurationRange {
+    var: "APIARY_LEASE",
+    min: secs(1),
+    max: secs(HOUR),
+};
+/// `APIARY_PRUNE_INTERVAL`: the pause between pruning passes; zero would spin.
+pub const PRUNE_INTERVAL: DurationRange = DurationRange {
+    var: "APIARY_PRUNE_INTERVAL",
+    min: ms(100),
+    max: secs(DAY),
+};
+/// `APIARY_DRAIN_TIMEOUT`: 0 hands everything back at once on SIGTERM.
+pub const DRAIN_TIMEOUT: DurationRange = DurationRange {
+    var: "APIARY_DRAIN_TIMEOUT",
+    min: Duration::ZERO,
+    max: secs(HOUR),
+};
+/// `APIARY_JOB_TIMEOUT`, and `timeout=` in `APIARY_KINDS`.
+pub const JOB_TIMEOUT: DurationRange = DurationRange {
+    var: "APIARY_JOB_TIMEOUT",
+    min: ms(10),
+    max: secs(7 * DAY),
+};
+/// `APIARY_RETRY_BASE`, and `retry_base=` in `APIARY_KINDS`.
+pub const RETRY_BASE: DurationRange = DurationRange {
+    var: "APIARY_RETRY_BASE",
+    min: ms(1),
+    max: secs(DAY),
+};
+/// `APIARY_RETRY_CAP`, and `retry_cap=` in `APIARY_KINDS`; also at least the retry base.
+pub const RETRY_CAP: DurationRange = DurationRange {
+    var: "APIARY_RETRY_CAP",
+    min: ms(1),
+    max: secs(7 * DAY),
+};
+/// `APIARY_DETACH_AFTER`: must stay below the broker's `consumer_timeout`, which Apiary
+/// cannot read; a day is above any sane one.
+pub const DETACH_AFTER: DurationRange = DurationRange {
+    var: "APIARY_DETACH_AFTER",
+    min: ms(100),
+    max: secs(DAY),
+};
+/// `APIARY_OUTBOX_GRACE`: shorter would republish messages whose confirm is merely slow.
+pub const OUTBOX_GRACE: DurationRange = DurationRange {
+    var: "APIARY_OUTBOX_GRACE",
+    min: ms(100),
+    max: secs(HOUR),
+};
+/// `APIARY_RETENTION`, and `retention=` in `APIARY_KINDS`: at least a second, so a result
+/// can be read before it goes.
+pub const RETENTION: DurationRange = DurationRange {
+    var: "APIARY_RETENTION",
+    min: secs(1),
+    max: secs(3650 * DAY),
+};
+
+impl DurationRange {
+    /// `value` if it lies in the range, else a message naming `name` and the range.
+    fn check_as(&self, name: &str, value: Duration) -> Result<Duration, String> {
+        if (self.min..=self.max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(format!(
+                "{name} is {}; it must be between {} and {}",
+                show(value),
+                show(self.min),
+                show(self.max)
+            ))
+        }
+    }
+
+    /// `value` if it lies in the range, else a [`ConfigError`] naming the variable.
+    pub fn check(&self, value: Duration) -> Result<Duration, ConfigError> {
+        self.check_as(self.var, value).map_err(ConfigError)
+    }
+
+    /// Parses and checks a value of `name` (the variable, or a key of `APIARY_KINDS`).
+    fn parse_as(&self, name: &str, s: &str) -> Result<Duration, String> {
+        let d = humantime::parse_duration(s.trim()).map_err(|_| {
+            format!(
+                "{name} is {s:?}; it must be a duration like 25s, 150ms or 10m, between {} and {}",
+                show(self.min),
+                show(self.max)
+            )
+        })?;
+        self.check_as(name, d)
+    }
+
+    /// The parser clap runs for this setting.
+    fn parse(&self, s: &str) -> Result<Duration, String> {
+        self.parse_as(self.var, s)
+    }
+}
+
+/// A duration as short as it can be written exactly: `0s`, `150ms`, `10m`, `7d`.
+fn show(d: Duration) -> String {
+    let units: [(u128, &str); 5] = [
+        (u128::from(DAY) * 1000, "d"),
+        (u128::from(HOUR) * 1000, "h"),
+        (60_000, "m"),
+        (1000, "s"),
+        (1, "ms"),
+    ];
+    let total = d.as_millis();
+    if d.is_zero() {
+        return "0s".into();
+    }
+    if d.subsec_nanos().is_multiple_of(1_000_000) {
+        for (unit, name) in units {
+            if total.is_multiple_of(unit) {
+                return format!("{}{name}", total / unit);
+            }
+        }
+    }
+    humantime::format_duration(d).to_string()
+}
+
+/// The range a count setting must lie in, and the variable it comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct CountRange {
+    /// The environment variable.
+    pub var: &'static str,
+    /// The smallest allowed value.
+    pub min: u64,
+    /// The largest allowed value.
+    pub max: u64,
+}
+
+/// `APIARY_CONCURRENCY`: at most 10,000, so twice it (the default prefetch) still fits
+/// AMQP's 16-bit prefetch count and one process's handler slots stay countable.
+pub const CONCURRENCY: CountRange = CountRange {
+    var: "APIARY_CONCURRENCY",
+    min: 1,
+    max: 10_000,
+};
+/// `APIARY_PREFETCH`: AMQP's prefetch count is 16 bits; 0 means twice the concurrency.
+pub const PREFETCH: CountRange = CountRange {
+    var: "APIARY_PREFETCH",
+    min: 0,
+    max: u16::MAX as u64,
+};
+/// `APIARY_DB_POOL`: a worker needs two connections at once (claims and completions).
+pub const DB_POOL: CountRange = CountRange {
+    var: "APIARY_DB_POOL",
+    min: 2,
+    max: 1000,
+};
+/// `APIARY_BATCH`: one NOTIFY carries a batch's ids; 200 of them stay under Postgres's
+/// 8000-byte payload limit.
+pub const BATCH: CountRange = CountRange {
+    var: "APIARY_BATCH",
+    min: 1,
+    max: 200,
+};
+/// `APIARY_MAX_PAYLOAD_BYTES`: 1 KiB to 64 MiB. Below, a poison message's error and body no
+/// longer fit; above, a message nears RabbitMQ's own limit and one job's body would be a
+/// sizeable share of a worker's memory.
+pub const MAX_PAYLOAD_BYTES: CountRange = CountRange {
+    var: "APIARY_MAX_PAYLOAD_BYTES",
+    min: 1024,
+    max: 64 << 20,
+};
+/// `APIARY_MAX_ATTEMPTS`, and `max_attempts=` in `APIARY_KINDS`: the schema's CHECK.
+pub const MAX_ATTEMPTS: CountRange = CountRange {
+    var: "APIARY_MAX_ATTEMPTS",
+    min: 1,
+    max: crate::job::MAX_ATTEMPTS_LIMIT as u64,
+};
+
+impl CountRange {
+    fn message(&self, name: &str, value: impl fmt::Display) -> String {
+        format!(
+            "{name} is {value}; it must be between {} and {}",
+            self.min, self.max
+        )
+    }
+
+    /// `value` if it lies in the range, else a [`ConfigError`] naming the variable.
+    pub fn check<T: Copy + TryInto<u64> + fmt::Display>(&self, value: T) -> Result<T, ConfigError> {
+        match value.try_into() {
+            Ok(v) if (self.min..=self.max).contains(&v) => Ok(value),
+            _ => Err(ConfigError(self.message(self.var, value))),
+        }
+    }
+
+    /// Parses and checks a value of `name`.
+    fn parse_as<T: TryFrom<u64>>(&self, name: &str, s: &str) -> Result<T, String> {
+        let v: u64 = s.trim().parse().map_err(|_| {
+            format!(
+                "{name} is {s:?}; it must be a whole number between {} and {}",
+                self.min, self.max
+            )
+        })?;
+        if !(self.min..=self.max).contains(&v) {
+            return Err(self.message(name, v));
+        }
+        // Every range above fits its field's type, so this only fails if a range is wrong.
+        T::try_from(v).map_err(|_| self.message(name, v))
+    }
+
+    /// The parser clap runs for this setting.
+    fn parse<T: TryFrom<u64>>(&self, s: &str) -> Result<T, String> {
+        self.parse_as(self.var, s)
+    }
+}
+
+/// Parses a listen address, naming `var` if it is not one.
+fn parse_addr(var: &str, s: &str) -> Result<SocketAddr, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{var} is {s:?}; it must be an address like 127.0.0.1:8080"))
+}
+
+/// Parses `APIARY_LOG_FORMAT`.
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s.trim() {
+        "human" => Ok(LogFormat::Human),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!(
+            "APIARY_LOG_FORMAT is {s:?}; it must be human or json"
+        )),
+    }
+}
+
+/// `text` with the password of every URL in it replaced by `***`: the `user:password@` of
+/// `postgres://user:password@host/db`, and any `password=` parameter. For logs and errors:
+/// a connection string may appear in both, its password never.
+///
+/// Text without a password comes back unchanged. Where a URL is malformed (say, a password
+/// with a raw `/`), more is masked rather than less.
+pub fn mask_url(text: &str) -> String {
+    if !text.contains("://") && !contains_ignore_case(text, "password=") {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        // The URL runs to the first character that cannot be in one unescaped.
+        let end = after
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`'))
+            .unwrap_or(after.len());
+        let (url, tail) = after.split_at(end);
+        // The authority ends at the query or fragment; its userinfo at its last '@'.
+        let authority_end = url.find(['?', '#']).unwrap_or(url.len());
+        match url[..authority_end].rfind('@') {
+            Some(userinfo_end) => {
+                let userinfo = &url[..userinfo_end];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..=colon]);
+                        out.push_str("***");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&url[userinfo_end..]);
+            }
+            None => out.push_str(url),
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    mask_password_params(&out)
+}
+
+fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
+    haystack
+        .to_ascii_lowercase()
+        .contains(&needle.to_ascii_lowercase())
+}
+
+/// Masks the value of every `...password=VALUE` (`password`, `sslpassword`; Postgres takes
+/// both as URL parameters).
+fn mask_password_params(text: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    if !lower.contains("password=") {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut from = 0;
+    // `lower` has the same byte offsets as `text`: ASCII lowering keeps every char's length.
+    while let Some(found) = lower[from..].find("password=") {
+        let value_start = from + found + "password=".len();
+        out.push_str(&text[from..value_start]);
+        let value_len = text[value_start..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '&' | '#' | '"' | '\'' | '<' | '>'))
+            .unwrap_or(text.len() - value_start);
+        if value_len > 0 {
+            out.push_str("***");
+        }
+        from = value_start + value_len;
+    }
+    out.push_str(&text[from..]);
+    out
+}
+
+/// Checks a connection string: it must be a URL with one of `schemes`, and `parse` (the
+/// driver's own parser) must accept it. Messages show it masked.
+fn check_url(
+    var: &str,
+    url: &str,
+    schemes: &[&str],
+    parse: impl FnOnce(&str) -> Result<(), String>,
+) -> Result<(), ConfigError> {
+    let expected = schemes
+        .iter()
+        .map(|s| format!("{s}://"))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let Some((scheme, _)) = url.split_once("://") else {
+        // Not shown at all: without "://" nothing marks where a password would be.
+        return Err(ConfigError(format!(
+            "{var} is not a URL; it must start with {expected}"
+        )));
+    };
+    if !schemes.contains(&scheme) {
+        return Err(ConfigError(format!(
+            "{var} is {}; it must start with {expected}",
+            mask_url(url)
+        )));
+    }
+    parse(url).map_err(|e| {
+        ConfigError(format!(
+            "{var} is {}; it does not parse: {}",
+            mask_url(url),
+            mask_url(&e)
+        ))
+    })
+}
+
 /// Apiary's settings. Each field names its environment variable and default.
-#[derive(Debug, Clone, Args)]
+///
+/// `Debug` masks the passwords in the connection strings and leaves out the API tokens.
+#[derive(Clone, Args)]
 pub struct Config {
     /// Postgres connection string.
     #[arg(
         long,
         env = "DATABASE_URL",
         default_value = "postgres://postgres@127.0.0.1:5432/apiary",
+        hide_env_values = true,
         global = true
     )]
     pub database_url: String,
@@ -32,6 +398,7 @@ pub struct Config {
         long,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true,
         global = true
     )]
     pub amqp_url: String,
@@ -51,6 +418,7 @@ pub struct Config {
         long,
         env = "APIARY_HTTP_ADDR",
         default_value = "127.0.0.1:8080",
+        value_parser = |s: &str| parse_addr("APIARY_HTTP_ADDR", s),
         global = true
     )]
     pub http_addr: SocketAddr,
@@ -72,75 +440,78 @@ pub struct Config {
         long,
         env = "APIARY_WORKER_HTTP_ADDR",
         default_value = "127.0.0.1:9090",
+        value_parser = |s: &str| parse_addr("APIARY_WORKER_HTTP_ADDR", s),
         global = true
     )]
     pub worker_http_addr: SocketAddr,
 
-    /// Jobs one worker process runs at once.
-    #[arg(long, env = "APIARY_CONCURRENCY", default_value_t = 256, global = true)]
+    /// Jobs one worker process runs at once (1 to 10000).
+    #[arg(long, env = "APIARY_CONCURRENCY", default_value_t = 256, value_parser = |s: &str| CONCURRENCY.parse::<usize>(s), global = true)]
     pub concurrency: usize,
 
     /// Unacknowledged deliveries one worker holds; 0 means twice the concurrency, so the next
     /// jobs are already local while finished ones wait for their batched commit.
-    #[arg(long, env = "APIARY_PREFETCH", default_value_t = 0, global = true)]
+    #[arg(long, env = "APIARY_PREFETCH", default_value_t = 0, value_parser = |s: &str| PREFETCH.parse::<u16>(s), global = true)]
     pub prefetch: u16,
 
-    /// Postgres connections per process.
-    #[arg(long, env = "APIARY_DB_POOL", default_value_t = 16, global = true)]
+    /// Postgres connections per process (2 to 1000).
+    #[arg(long, env = "APIARY_DB_POOL", default_value_t = 16, value_parser = |s: &str| DB_POOL.parse::<u32>(s), global = true)]
     pub db_pool: u32,
 
-    /// Largest accepted payload (API) and message body (worker), in bytes.
-    #[arg(long, env = "APIARY_MAX_PAYLOAD_BYTES", default_value_t = 1 << 20, global = true)]
+    /// Largest accepted payload (API) and message body (worker), in bytes (1 KiB to 64 MiB).
+    #[arg(long, env = "APIARY_MAX_PAYLOAD_BYTES", default_value_t = 1 << 20, value_parser = |s: &str| MAX_PAYLOAD_BYTES.parse::<usize>(s), global = true)]
     pub max_payload_bytes: usize,
 
-    /// Attempts allowed when a job does not say.
-    #[arg(long, env = "APIARY_MAX_ATTEMPTS", default_value_t = 5, global = true)]
+    /// Attempts allowed when a job does not say (1 to 1000).
+    #[arg(long, env = "APIARY_MAX_ATTEMPTS", default_value_t = 5, value_parser = |s: &str| MAX_ATTEMPTS.parse::<i32>(s), global = true)]
     pub max_attempts: i32,
 
-    /// First retry delay; later ones double, with full jitter.
-    #[arg(long, env = "APIARY_RETRY_BASE", default_value = "1s", value_parser = parse_duration, global = true)]
+    /// First retry delay; later ones double, with full jitter (1ms to 1d).
+    #[arg(long, env = "APIARY_RETRY_BASE", default_value = "1s", value_parser = |s: &str| RETRY_BASE.parse(s), global = true)]
     pub retry_base: Duration,
 
-    /// Longest retry delay.
-    #[arg(long, env = "APIARY_RETRY_CAP", default_value = "10m", value_parser = parse_duration, global = true)]
+    /// Longest retry delay (1ms to 7d, at least the retry base).
+    #[arg(long, env = "APIARY_RETRY_CAP", default_value = "10m", value_parser = |s: &str| RETRY_CAP.parse(s), global = true)]
     pub retry_cap: Duration,
 
-    /// Longest one attempt may run before it is cancelled and counted as failed.
-    #[arg(long, env = "APIARY_JOB_TIMEOUT", default_value = "5m", value_parser = parse_duration, global = true)]
+    /// Longest one attempt may run before it is cancelled and counted as failed (10ms to 7d).
+    #[arg(long, env = "APIARY_JOB_TIMEOUT", default_value = "5m", value_parser = |s: &str| JOB_TIMEOUT.parse(s), global = true)]
     pub job_timeout: Duration,
 
     /// How long a worker's claim on a job lasts without a heartbeat. A killed worker's jobs
-    /// run elsewhere at most this long after its last heartbeat.
-    #[arg(long, env = "APIARY_LEASE", default_value = "10s", value_parser = parse_duration, global = true)]
+    /// run elsewhere at most this long after its last heartbeat (1s to 1h).
+    #[arg(long, env = "APIARY_LEASE", default_value = "10s", value_parser = |s: &str| LEASE.parse(s), global = true)]
     pub lease: Duration,
 
     /// A job still running after this long has its message acked and is protected by its
     /// lease alone, so RabbitMQ's consumer timeout (30 min by default) never closes the channel
-    /// under a long job. Keep it well below the broker's `consumer_timeout`.
-    #[arg(long, env = "APIARY_DETACH_AFTER", default_value = "10m", value_parser = parse_duration, global = true)]
+    /// under a long job. Keep it well below the broker's `consumer_timeout` (100ms to 1d).
+    #[arg(long, env = "APIARY_DETACH_AFTER", default_value = "10m", value_parser = |s: &str| DETACH_AFTER.parse(s), global = true)]
     pub detach_after: Duration,
 
     /// How long finished jobs (and with them their dedup keys) are kept; per kind with
-    /// `APIARY_KINDS` (`kind:retention=1d`).
-    #[arg(long, env = "APIARY_RETENTION", default_value = "7d", value_parser = parse_duration, global = true)]
+    /// `APIARY_KINDS` (`kind:retention=1d`) (1s to 3650d).
+    #[arg(long, env = "APIARY_RETENTION", default_value = "7d", value_parser = |s: &str| RETENTION.parse(s), global = true)]
     pub retention: Duration,
 
-    /// How often a worker looks for finished jobs past their retention (one worker at a time
-    /// prunes, elected by an advisory lock).
-    #[arg(long, env = "APIARY_PRUNE_INTERVAL", default_value = "1m", value_parser = parse_duration, global = true)]
+    /// The pause between pruning passes once the pruner has caught up: one worker at a time
+    /// deletes finished jobs past their retention, elected by an advisory lock, and goes on
+    /// without a pause while there is a backlog (100ms to 1d).
+    #[arg(long, env = "APIARY_PRUNE_INTERVAL", default_value = "1m", value_parser = |s: &str| PRUNE_INTERVAL.parse(s), global = true)]
     pub prune_interval: Duration,
 
-    /// On SIGTERM, how long in-flight jobs may take to finish before they are handed back.
-    #[arg(long, env = "APIARY_DRAIN_TIMEOUT", default_value = "25s", value_parser = parse_duration, global = true)]
+    /// On SIGTERM, how long in-flight jobs may take to finish before they are handed back
+    /// (0s to 1h).
+    #[arg(long, env = "APIARY_DRAIN_TIMEOUT", default_value = "25s", value_parser = |s: &str| DRAIN_TIMEOUT.parse(s), global = true)]
     pub drain_timeout: Duration,
 
-    /// Largest batch of claims or completions written in one statement.
-    #[arg(long, env = "APIARY_BATCH", default_value_t = 128, global = true)]
+    /// Largest batch of claims or completions written in one statement (1 to 200).
+    #[arg(long, env = "APIARY_BATCH", default_value_t = 128, value_parser = |s: &str| BATCH.parse::<usize>(s), global = true)]
     pub batch: usize,
 
     /// An outbox row older than this is republished by the relay (its enqueuer died between
-    /// the commit and the broker's confirm).
-    #[arg(long, env = "APIARY_OUTBOX_GRACE", default_value = "5s", value_parser = parse_duration, global = true)]
+    /// the commit and the broker's confirm) (100ms to 1h).
+    #[arg(long, env = "APIARY_OUTBOX_GRACE", default_value = "5s", value_parser = |s: &str| OUTBOX_GRACE.parse(s), global = true)]
     pub outbox_grace: Duration,
 
     /// Per-kind settings overriding the global ones and the handler's own:
@@ -153,6 +524,7 @@ pub struct Config {
         long,
         env = "APIARY_LOG_FORMAT",
         default_value = "human",
+        value_parser = parse_log_format,
         global = true
     )]
     pub log_format: LogFormat,
@@ -184,6 +556,41 @@ impl KindOptions {
             retention: self.retention.or(below.retention),
         }
     }
+
+    /// Checks every set field against its global setting's range, and that a retry cap set
+    /// with a retry base is at least the base. Errors read `APIARY_KINDS: report timeout is
+    /// 0s; it must be between 10ms and 7d`.
+    pub fn validate(&self, kind: &str) -> Result<(), ConfigError> {
+        let named = |key: &str| format!("APIARY_KINDS: {kind} {key}");
+        if let Some(n) = self.max_attempts {
+            let v = u64::try_from(n).unwrap_or(0);
+            if !(MAX_ATTEMPTS.min..=MAX_ATTEMPTS.max).contains(&v) {
+                return Err(ConfigError(MAX_ATTEMPTS.message(&named("max_attempts"), n)));
+            }
+        }
+        let durations = [
+            ("timeout", self.timeout, JOB_TIMEOUT),
+            ("retry_base", self.retry_base, RETRY_BASE),
+            ("retry_cap", self.retry_cap, RETRY_CAP),
+            ("retention", self.retention, RETENTION),
+        ];
+        for (key, value, range) in durations {
+            if let Some(d) = value {
+                range.check_as(&named(key), d).map_err(ConfigError)?;
+            }
+        }
+        if let (Some(base), Some(cap)) = (self.retry_base, self.retry_cap)
+            && cap < base
+        {
+            return Err(ConfigError(format!(
+                "{} is {}; it must be at least its retry_base ({})",
+                named("retry_cap"),
+                show(cap),
+                show(base)
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// `APIARY_KINDS`, parsed: options by kind.
@@ -197,47 +604,46 @@ impl KindSettings {
     }
 }
 
-/// Parses `kind:key=value,...;kind:...`.
+/// Parses `kind:key=value,...;kind:...`. Errors start with `APIARY_KINDS:` and name the kind,
+/// the key and the allowed range.
 pub fn parse_kinds(s: &str) -> Result<KindSettings, String> {
     let mut out = std::collections::HashMap::new();
     for part in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
         let (kind, opts) = part
             .split_once(':')
-            .ok_or_else(|| format!("{part:?}: expected kind:key=value,..."))?;
+            .ok_or_else(|| format!("APIARY_KINDS: {part:?}: expected kind:key=value,..."))?;
         let kind = kind.trim();
-        crate::job::validate_kind(kind).map_err(|e| e.to_string())?;
+        crate::job::validate_kind(kind).map_err(|e| format!("APIARY_KINDS: {kind:?}: {e}"))?;
+        let named = |key: &str| format!("APIARY_KINDS: {kind} {key}");
         let mut o = KindOptions::default();
         for kv in opts.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
             let (k, v) = kv
                 .split_once('=')
-                .ok_or_else(|| format!("{kv:?}: expected key=value"))?;
+                .ok_or_else(|| format!("APIARY_KINDS: {kind}: {kv:?}: expected key=value"))?;
+            let v = v.trim();
             match k.trim() {
                 "max_attempts" => {
-                    let n: i32 = v
-                        .trim()
-                        .parse()
-                        .map_err(|_| format!("{kind}: max_attempts {v:?} is not an integer"))?;
-                    crate::job::validate_max_attempts(n).map_err(|e| format!("{kind}: {e}"))?;
-                    o.max_attempts = Some(n);
+                    o.max_attempts = Some(MAX_ATTEMPTS.parse_as(&named("max_attempts"), v)?)
                 }
-                "timeout" => o.timeout = Some(parse_duration(v.trim())?),
-                "retry_base" => o.retry_base = Some(parse_duration(v.trim())?),
-                "retry_cap" => o.retry_cap = Some(parse_duration(v.trim())?),
-                "retention" => o.retention = Some(parse_duration(v.trim())?),
+                "timeout" => o.timeout = Some(JOB_TIMEOUT.parse_as(&named("timeout"), v)?),
+                "retry_base" => o.retry_base = Some(RETRY_BASE.parse_as(&named("retry_base"), v)?),
+                "retry_cap" => o.retry_cap = Some(RETRY_CAP.parse_as(&named("retry_cap"), v)?),
+                "retention" => o.retention = Some(RETENTION.parse_as(&named("retention"), v)?),
                 other => {
                     return Err(format!(
-                        "{kind}: unknown setting {other:?} (expected max_attempts, timeout, retry_base, retry_cap or retention)"
+                        "APIARY_KINDS: {kind}: unknown setting {other:?} (expected max_attempts, timeout, retry_base, retry_cap or retention)"
                     ));
                 }
             }
         }
+        o.validate(kind).map_err(|e| e.0)?;
         out.insert(kind.to_string(), o);
     }
     Ok(KindSettings(out))
 }
 
 /// How logs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     /// One readable line per event.
     Human,
@@ -245,10 +651,52 @@ pub enum LogFormat {
     Json,
 }
 
-/// A setting that cannot work, named.
+/// A setting that cannot work: the message names the variable and what it must be, and never
+/// holds a password or a token.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(pub String);
+
+impl ConfigError {
+    /// The error clap reports for a command line or environment it cannot parse, without the
+    /// offending value: clap's own message quotes it, and it may be a token or a URL with a
+    /// password. What the value parser said is kept (ours name the variable and the range;
+    /// none of them repeats a secret).
+    pub fn from_clap(e: &clap::Error) -> ConfigError {
+        use clap::error::{ContextKind, ContextValue, ErrorKind};
+        if e.kind() == ErrorKind::ValueValidation {
+            let arg = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(a)) => a.split_whitespace().next().unwrap_or(a),
+                _ => "a setting",
+            };
+            let var = env_var_of(arg);
+            let said = std::error::Error::source(e)
+                .map(|s| mask_url(&s.to_string()))
+                .unwrap_or_else(|| "invalid value".into());
+            return ConfigError(match var {
+                Some(var) if said.starts_with(&var) => said,
+                Some(var) => format!("{var} ({arg}): {said}"),
+                None => format!("{arg}: {said}"),
+            });
+        }
+        // Other errors (an unknown flag, a missing subcommand) quote what was typed: mask
+        // what could be a connection string.
+        let text = e.render().to_string();
+        let first = text.lines().next().unwrap_or("");
+        ConfigError(mask_url(first.trim_start_matches("error: ")))
+    }
+}
+
+/// The environment variable behind a long flag (`--lease` → `APIARY_LEASE`).
+fn env_var_of(flag: &str) -> Option<String> {
+    use clap::CommandFactory;
+    let long = flag.strip_prefix("--")?;
+    EnvOnly::command()
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+        .map(|v| v.to_string_lossy().into_owned())
+}
 
 /// Wraps [`Config`] so clap can parse it on its own.
 #[derive(clap::Parser)]
@@ -258,34 +706,76 @@ struct EnvOnly {
 }
 
 impl Config {
-    /// Reads every setting from the environment, with the documented defaults.
+    /// Reads every setting from the environment, with the documented defaults, and
+    /// [validates](Config::validate) them.
     pub fn from_env() -> Result<Config, ConfigError> {
         use clap::Parser;
-        let parsed = EnvOnly::try_parse_from(["apiary"]).map_err(|e| ConfigError(e.to_string()))?;
+        let parsed = EnvOnly::try_parse_from(["apiary"]).map_err(|e| ConfigError::from_clap(&e))?;
         parsed.config.validate()
     }
 
-    /// Checks settings that parse but cannot work together.
+    /// Checks every setting against its range (the constants of this module) and the
+    /// settings that must agree with each other; the first that cannot work is the error.
     pub fn validate(self) -> Result<Config, ConfigError> {
-        if self.concurrency == 0 {
-            return Err(ConfigError("APIARY_CONCURRENCY must be at least 1".into()));
-        }
+        check_url(
+            "DATABASE_URL",
+            &self.database_url,
+            &["postgres", "postgresql"],
+            |u| {
+                sqlx::postgres::PgConnectOptions::from_str(u)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            },
+        )?;
+        check_url("AMQP_URL", &self.amqp_url, &["amqp", "amqps"], |u| {
+            lapin::uri::AMQPUri::from_str(u).map(drop)
+        })?;
         if self.queue.is_empty() || self.queue.len() > 200 {
+            return Err(ConfigError(format!(
+                "APIARY_QUEUE is {} bytes long; it must be 1 to 200",
+                self.queue.len()
+            )));
+        }
+        if self.queue.starts_with("amq.") {
+            // RabbitMQ reserves the prefix: declaring such a queue is refused.
+            return Err(ConfigError(format!(
+                "APIARY_QUEUE is {:?}; names starting with amq. are reserved by RabbitMQ",
+                self.queue
+            )));
+        }
+        CONCURRENCY.check(self.concurrency)?;
+        PREFETCH.check(self.prefetch)?;
+        DB_POOL.check(self.db_pool)?;
+        BATCH.check(self.batch)?;
+        MAX_PAYLOAD_BYTES.check(self.max_payload_bytes)?;
+        let attempts = u64::try_from(self.max_attempts).unwrap_or(0);
+        if !(MAX_ATTEMPTS.min..=MAX_ATTEMPTS.max).contains(&attempts) {
             return Err(ConfigError(
-                "APIARY_QUEUE must be 1 to 200 characters".into(),
+                MAX_ATTEMPTS.message(MAX_ATTEMPTS.var, self.max_attempts),
             ));
         }
-        crate::job::validate_max_attempts(self.max_attempts)
-            .map_err(|e| ConfigError(format!("APIARY_MAX_ATTEMPTS {}", e.reason)))?;
-        if self.lease < Duration::from_secs(1) {
-            return Err(ConfigError("APIARY_LEASE must be at least 1s".into()));
+        LEASE.check(self.lease)?;
+        PRUNE_INTERVAL.check(self.prune_interval)?;
+        DRAIN_TIMEOUT.check(self.drain_timeout)?;
+        JOB_TIMEOUT.check(self.job_timeout)?;
+        RETRY_BASE.check(self.retry_base)?;
+        RETRY_CAP.check(self.retry_cap)?;
+        DETACH_AFTER.check(self.detach_after)?;
+        OUTBOX_GRACE.check(self.outbox_grace)?;
+        RETENTION.check(self.retention)?;
+        if self.retry_cap < self.retry_base {
+            return Err(ConfigError(format!(
+                "APIARY_RETRY_CAP is {}; it must be at least APIARY_RETRY_BASE ({})",
+                show(self.retry_cap),
+                show(self.retry_base)
+            )));
         }
-        if self.batch == 0 || self.batch > 200 {
-            // One NOTIFY carries a batch's ids; 200 of them stay under Postgres's 8000-byte limit.
-            return Err(ConfigError("APIARY_BATCH must be between 1 and 200".into()));
-        }
-        if self.db_pool < 2 {
-            return Err(ConfigError("APIARY_DB_POOL must be at least 2".into()));
+        let mut kinds: Vec<_> = self.kinds.0.iter().collect();
+        kinds.sort_by(|a, b| a.0.cmp(b.0));
+        for (kind, options) in kinds {
+            crate::job::validate_kind(kind)
+                .map_err(|e| ConfigError(format!("APIARY_KINDS: {kind:?}: {e}")))?;
+            options.validate(kind)?;
         }
         Ok(self)
     }
@@ -306,9 +796,48 @@ impl Config {
     }
 }
 
+impl fmt::Debug for Config {
+    /// Every setting, with the connection strings' passwords masked and the API tokens
+    /// counted rather than shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &mask_url(&self.database_url))
+            .field("amqp_url", &mask_url(&self.amqp_url))
+            .field("queue", &self.queue)
+            .field("http_addr", &self.http_addr)
+            .field("api_tokens", &self.api_tokens)
+            .field("worker_http_addr", &self.worker_http_addr)
+            .field("concurrency", &self.concurrency)
+            .field("prefetch", &self.prefetch)
+            .field("db_pool", &self.db_pool)
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("max_attempts", &self.max_attempts)
+            .field("retry_base", &self.retry_base)
+            .field("retry_cap", &self.retry_cap)
+            .field("job_timeout", &self.job_timeout)
+            .field("lease", &self.lease)
+            .field("detach_after", &self.detach_after)
+            .field("retention", &self.retention)
+            .field("prune_interval", &self.prune_interval)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("batch", &self.batch)
+            .field("outbox_grace", &self.outbox_grace)
+            .field("kinds", &self.kinds)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn defaults() -> Config {
+        use clap::Parser;
+        EnvOnly::try_parse_from(["apiary", "--queue", "q"])
+            .expect("parses")
+            .config
+    }
 
     #[test]
     fn durations_parse() {
@@ -341,15 +870,301 @@ mod tests {
     }
 
     #[test]
+    fn kind_settings_name_the_kind_the_key_and_the_range() {
+        let cases = [
+            (
+                "report:timeout=0s",
+                "APIARY_KINDS: report timeout is 0s; it must be between 10ms and 7d",
+            ),
+            (
+                "report:retention=0s",
+                "APIARY_KINDS: report retention is 0s; it must be between 1s and 3650d",
+            ),
+            (
+                "report:retry_base=2d",
+                "APIARY_KINDS: report retry_base is 2d; it must be between 1ms and 1d",
+            ),
+            (
+                "report:max_attempts=5000",
+                "APIARY_KINDS: report max_attempts is 5000; it must be between 1 and 1000",
+            ),
+            (
+                "report:timeout=soon",
+                "APIARY_KINDS: report timeout is \"soon\"; it must be a duration",
+            ),
+            (
+                "report:retry_base=2s,retry_cap=1s",
+                "APIARY_KINDS: report retry_cap is 1s; it must be at least its retry_base (2s)",
+            ),
+        ];
+        for (input, expected) in cases {
+            let e = parse_kinds(input).unwrap_err();
+            assert!(e.starts_with(expected), "{input}: {e}");
+        }
+    }
+
+    #[test]
     fn defaults_are_the_documented_ones() {
-        use clap::Parser;
-        let c = EnvOnly::try_parse_from(["apiary", "--queue", "q"])
-            .expect("parses")
-            .config;
+        let c = defaults();
         assert_eq!(c.queue, "q");
         assert_eq!(c.drain_timeout, Duration::from_secs(25));
         assert_eq!(c.max_payload_bytes, 1 << 20);
         assert_eq!(c.effective_prefetch(), 512);
         assert!(c.validate().is_ok());
+    }
+
+    /// `validate` holds a `Config` built in code to the same ranges as the parsers: each
+    /// case names the variable and its range.
+    #[test]
+    fn validate_names_the_variable_and_the_range() {
+        type Edit = fn(&mut Config);
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                |c| c.prune_interval = Duration::ZERO,
+                "APIARY_PRUNE_INTERVAL is 0s; it must be between 100ms and 1d",
+            ),
+            (
+                |c| c.lease = Duration::from_millis(500),
+                "APIARY_LEASE is 500ms; it must be between 1s and 1h",
+            ),
+            (
+                |c| c.drain_timeout = Duration::from_secs(2 * 3600),
+                "APIARY_DRAIN_TIMEOUT is 2h; it must be between 0s and 1h",
+            ),
+            (
+                |c| c.job_timeout = Duration::ZERO,
+                "APIARY_JOB_TIMEOUT is 0s; it must be between 10ms and 7d",
+            ),
+            (
+                |c| c.retry_base = Duration::ZERO,
+                "APIARY_RETRY_BASE is 0s; it must be between 1ms and 1d",
+            ),
+            (
+                |c| c.retry_cap = Duration::from_secs(30 * 86400),
+                "APIARY_RETRY_CAP is 30d; it must be between 1ms and 7d",
+            ),
+            (
+                |c| c.retry_cap = Duration::from_millis(500),
+                "APIARY_RETRY_CAP is 500ms; it must be at least APIARY_RETRY_BASE (1s)",
+            ),
+            (
+                |c| c.detach_after = Duration::ZERO,
+                "APIARY_DETACH_AFTER is 0s; it must be between 100ms and 1d",
+            ),
+            (
+                |c| c.outbox_grace = Duration::ZERO,
+                "APIARY_OUTBOX_GRACE is 0s; it must be between 100ms and 1h",
+            ),
+            (
+                |c| c.retention = Duration::ZERO,
+                "APIARY_RETENTION is 0s; it must be between 1s and 3650d",
+            ),
+            (
+                |c| c.concurrency = 0,
+                "APIARY_CONCURRENCY is 0; it must be between 1 and 10000",
+            ),
+            (
+                |c| c.concurrency = 100_000,
+                "APIARY_CONCURRENCY is 100000; it must be between 1 and 10000",
+            ),
+            (
+                |c| c.db_pool = 1,
+                "APIARY_DB_POOL is 1; it must be between 2 and 1000",
+            ),
+            (
+                |c| c.batch = 0,
+                "APIARY_BATCH is 0; it must be between 1 and 200",
+            ),
+            (
+                |c| c.max_payload_bytes = 10,
+                "APIARY_MAX_PAYLOAD_BYTES is 10; it must be between 1024 and 67108864",
+            ),
+            (
+                |c| c.max_attempts = 0,
+                "APIARY_MAX_ATTEMPTS is 0; it must be between 1 and 1000",
+            ),
+            (
+                |c| c.queue = String::new(),
+                "APIARY_QUEUE is 0 bytes long; it must be 1 to 200",
+            ),
+            (
+                |c| c.queue = "amq.jobs".into(),
+                "APIARY_QUEUE is \"amq.jobs\"; names starting with amq. are reserved",
+            ),
+            (
+                |c| c.database_url = "mysql://u:sekret-pw@h/db".into(),
+                "DATABASE_URL is mysql://u:***@h/db; it must start with postgres:// or postgresql://",
+            ),
+            (
+                |c| c.database_url = "u:sekret-pw@h".into(),
+                "DATABASE_URL is not a URL; it must start with postgres://",
+            ),
+            (
+                |c| c.database_url = "postgres://u:sekret-pw@h/db?sslmode=bogus".into(),
+                "DATABASE_URL is postgres://u:***@h/db?sslmode=bogus; it does not parse",
+            ),
+            (
+                |c| c.amqp_url = "http://u:sekret-pw@h".into(),
+                "AMQP_URL is http://u:***@h; it must start with amqp:// or amqps://",
+            ),
+            (
+                |c| c.amqp_url = "amqp://u:sekret-pw@h:99999/%2f".into(),
+                "AMQP_URL is amqp://u:***@h:99999/%2f; it does not parse",
+            ),
+            (
+                |c| {
+                    c.kinds.0.insert(
+                        "report".into(),
+                        KindOptions {
+                            timeout: Some(Duration::ZERO),
+                            ..KindOptions::default()
+                        },
+                    );
+                },
+                "APIARY_KINDS: report timeout is 0s; it must be between 10ms and 7d",
+            ),
+        ];
+        for (edit, expected) in cases {
+            let mut c = defaults();
+            edit(&mut c);
+            let e = c.validate().expect_err(expected).to_string();
+            assert!(
+                e.starts_with(&format!("invalid configuration: {expected}")),
+                "expected {expected:?}, got {e:?}"
+            );
+            assert!(!e.contains("sekret-pw"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_edges_of_each_range_are_accepted() {
+        let mut c = defaults();
+        c.prune_interval = PRUNE_INTERVAL.min;
+        c.lease = LEASE.min;
+        c.drain_timeout = Duration::ZERO;
+        c.concurrency = 10_000;
+        c.db_pool = 2;
+        c.batch = 200;
+        c.max_payload_bytes = 64 << 20;
+        c.retry_base = Duration::from_secs(1);
+        c.retry_cap = Duration::from_secs(1);
+        c.retention = RETENTION.max;
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            defaults().validate().map(|c| c.effective_prefetch()).ok(),
+            Some(512)
+        );
+        let mut big = defaults();
+        big.concurrency = 10_000;
+        assert_eq!(
+            big.effective_prefetch(),
+            20_000,
+            "twice the most still fits"
+        );
+    }
+
+    #[test]
+    fn parsers_name_the_variable_and_the_range() {
+        assert_eq!(
+            PRUNE_INTERVAL.parse("0s").unwrap_err(),
+            "APIARY_PRUNE_INTERVAL is 0s; it must be between 100ms and 1d"
+        );
+        assert!(
+            LEASE
+                .parse("soon")
+                .unwrap_err()
+                .starts_with("APIARY_LEASE is \"soon\"; it must be a duration")
+        );
+        assert_eq!(
+            CONCURRENCY.parse::<usize>("0").unwrap_err(),
+            "APIARY_CONCURRENCY is 0; it must be between 1 and 10000"
+        );
+        assert_eq!(
+            CONCURRENCY.parse::<usize>("many").unwrap_err(),
+            "APIARY_CONCURRENCY is \"many\"; it must be a whole number between 1 and 10000"
+        );
+        assert_eq!(PREFETCH.parse::<u16>("65535"), Ok(u16::MAX));
+        assert!(PREFETCH.parse::<u16>("65536").is_err());
+        assert!(
+            parse_addr("APIARY_HTTP_ADDR", "localhost")
+                .unwrap_err()
+                .starts_with("APIARY_HTTP_ADDR is \"localhost\"")
+        );
+        assert!(
+            parse_log_format("xml")
+                .unwrap_err()
+                .contains("APIARY_LOG_FORMAT")
+        );
+    }
+
+    #[test]
+    fn clap_errors_leave_out_the_value_and_name_the_variable() {
+        use clap::Parser;
+        let e = EnvOnly::try_parse_from(["apiary", "--api-tokens", "sekret-pw:read"])
+            .err()
+            .expect("too short a token");
+        let message = ConfigError::from_clap(&e).to_string();
+        assert!(message.contains("APIARY_API_TOKENS"), "{message}");
+        assert!(!message.contains("sekret-pw"), "{message}");
+        let e = EnvOnly::try_parse_from(["apiary", "--lease", "0s"])
+            .err()
+            .expect("out of range");
+        assert_eq!(
+            ConfigError::from_clap(&e).to_string(),
+            "invalid configuration: APIARY_LEASE is 0s; it must be between 1s and 1h"
+        );
+    }
+
+    #[test]
+    fn urls_lose_their_passwords() {
+        let cases = [
+            (
+                "postgres://u:sekret@h:5432/db",
+                "postgres://u:***@h:5432/db",
+            ),
+            ("amqp://guest:guest@h/%2f", "amqp://guest:***@h/%2f"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            (
+                "postgres://h/db?password=sekret&x=1",
+                "postgres://h/db?password=***&x=1",
+            ),
+            (
+                "postgres://h/db?sslpassword=sekret",
+                "postgres://h/db?sslpassword=***",
+            ),
+            // An unescaped '@' in the password: everything up to the last '@' is userinfo.
+            ("postgres://u:p@ss@h/db", "postgres://u:***@h/db"),
+            (
+                "error connecting to amqp://u:pw@h:1/%2f: refused; then postgres://a:b@c/d",
+                "error connecting to amqp://u:***@h:1/%2f: refused; then postgres://a:***@c/d",
+            ),
+            (
+                "{\"url\":\"postgres://u:pw@h/db\"}",
+                "{\"url\":\"postgres://u:***@h/db\"}",
+            ),
+            ("no url here", "no url here"),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(mask_url(input), expected, "{input}");
+        }
+    }
+
+    #[test]
+    fn debug_masks_urls_and_tokens() {
+        let mut c = defaults();
+        c.database_url = "postgres://u:sekret-pw@h/db".into();
+        c.amqp_url = "amqp://u:sekret-pw@h/%2f".into();
+        c.api_tokens = crate::api::auth::parse_tokens("sekret-pw-sekret-pw:read").expect("token");
+        let text = format!("{c:?}");
+        assert!(!text.contains("sekret-pw"), "{text}");
+        assert!(text.contains("postgres://u:***@h/db"), "{text}");
+    }
+
+    #[test]
+    fn durations_show_in_their_shortest_exact_form() {
+        assert_eq!(show(Duration::ZERO), "0s");
+        assert_eq!(show(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(show(Duration::from_secs(86400)), "1d");
+        assert_eq!(show(Duration::from_secs(5400)), "90m");
     }
 }

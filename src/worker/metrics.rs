@@ -1,16 +1,21 @@
 //! The worker's Prometheus metrics. Handles are looked up once per kind and cached, so the
 //! hot path only increments.
+//!
+//! Label sets are bounded: a raw AMQP message may carry any well-formed kind, and a series per
+//! kind seen would grow without end (each one memory in this process and in Prometheus). Kinds
+//! the worker knows (registered handlers, `APIARY_KINDS`) get their own series; every other
+//! kind is counted under `kind="other"`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
 use super::Shared;
 
-/// One kind's handles.
+/// One kind's handles (or those of `other`).
 pub(crate) struct KindMetrics {
     pub(crate) started: Counter,
     pub(crate) succeeded: Counter,
@@ -21,9 +26,16 @@ pub(crate) struct KindMetrics {
     pub(crate) end_to_end: Histogram,
 }
 
+/// The label that every kind outside the known ones is counted under.
+pub(crate) const OTHER_KIND: &str = "other";
+
+/// Until [`WorkerMetrics::with_known_kinds`] is used, this many distinct kinds get their own
+/// series, first come first served, and later ones fold into [`OTHER_KIND`].
+pub(crate) const UNNAMED_KIND_SERIES: usize = 64;
+
 /// The worker's metrics.
 pub(crate) struct WorkerMetrics {
-    kinds: Mutex<HashMap<String, std::sync::Arc<KindMetrics>>>,
+    kinds: Mutex<KindSeries>,
     in_flight: Gauge,
     free_slots: Gauge,
     queue_ready: Gauge,
@@ -35,10 +47,62 @@ pub(crate) struct WorkerMetrics {
     pub(crate) last_enqueued_ms: std::sync::atomic::AtomicI64,
 }
 
+/// The per-kind handles: one entry per known kind, plus the shared `other`.
+struct KindSeries {
+    by_kind: HashMap<String, Arc<KindMetrics>>,
+    /// How many kinds not named up front may still get a series of their own.
+    spare: usize,
+    other: Arc<KindMetrics>,
+}
+
 impl WorkerMetrics {
+    /// Metrics with no kinds named up front: the first [`UNNAMED_KIND_SERIES`] kinds seen get
+    /// their own series, the rest count as `other`. Prefer [`WorkerMetrics::with_known_kinds`].
+    #[allow(
+        dead_code,
+        reason = "the worker uses one of new() and with_known_kinds(), whichever it is given"
+    )]
     pub(crate) fn new() -> Self {
+        Self::build(std::iter::empty::<String>(), UNNAMED_KIND_SERIES)
+    }
+
+    /// Metrics with a series for each of `known` (the registry's kinds and those of
+    /// `APIARY_KINDS`), created now so they read 0 before the first job; any other kind counts
+    /// as `other`.
+    #[allow(
+        dead_code,
+        reason = "the worker uses one of new() and with_known_kinds(), whichever it is given"
+    )]
+    pub(crate) fn with_known_kinds<I, S>(known: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::build(known, 0)
+    }
+
+    fn build<I, S>(known: I, spare: usize) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let other = Arc::new(KindMetrics::for_kind(OTHER_KIND));
+        let mut by_kind = HashMap::new();
+        for kind in known {
+            let kind = kind.into();
+            let m = if kind == OTHER_KIND {
+                other.clone()
+            } else {
+                Arc::new(KindMetrics::for_kind(&kind))
+            };
+            by_kind.insert(kind, m);
+        }
         WorkerMetrics {
-            kinds: Mutex::new(HashMap::new()),
+            kinds: Mutex::new(KindSeries {
+                by_kind,
+                spare,
+                other,
+            }),
             in_flight: gauge!("apiary_worker_jobs_in_flight"),
             free_slots: gauge!("apiary_worker_free_slots"),
             queue_ready: gauge!("apiary_queue_ready_messages"),
@@ -49,17 +113,23 @@ impl WorkerMetrics {
         }
     }
 
-    /// The handles of `kind`.
-    pub(crate) fn kind(&self, kind: &str) -> std::sync::Arc<KindMetrics> {
+    /// The handles of `kind`: its own if it is known, else those of `other`.
+    pub(crate) fn kind(&self, kind: &str) -> Arc<KindMetrics> {
         let Ok(mut kinds) = self.kinds.lock() else {
-            return std::sync::Arc::new(KindMetrics::for_kind(kind));
+            // A poisoned lock means a panic mid-insert elsewhere; counting as `other` keeps
+            // the series bounded all the same.
+            return Arc::new(KindMetrics::for_kind(OTHER_KIND));
         };
         // Looked up before inserting, so the hot path allocates nothing for a known kind.
-        if let Some(m) = kinds.get(kind) {
+        if let Some(m) = kinds.by_kind.get(kind) {
             return m.clone();
         }
-        let m = std::sync::Arc::new(KindMetrics::for_kind(kind));
-        kinds.insert(kind.to_string(), m.clone());
+        if kinds.spare == 0 {
+            return kinds.other.clone();
+        }
+        kinds.spare -= 1;
+        let m = Arc::new(KindMetrics::for_kind(kind));
+        kinds.by_kind.insert(kind.to_string(), m.clone());
         m
     }
 
@@ -102,5 +172,81 @@ impl KindMetrics {
     /// Records an attempt's handler time.
     pub(crate) fn ran(&self, took: Duration) {
         self.duration.record(took.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Renders what `f` records into a recorder of its own.
+    fn rendered(f: impl FnOnce()) -> String {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, f);
+        handle.render()
+    }
+
+    #[test]
+    fn unknown_kinds_fold_into_other() {
+        let text = rendered(|| {
+            let m = WorkerMetrics::with_known_kinds(["echo", "tally"]);
+            m.kind("echo").started.increment(1);
+            for i in 0..500 {
+                m.kind(&format!("random-{i}")).started.increment(1);
+            }
+            assert!(
+                Arc::ptr_eq(&m.kind("x"), &m.kind("y")),
+                "one handle for all others"
+            );
+            assert!(!Arc::ptr_eq(&m.kind("echo"), &m.kind("x")));
+        });
+        assert!(
+            text.contains(r#"apiary_jobs_started_total{kind="echo"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"apiary_jobs_started_total{kind="other"} 500"#),
+            "{text}"
+        );
+        // Known kinds exist from the start, at 0.
+        assert!(
+            text.contains(r#"apiary_jobs_started_total{kind="tally"} 0"#),
+            "{text}"
+        );
+        assert!(!text.contains("random-"), "{text}");
+    }
+
+    #[test]
+    fn a_kind_named_other_shares_the_other_series() {
+        let text = rendered(|| {
+            let m = WorkerMetrics::with_known_kinds(["other"]);
+            assert!(Arc::ptr_eq(&m.kind("other"), &m.kind("unknown")));
+            m.kind("other").started.increment(2);
+        });
+        assert!(
+            text.contains(r#"apiary_jobs_started_total{kind="other"} 2"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn without_known_kinds_the_series_are_still_bounded() {
+        let text = rendered(|| {
+            let m = WorkerMetrics::new();
+            for i in 0..(UNNAMED_KIND_SERIES + 100) {
+                m.kind(&format!("k{i}")).started.increment(1);
+            }
+        });
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("apiary_jobs_started_total{"))
+            .count();
+        // Each kind seen first gets one; `other` takes the rest.
+        assert_eq!(series, UNNAMED_KIND_SERIES + 1, "{text}");
+        assert!(
+            text.contains(r#"apiary_jobs_started_total{kind="other"} 100"#),
+            "{text}"
+        );
     }
 }
