@@ -452,7 +452,9 @@ fn dispatch(shared: &Arc<Shared>, mut inc: Incoming, claim: Claim, permit: Owned
             // and costs an attempt. If it is running it, this is a second copy: ack it.
             let job_id = inc.job.id;
             match start_job(shared, inc, attempt, max_attempts, permit) {
-                Ok(()) => tracing::info!(%job_id, attempt, "adopting a claim of this worker's whose answer was lost"),
+                Ok(()) => {
+                    tracing::info!(%job_id, attempt, "adopting a claim of this worker's whose answer was lost")
+                }
                 Err(inc) => inc.delivery.settle(Settle::Ack),
             }
         }
@@ -644,9 +646,9 @@ fn start_job(
         );
     }
     let shared2 = shared.clone();
-    shared.tasks.spawn(async move {
-        run_job(&shared2, inc, attempt, max_attempts, handles, permit).await
-    });
+    shared
+        .tasks
+        .spawn(async move { run_job(&shared2, inc, attempt, max_attempts, handles, permit).await });
     Ok(())
 }
 

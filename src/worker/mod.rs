@@ -259,6 +259,12 @@ impl Worker {
     pub fn new(cfg: Config, registry: Registry, shutdown: Shutdown) -> Result<Worker, WorkerError> {
         let store = Store::connect_lazy(&cfg.database_url, cfg.db_pool)?;
         let lease_store = Store::connect_lazy(&cfg.database_url, 2)?;
+        let known_kinds: Vec<String> = registry
+            .kinds()
+            .into_iter()
+            .map(str::to_string)
+            .chain(cfg.kinds.0.keys().cloned())
+            .collect();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let (claim_tx, claim_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -282,7 +288,7 @@ impl Worker {
             rabbit: Outage::new("rabbitmq"),
             postgres: Outage::new("postgres"),
             ready: AtomicBool::new(false),
-            metrics: metrics::WorkerMetrics::new(),
+            metrics: metrics::WorkerMetrics::with_known_kinds(known_kinds),
             depths: std::sync::Mutex::new(Default::default()),
             stats_channel: RwLock::new(None),
             started_at: chrono::Utc::now(),

@@ -321,29 +321,10 @@ async fn sweep_dead_letters(shared: &Shared) {
     }
 }
 
-/// Prunes continuously: as fast as it can while there is a backlog, then once per
-/// `APIARY_PRUNE_INTERVAL`.
+/// Prunes in a task of its own: as fast as it can while there is a backlog, then once per
+/// `APIARY_PRUNE_INTERVAL`. Per-kind retention comes from `APIARY_KINDS` and from handler
+/// registrations.
 async fn prune_loop(shared: Arc<Shared>, stop: CancellationToken) {
-    loop {
-        let caught_up = tokio::select! {
-            () = stop.cancelled() => return,
-            c = prune_old(&shared) => c,
-        };
-        let pause = if caught_up {
-            shared.cfg.prune_interval
-        } else {
-            Duration::from_millis(10)
-        };
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(pause) => {}
-        }
-    }
-}
-
-/// One pruning pass. Returns true when nothing is left to prune (or another worker prunes).
-async fn prune_old(shared: &Shared) -> bool {
-    // Per-kind retention from APIARY_KINDS and from handler registrations.
     let mut kinds: Vec<String> = shared
         .registry
         .kinds()
@@ -357,24 +338,16 @@ async fn prune_old(shared: &Shared) -> bool {
         .into_iter()
         .filter_map(|k| shared.kind_options(&k).retention.map(|r| (k, r)))
         .collect();
-    const BATCH: i64 = 5000;
-    const BATCHES: usize = 4;
-    match shared
-        .store
-        .prune(shared.cfg.retention, &overrides, BATCH, BATCHES)
-        .await
-    {
-        Ok(Some(n)) => {
-            if n > 0 {
-                tracing::debug!(pruned = n, "pruned finished jobs past their retention");
-            }
-            // Every pass (the default one and each kind's) deleted less than a full run.
-            n < (BATCH as u64) * (BATCHES as u64)
-        }
-        Ok(None) => true,
-        Err(e) => {
-            tracing::debug!(error = %e, "prune pass failed; the next one retries");
-            true
-        }
+    // Abandoned at once on stop (each pass is its own short transaction), so pruning never
+    // holds up a drain.
+    let pruning = shared.store.keep_pruned(
+        shared.cfg.retention,
+        &overrides,
+        shared.cfg.prune_interval,
+        stop.clone(),
+    );
+    tokio::select! {
+        () = pruning => {}
+        () = stop.cancelled() => {}
     }
 }
