@@ -64,6 +64,12 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
         return;
     };
 
+    // The outcomes are written: from here on these attempts are not this worker's to renew (a
+    // heartbeat now would take a committed retry for a lost claim).
+    for c in &batch {
+        super::executor::forget(shared, c.finish.id, c.finish.attempt);
+    }
+
     // Retries, long jobs handed back and dead jobs each got an outbox row in the commit: send
     // those messages now, under the relay's row locks. If this fails the relay sends them
     // later; either way the deliveries can be acked, since the commit made them redundant.
@@ -128,7 +134,6 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
             }
         };
         tracing::debug!(job_id = %c.finish.id, outcome = ?c.finish.outcome.status(), status = ?status, settle = ?how, "settled");
-        super::executor::forget(shared, c.finish.id, c.finish.attempt);
         c.delivery.settle(how);
     }
     shared

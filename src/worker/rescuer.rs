@@ -278,7 +278,9 @@ async fn register(shared: &Shared) {
     };
     let row = registry_row(shared, rate);
     let beat = shared.store.beat_worker(&row);
-    match tokio::time::timeout(shared.cfg.heartbeat_interval(), beat).await {
+    // Bounded by the lease, like a renewal: a slow link delays the next beat, never abandons
+    // this one (which would leave the row to look silent, and the worker gone).
+    match tokio::time::timeout(shared.cfg.lease, beat).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(error = %e, "could not update the worker registry"),
         Err(_) => tracing::debug!("the worker registry update timed out"),
