@@ -959,3 +959,92 @@ async fn leases_outlive_a_stalled_rabbitmq() {
     sigterm(&mut w1.proc, 1, Duration::from_secs(30)).await;
     env.assert_invariants_quiescent().await;
 }
+
+/// PRODUCT BUG (fails on b41f3f5): a worker on a slow Postgres link never renews a lease.
+/// Each heartbeat's renewal is abandoned after lease/5 (600 ms here), the registry beat too,
+/// and on a link with 150 ms each way a renewal needs longer than that (a connection to open,
+/// a statement to prepare, one to run). So a live worker's leases lapse 3 s after each
+/// claim; its own rescuer soon counts it as gone (its registry row is silent) and takes its
+/// running jobs away, charging the attempt: with one attempt each they die "lease expired"
+/// while the handler is still running them. A renewal that cannot finish within a heartbeat
+/// is still worth finishing within the lease.
+#[tokio::test]
+async fn leases_are_renewed_over_a_slow_postgres_link() {
+    let env = TestEnv::new().await;
+    let pg = Proxy::start(PG).await;
+    pg.latency(Duration::from_millis(150));
+    let db = pg_url(&env, &pg);
+    let mut proc = env.spawn(&["worker"], &[("DATABASE_URL", &db), ("NO_COLOR", "1")]);
+    let id = worker_id(&proc).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(
+            env.enqueue(
+                NewJob::new("tally", json!({"counter": "slow", "ms": 8000})).with_max_attempts(1),
+            )
+            .await,
+        );
+    }
+    env.wait_until("the jobs to run", Duration::from_secs(30), || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM apiary_jobs WHERE status = 'running' AND worker_id = $1",
+        )
+        .bind(id)
+        .fetch_one(env.store.pool())
+        .await
+        .expect("count");
+        (n == 4).then_some(())
+    })
+    .await;
+    // Watch the leases while the handlers run: a live worker's lease must never lapse. Once
+    // one has, a healthy second worker starts, as one would in production at any moment: its
+    // first rescue pass looks at every running job.
+    let mut lapsed: HashMap<Uuid, f64> = HashMap::new();
+    let mut other: Option<Proc> = None;
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(7) {
+        let rows: Vec<(Uuid, String, Option<DateTime<Utc>>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT id, status, lease_until, now() FROM apiary_jobs WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(env.store.pool())
+        .await
+        .expect("leases");
+        for (job, status, lease, now) in rows {
+            if let (true, Some(lease)) = (status == "running", lease)
+                && lease < now
+            {
+                lapsed.entry(job).or_insert((now - lease).as_seconds_f64());
+            }
+        }
+        if !lapsed.is_empty() && other.is_none() {
+            other = Some(env.spawn(&["worker"], &[("NO_COLOR", "1")]));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ends = Vec::new();
+    for job in &ids {
+        let j = env
+            .wait_until("the job to end", Duration::from_secs(30), || async {
+                env.job(*job).await.filter(|j| j.finished_at.is_some())
+            })
+            .await;
+        ends.push((j.status().as_str().to_string(), j.attempts, j.error));
+    }
+    let log = common::strip_ansi(&proc.log_text());
+    let slow_renewals = log.matches("lease renewal took longer").count();
+    let rescued = log.lines().filter(|l| l.contains("rescued jobs")).count();
+    eprintln!(
+        "slow postgres link (150 ms each way): {} of 4 leases lapsed under a live worker; {slow_renewals} renewals abandoned, {rescued} rescue passes; outcomes {ends:?}",
+        lapsed.len()
+    );
+    sigterm(&mut proc, 0, Duration::from_secs(40)).await;
+    if let Some(mut other) = other {
+        sigterm(&mut other, 1, Duration::from_secs(40)).await;
+    }
+    assert!(
+        lapsed.is_empty() && ends.iter().all(|(s, a, _)| s == "succeeded" && *a == 1),
+        "leases lapsed under a live worker on a slow link: {lapsed:?}; outcomes {ends:?}"
+    );
+    assert_eq!(env.tally("slow").await, Some(4));
+}
