@@ -99,6 +99,18 @@ async fn worker_id(proc: &Proc) -> Uuid {
     line[at..at + 36].parse().expect("worker id")
 }
 
+/// With `FAULTS_KEEP_LOGS=DIR`, copies a worker's log there (logs are otherwise removed with
+/// the process), for reading a run after the fact.
+fn keep_log(proc: &Proc, name: &str) {
+    if let Ok(dir) = std::env::var("FAULTS_KEEP_LOGS") {
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::copy(
+            &proc.log,
+            std::path::Path::new(&dir).join(format!("{name}.log")),
+        );
+    }
+}
+
 /// Sends SIGTERM and waits for the exit; returns how long it took. Fails on a non-zero exit
 /// or no exit within `limit`.
 async fn sigterm(proc: &mut Proc, n: usize, limit: Duration) -> Duration {
@@ -193,7 +205,7 @@ impl Kind {
     }
 }
 
-const COUNTERS: usize = 5;
+const COUNTERS: usize = 8;
 
 /// What the producer enqueued.
 #[derive(Default)]
@@ -202,7 +214,7 @@ struct Produced {
     tallies: HashMap<String, i64>,
 }
 
-/// Enqueues a steady mix every 100 ms until `stop` fires: mostly `tally` over a handful of
+/// Enqueues a steady mix, 10 jobs every 100 ms, until `stop` fires: mostly `tally` over a handful of
 /// counters, some of them scheduled; `sleep` 300 ms; `fail` once then succeed; `fail` for
 /// good; and now and then a scheduled job cancelled while it waits.
 async fn produce(client: apiary::Client, stop: CancellationToken) -> Produced {
@@ -215,7 +227,7 @@ async fn produce(client: apiary::Client, stop: CancellationToken) -> Produced {
         round += 1;
         let mut batch = Vec::with_capacity(16);
         let mut kinds = Vec::with_capacity(16);
-        for _ in 0..15 {
+        for _ in 0..10 {
             i += 1;
             let (kind, job) = match i % 100 {
                 0 => (Kind::RetryOnce, NewJob::new("fail", json!({"times": 1}))),
@@ -461,6 +473,7 @@ async fn a_mixed_workload_survives_every_fault_on_both_sides() {
     let ids: Vec<Uuid> = produced.jobs.iter().map(|(id, _)| *id).collect();
     let want: HashMap<Uuid, Kind> = produced.jobs.iter().copied().collect();
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last_report = Instant::now();
     loop {
         for node in &mut nodes {
             node.assert_alive();
@@ -473,6 +486,27 @@ async fn a_mixed_workload_survives_every_fault_on_both_sides() {
             .collect();
         if wrong.is_empty() {
             break;
+        }
+        for node in &nodes {
+            keep_log(&node.proc, &format!("mixed-{}", node.n));
+        }
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            last_report = Instant::now();
+            let mut line = format!(
+                "faults: settling {:.0}s: {} jobs not final yet",
+                settle_began.elapsed().as_secs_f64(),
+                wrong.len()
+            );
+            for (id, k, _) in wrong.iter().take(3) {
+                let row: Option<(String, i32, Option<DateTime<Utc>>, Option<Uuid>, Option<DateTime<Utc>>, DateTime<Utc>)> =
+                    sqlx::query_as("SELECT status, attempts, lease_until, worker_id, coalesce(next_attempt_at, run_at), now() FROM apiary_jobs WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(env.store.pool())
+                        .await
+                        .expect("row");
+                line += &format!("\n    {id} {k:?}: {row:?}");
+            }
+            eprintln!("{line}");
         }
         if Instant::now() >= deadline {
             let mut report = String::new();
@@ -582,6 +616,13 @@ async fn a_mixed_workload_survives_every_fault_on_both_sides() {
     .fetch_all(env.store.pool())
     .await
     .expect("attempts");
+    let why_again: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT coalesce(errors->-1->>'error', '(no error recorded: a lapsed lease claimed again)'), count(*)
+           FROM apiary_jobs WHERE attempts > 1 AND kind IN ('tally', 'sleep') GROUP BY 1 ORDER BY 2 DESC",
+    )
+    .fetch_all(env.store.pool())
+    .await
+    .expect("why again");
     eprintln!("faults figures");
     eprintln!(
         "  jobs                 {} ({} tally + {} scheduled tally over {COUNTERS} counters, {} sleep, {} fail-once, {} permanent, {} cancelled, {} poison)",
@@ -619,7 +660,7 @@ async fn a_mixed_workload_survives_every_fault_on_both_sides() {
             node.mq.dropped()
         );
     }
-    eprintln!("  attempts (tally, sleep)  {attempts:?}");
+    eprintln!("  attempts (tally, sleep)  {attempts:?}; second attempts because: {why_again:?}");
     eprintln!("  settled after faults {:.1}s", settled.as_secs_f64());
     let mut drains: Vec<f64> = drains.iter().map(Duration::as_secs_f64).collect();
     eprintln!("  drain on SIGTERM     {}", spread(&mut drains));
@@ -1047,4 +1088,91 @@ async fn leases_are_renewed_over_a_slow_postgres_link() {
         "leases lapsed under a live worker on a slow link: {lapsed:?}; outcomes {ends:?}"
     );
     assert_eq!(env.tally("slow").await, Some(4));
+}
+
+/// PRODUCT BUG (fails on b41f3f5): a claim whose answer is lost strands its job. The claim
+/// statement commits in Postgres, then the connection dies before the answer reaches the
+/// worker (a reset, a proxy or pooler restart). The worker retries the claim, finds the job
+/// `running` under its own id, takes that for another live worker's claim
+/// ([`Claim::Busy`] in `executor::dispatch`) and acks the message unrun. Nobody runs the job
+/// and nobody renews its lease; no message is left, so only the full rescue pass (once a
+/// minute) puts it back, charging an attempt that never started: with one attempt, the job
+/// dies without ever having run.
+#[tokio::test]
+async fn a_claim_whose_answer_is_lost_does_not_strand_its_job() {
+    let env = TestEnv::new().await;
+    let pg = Proxy::start(PG).await;
+    let db = pg_url(&env, &pg);
+    let mut proc = env.spawn(
+        &["worker"],
+        &[
+            ("DATABASE_URL", &db),
+            ("APIARY_CONCURRENCY", "1"),
+            ("NO_COLOR", "1"),
+        ],
+    );
+    let id = worker_id(&proc).await;
+    // Warm the worker's connections up, so the claim below runs on one that has its statement
+    // prepared already and needs no answer before the statement executes.
+    for i in 0..3 {
+        let job = env
+            .enqueue(
+                NewJob::new("tally", json!({"counter": "warm"})).with_dedup_key(format!("w{i}")),
+            )
+            .await;
+        env.wait_for_status(job, JobStatus::Succeeded, Duration::from_secs(30))
+            .await;
+    }
+    // The claim reaches Postgres and commits; its answer never comes back (the connection is
+    // cut while the answer waits in the proxy). The claim binds the job's id, 16 raw bytes.
+    let job = Uuid::now_v7();
+    pg.lose_answer_to(job.as_bytes());
+    env.enqueue(
+        NewJob::new("tally", json!({"counter": "lost"}))
+            .with_id(job)
+            .with_max_attempts(1),
+    )
+    .await;
+    let claimed = env
+        .wait_until("the claim to commit", Duration::from_secs(10), || async {
+            let worker: Option<Option<Uuid>> = sqlx::query_scalar(
+                "SELECT worker_id FROM apiary_jobs WHERE id = $1 AND status = 'running'",
+            )
+            .bind(job)
+            .fetch_optional(env.store.pool())
+            .await
+            .expect("job");
+            worker
+        })
+        .await;
+    assert_eq!(claimed, Some(id));
+    assert_eq!(pg.answers_lost(), 1, "the claim's answer was held");
+    let held = pg.in_flight();
+    pg.cut();
+    pg.heal();
+    let cut_at = Instant::now();
+    // The worker is alive and healthy again: the job must run within about a lease.
+    let outcome = env
+        .wait_until("the job to end", Duration::from_secs(75), || async {
+            env.job(job).await.filter(|j| j.finished_at.is_some())
+        })
+        .await;
+    let took = cut_at.elapsed();
+    eprintln!(
+        "lost claim answer ({held} bytes held): the job ended {} after {:.1}s, attempts {}, error {:?}",
+        outcome.status().as_str(),
+        took.as_secs_f64(),
+        outcome.attempts,
+        outcome.error
+    );
+    assert_alive(&mut proc, 0);
+    sigterm(&mut proc, 0, Duration::from_secs(30)).await;
+    keep_log(&proc, "lost-claim-answer");
+    assert!(
+        outcome.status() == JobStatus::Succeeded && took < Duration::from_secs(15),
+        "a job whose claim answer was lost ended {} after {took:?} ({:?}); it never ran",
+        outcome.status().as_str(),
+        outcome.error
+    );
+    assert_eq!(env.tally("lost").await, Some(1));
 }

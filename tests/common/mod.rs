@@ -454,6 +454,10 @@ struct ProxyShared {
     faults: tokio::sync::watch::Sender<Faults>,
     /// Bytes still to forward before a mid-stream cut fires; `None` when none is armed.
     budget: std::sync::Mutex<Option<u64>>,
+    /// Bytes that, once seen in a chunk towards the server, stall every answer; `None` when
+    /// none is armed.
+    answer_trigger: std::sync::Mutex<Option<Vec<u8>>>,
+    answers_lost: std::sync::atomic::AtomicU64,
     bytes_up: std::sync::atomic::AtomicU64,
     bytes_down: std::sync::atomic::AtomicU64,
     /// Bytes read from one side and not yet written to the other (delayed or stalled).
@@ -470,6 +474,22 @@ impl ProxyShared {
     /// Closes every open connection (new ones are still accepted unless refusing is set).
     fn drop_open(&self) {
         self.faults.send_modify(|f| f.generation += 1);
+    }
+
+    /// Stalls every answer if an armed lost-answer trigger matches `sent`.
+    fn check_answer_trigger(&self, sent: &[u8]) {
+        let Ok(mut trigger) = self.answer_trigger.lock() else {
+            return;
+        };
+        let hit = trigger
+            .as_deref()
+            .is_some_and(|n| !n.is_empty() && sent.windows(n.len()).any(|w| w == n));
+        if hit {
+            *trigger = None;
+            self.answers_lost
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.faults.send_modify(|f| f.stall_down = true);
+        }
     }
 
     /// How much of a chunk of `len` bytes may pass, and whether the mid-stream cut fires
@@ -502,6 +522,8 @@ impl ProxyShared {
 /// - [`Proxy::cut`] / [`Proxy::restore`]: open connections drop, new ones are refused;
 /// - [`Proxy::cut_after_bytes`]: the connection that carries the `n`-th byte from now is cut
 ///   right after it, mid-message, with every other open connection; new ones are accepted;
+/// - [`Proxy::lose_answer_to`]: the request carrying given bytes reaches the server, and no
+///   answer comes back (then [`Proxy::cut`]: the server acted, the client never heard);
 /// - [`Proxy::heal`]: every fault off.
 ///
 /// Counters ([`Proxy::bytes`], [`Proxy::connections`], ...) let a test check that a fault
@@ -593,10 +615,30 @@ impl Proxy {
         }
     }
 
+    /// Arms a one-shot lost answer: the first chunk towards the server that contains `needle`
+    /// (within one read; a job id a statement binds, say) is delivered, and from then on
+    /// nothing comes back, as [`Proxy::stall_direction`]`(ToClient)`: the server acts on the
+    /// request but its answer never arrives. Follow with [`Proxy::cut`] to lose it for good.
+    pub fn lose_answer_to(&self, needle: &[u8]) {
+        if let Ok(mut t) = self.shared.answer_trigger.lock() {
+            *t = Some(needle.to_vec());
+        }
+    }
+
+    /// How many armed lost answers have fired.
+    pub fn answers_lost(&self) -> u64 {
+        self.shared
+            .answers_lost
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Every fault off: no latency, no stall, no armed cut, connections accepted.
     pub fn heal(&self) {
         if let Ok(mut b) = self.shared.budget.lock() {
             *b = None;
+        }
+        if let Ok(mut t) = self.shared.answer_trigger.lock() {
+            *t = None;
         }
         self.shared.faults.send_modify(|f| {
             f.latency = Duration::ZERO;
@@ -727,9 +769,12 @@ async fn proxy_connection(
     };
     tokio::select! {
         _ = pumps => {}
-        _ = faults.wait_for(|f| f.generation != generation) => {
-            shared.dropped.fetch_add(1, Relaxed);
-        }
+        _ = faults.wait_for(|f| f.generation != generation) => {}
+    }
+    // Closed by a cut, whether this connection carried a mid-stream cut's last byte or was
+    // dropped with the others.
+    if shared.faults.borrow().generation != generation {
+        shared.dropped.fetch_add(1, Relaxed);
     }
     shared.open.fetch_sub(1, Relaxed);
     // Dropping the halves closes both sockets.
@@ -783,6 +828,9 @@ async fn pump(
                 shared.mid_stream_cuts.fetch_add(1, Relaxed);
                 shared.drop_open();
                 return Err(std::io::Error::other("cut mid-stream"));
+            }
+            if dir == Direction::ToUpstream {
+                shared.check_answer_trigger(&chunk.bytes[..n]);
             }
         }
         to.shutdown().await
