@@ -169,6 +169,33 @@ async fn statuses(env: &TestEnv, ids: &[Uuid]) -> HashMap<Uuid, String> {
     rows.into_iter().collect()
 }
 
+/// A job's claim, as Postgres has it.
+#[derive(Debug, sqlx::FromRow)]
+struct ClaimRow {
+    id: Uuid,
+    status: String,
+    attempts: i32,
+    worker_id: Option<Uuid>,
+    lease_until: Option<DateTime<Utc>>,
+    /// `next_attempt_at` or `run_at`; shown in reports (through `Debug`).
+    #[allow(dead_code)]
+    due: Option<DateTime<Utc>>,
+    /// Postgres's clock.
+    now: DateTime<Utc>,
+}
+
+async fn claims(env: &TestEnv, ids: &[Uuid]) -> Vec<ClaimRow> {
+    sqlx::query_as(
+        "SELECT id, status, attempts, worker_id, lease_until, coalesce(next_attempt_at, run_at) AS due,
+                now() AS now
+           FROM apiary_jobs WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind(ids)
+    .fetch_all(env.store.pool())
+    .await
+    .expect("claims")
+}
+
 /// `min / median / max` in seconds.
 fn spread(xs: &mut [f64]) -> String {
     if xs.is_empty() {
@@ -255,7 +282,7 @@ async fn produce(client: apiary::Client, stop: CancellationToken) -> Produced {
         let enqueued = client.enqueue_many(batch).await.expect("enqueue");
         out.jobs
             .extend(enqueued.iter().map(|e| e.job.id).zip(kinds));
-        if round % 10 == 0 {
+        if round.is_multiple_of(10) {
             // Waits in a delay tier; cancelled before it is due, so it must never run.
             let mut job = NewJob::new("tally", json!({"counter": "never"}));
             job.delay_ms = Some(1500);
@@ -497,14 +524,9 @@ async fn a_mixed_workload_survives_every_fault_on_both_sides() {
                 settle_began.elapsed().as_secs_f64(),
                 wrong.len()
             );
-            for (id, k, _) in wrong.iter().take(3) {
-                let row: Option<(String, i32, Option<DateTime<Utc>>, Option<Uuid>, Option<DateTime<Utc>>, DateTime<Utc>)> =
-                    sqlx::query_as("SELECT status, attempts, lease_until, worker_id, coalesce(next_attempt_at, run_at), now() FROM apiary_jobs WHERE id = $1")
-                        .bind(id)
-                        .fetch_optional(env.store.pool())
-                        .await
-                        .expect("row");
-                line += &format!("\n    {id} {k:?}: {row:?}");
+            let first: Vec<Uuid> = wrong.iter().take(5).map(|(id, _, _)| *id).collect();
+            for row in claims(&env, &first).await {
+                line += &format!("\n    {:?}: {row:?}", want[&row.id]);
             }
             eprintln!("{line}");
         }
@@ -951,15 +973,15 @@ async fn leases_outlive_a_stalled_rabbitmq() {
         // Watch the leases through the stall: they must stay w1's and never lapse.
         let mut tightest = f64::MAX;
         while stalled.elapsed() < Duration::from_secs(5) {
-            let rows: Vec<(String, Option<Uuid>, i32, Option<DateTime<Utc>>, DateTime<Utc>)> =
-                sqlx::query_as(
-                    "SELECT status, worker_id, attempts, lease_until, now() FROM apiary_jobs WHERE id = ANY($1)",
-                )
-                .bind(&ids)
-                .fetch_all(env.store.pool())
-                .await
-                .expect("leases");
-            for (status, worker, attempts, lease, now) in rows {
+            for ClaimRow {
+                status,
+                worker_id: worker,
+                attempts,
+                lease_until: lease,
+                now,
+                ..
+            } in claims(&env, &ids).await
+            {
                 if status != "running" {
                     continue;
                 }
@@ -1044,14 +1066,14 @@ async fn leases_are_renewed_over_a_slow_postgres_link() {
     let mut other: Option<Proc> = None;
     let watch = Instant::now();
     while watch.elapsed() < Duration::from_secs(7) {
-        let rows: Vec<(Uuid, String, Option<DateTime<Utc>>, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT id, status, lease_until, now() FROM apiary_jobs WHERE id = ANY($1)",
-        )
-        .bind(&ids)
-        .fetch_all(env.store.pool())
-        .await
-        .expect("leases");
-        for (job, status, lease, now) in rows {
+        for ClaimRow {
+            id: job,
+            status,
+            lease_until: lease,
+            now,
+            ..
+        } in claims(&env, &ids).await
+        {
             if let (true, Some(lease)) = (status == "running", lease)
                 && lease < now
             {
