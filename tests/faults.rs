@@ -196,6 +196,62 @@ async fn claims(env: &TestEnv, ids: &[Uuid]) -> Vec<ClaimRow> {
     .expect("claims")
 }
 
+/// What the broker and the outbox hold for this test's world, for reports on stuck jobs:
+/// queue depths with unacknowledged counts, and channels holding unacked messages.
+async fn carried_report(env: &TestEnv, ids: &[Uuid]) -> String {
+    let mut out = String::new();
+    let outbox: Vec<(Uuid, DateTime<Utc>, Option<String>)> = sqlx::query_as(
+        "SELECT job_id, created_at, dead_reason FROM apiary_outbox WHERE job_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(env.store.pool())
+    .await
+    .expect("outbox");
+    out += &format!("  outbox rows for them: {outbox:?}\n");
+    let queues = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+            "--no-table-headers",
+            "-q",
+        ])
+        .output()
+        .await;
+    if let Ok(q) = queues {
+        for line in String::from_utf8_lossy(&q.stdout)
+            .lines()
+            .filter(|l| l.starts_with(&env.cfg.queue))
+        {
+            out += &format!("  queue (ready, unacked, consumers): {line}\n");
+        }
+    }
+    let channels = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "list_channels",
+            "name",
+            "messages_unacknowledged",
+            "consumer_count",
+            "--no-table-headers",
+            "-q",
+        ])
+        .output()
+        .await;
+    if let Ok(c) = channels {
+        for line in String::from_utf8_lossy(&c.stdout).lines().filter(|l| {
+            l.split('\t')
+                .nth(1)
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        }) {
+            out += &format!("  channel with unacked (name, unacked, consumers): {line}\n");
+        }
+    }
+    out
+}
+
 /// `min / median / max` in seconds.
 fn spread(xs: &mut [f64]) -> String {
     if xs.is_empty() {
@@ -501,6 +557,7 @@ async fn a_mixed_workload_survives_every_fault_on_both_sides() {
     let want: HashMap<Uuid, Kind> = produced.jobs.iter().copied().collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last_report = Instant::now();
+    let mut reported_carriers = false;
     loop {
         for node in &mut nodes {
             node.assert_alive();
@@ -527,6 +584,10 @@ async fn a_mixed_workload_survives_every_fault_on_both_sides() {
             let first: Vec<Uuid> = wrong.iter().take(5).map(|(id, _, _)| *id).collect();
             for row in claims(&env, &first).await {
                 line += &format!("\n    {:?}: {row:?}", want[&row.id]);
+            }
+            if settle_began.elapsed() > Duration::from_secs(15) && !reported_carriers {
+                reported_carriers = true;
+                line += &format!("\n{}", carried_report(&env, &first).await);
             }
             eprintln!("{line}");
         }
@@ -645,6 +706,26 @@ async fn a_mixed_workload_survives_every_fault_on_both_sides() {
     .fetch_all(env.store.pool())
     .await
     .expect("why again");
+    // What the workers said about it: attempts stopped because their claim was found gone,
+    // and jobs only the rescuer brought back (their lease lapsed with no message to carry
+    // them).
+    let mut claims_lost = 0;
+    let mut rescued = 0u64;
+    for node in &nodes {
+        let log = common::strip_ansi(&node.proc.log_text());
+        claims_lost += log.matches("claim lost (the lease lapsed)").count();
+        for line in log
+            .lines()
+            .filter(|l| l.contains("rescued jobs whose lease expired"))
+        {
+            rescued += line
+                .split("jobs=")
+                .nth(1)
+                .and_then(|n| n.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
     eprintln!("faults figures");
     eprintln!(
         "  jobs                 {} ({} tally + {} scheduled tally over {COUNTERS} counters, {} sleep, {} fail-once, {} permanent, {} cancelled, {} poison)",
@@ -683,7 +764,10 @@ async fn a_mixed_workload_survives_every_fault_on_both_sides() {
         );
     }
     eprintln!("  attempts (tally, sleep)  {attempts:?}; second attempts because: {why_again:?}");
-    eprintln!("  settled after faults {:.1}s", settled.as_secs_f64());
+    eprintln!(
+        "  settled after faults {:.1}s; {rescued} jobs brought back by a rescuer, {claims_lost} attempts stopped as \"claim lost\"",
+        settled.as_secs_f64()
+    );
     let mut drains: Vec<f64> = drains.iter().map(Duration::as_secs_f64).collect();
     eprintln!("  drain on SIGTERM     {}", spread(&mut drains));
     eprintln!(
