@@ -228,25 +228,45 @@ async fn carried_report(env: &TestEnv, ids: &[Uuid]) -> String {
             out += &format!("  queue (ready, unacked, consumers): {line}\n");
         }
     }
-    let channels = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "list_channels",
-            "name",
-            "messages_unacknowledged",
-            "consumer_count",
-            "--no-table-headers",
-            "-q",
-        ])
-        .output()
-        .await;
-    if let Ok(c) = channels {
-        for line in String::from_utf8_lossy(&c.stdout).lines().filter(|l| {
-            l.split('\t')
-                .nth(1)
-                .and_then(|n| n.trim().parse::<u64>().ok())
-                .is_some_and(|n| n > 0)
-        }) {
-            out += &format!("  channel with unacked (name, unacked, consumers): {line}\n");
+    // The channels consuming this world's work queue, with what each holds unacked.
+    let rabbitmqctl = |args: &'static [&'static str]| async move {
+        tokio::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .await
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let consumers = rabbitmqctl(&[
+        "list_consumers",
+        "queue_name",
+        "channel_pid",
+        "--no-table-headers",
+        "-q",
+    ])
+    .await;
+    let ours: HashSet<&str> = consumers
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(q, _)| *q == env.cfg.queue)
+        .map(|(_, pid)| pid.trim())
+        .collect();
+    let channels = rabbitmqctl(&[
+        "list_channels",
+        "pid",
+        "name",
+        "messages_unacknowledged",
+        "--no-table-headers",
+        "-q",
+    ])
+    .await;
+    for line in channels.lines() {
+        let mut cols = line.split('\t');
+        if cols.next().is_some_and(|pid| ours.contains(pid.trim())) {
+            out += &format!(
+                "  consuming channel (name, unacked): {}\n",
+                cols.collect::<Vec<_>>().join(", ")
+            );
         }
     }
     out
