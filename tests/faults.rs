@@ -913,7 +913,7 @@ async fn sigterm_during_an_in_flight_claim_charges_no_attempt() {
             .filter_map(|l| l.split("jobs=").nth(1))
             .collect();
         eprintln!(
-            "  worker #{n}: SIGTERM with {on_wire} bytes on the wire and {running} jobs running; exited 0 in {:.2}s; {summary:?} (finished, handed back); {} lease renewals abandoned; rescued by its own rescuer: {rescues:?}",
+            "  worker #{n}: SIGTERM with {on_wire} bytes on the wire and {running} jobs running; exited 0 in {:.2}s; {summary:?} (finished, handed back); {} lease renewals abandoned; rescues it ran (jobs): {rescues:?}",
             took.as_secs_f64(),
             log.matches("lease renewal took longer").count()
         );
