@@ -1150,8 +1150,13 @@ async fn leases_outlive_a_stalled_rabbitmq() {
 #[tokio::test]
 async fn leases_are_renewed_over_a_slow_postgres_link() {
     let env = TestEnv::new().await;
+    // One way; `FAULTS_SLOW_LINK_MS` to try another figure.
+    let one_way: u64 = std::env::var("FAULTS_SLOW_LINK_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
     let pg = Proxy::start(PG).await;
-    pg.latency(Duration::from_millis(150));
+    pg.latency(Duration::from_millis(one_way));
     let db = pg_url(&env, &pg);
     let mut proc = env.spawn(&["worker"], &[("DATABASE_URL", &db), ("NO_COLOR", "1")]);
     let id = worker_id(&proc).await;
@@ -1214,7 +1219,7 @@ async fn leases_are_renewed_over_a_slow_postgres_link() {
     let slow_renewals = log.matches("lease renewal took longer").count();
     let rescued = log.lines().filter(|l| l.contains("rescued jobs")).count();
     eprintln!(
-        "slow postgres link (150 ms each way): {} of 4 leases lapsed under a live worker; {slow_renewals} renewals abandoned, {rescued} rescue passes; outcomes {ends:?}",
+        "slow postgres link ({one_way} ms each way): {} of 4 leases lapsed under a live worker; {slow_renewals} renewals abandoned, {rescued} rescue passes; outcomes {ends:?}",
         lapsed.len()
     );
     sigterm(&mut proc, 0, Duration::from_secs(40)).await;
