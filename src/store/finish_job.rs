@@ -189,9 +189,9 @@ pub struct Lease {
     pub id: JobId,
     /// The attempt.
     pub attempt: i32,
-    /// Whether this worker still holds the claim on this attempt. False once the lease lapsed
-    /// and the job was taken over, rescued or ended: the handler should stop, and its
-    /// outcome will be fenced out.
+    /// Whether this worker still holds the claim on this attempt (or the job has finished).
+    /// False once the lease lapsed and the job was taken over or put back by a rescuer: the
+    /// handler should stop, and its outcome will be fenced out.
     pub held: bool,
     /// Whether someone asked to cancel the job.
     pub cancel_requested: bool,
@@ -222,7 +222,10 @@ impl Store {
                  RETURNING id
              )
              SELECT m.id, m.attempt,
-                    j.status = 'running' AND j.worker_id = $3 AND j.attempts = m.attempt,
+                    -- Finished meanwhile counts as held: it is this worker's own completer
+                    -- that ended it, or the job is over either way.
+                    j.finished_at IS NOT NULL
+                        OR (j.status = 'running' AND j.worker_id = $3 AND j.attempts = m.attempt),
                     j.cancel_requested
                FROM mine m LEFT JOIN apiary_jobs j ON j.id = m.id",
         )

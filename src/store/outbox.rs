@@ -16,14 +16,21 @@ use crate::job::JobId;
 use crate::wire::WireJob;
 
 impl Store {
-    /// Deletes the outbox rows of jobs whose publish the broker confirmed. A dead letter's row
-    /// stays: it goes only through [`Store::relay_outbox`], under its lock.
+    /// Deletes the outbox rows that enqueues wrote for jobs whose publish the broker confirmed.
+    /// Only those rows: an enqueue's row carries its job's `created_at` (one transaction wrote
+    /// both), while a row rewritten since for the job's next message (a retry, a rescue, a long
+    /// job handed back, a dead letter) carries a later time and stays for the relay. Without
+    /// that, a confirmation arriving late could delete the only thing carrying a retry.
     pub async fn delete_outbox(&self, ids: &[JobId]) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM apiary_outbox WHERE job_id = ANY($1) AND dead_reason IS NULL")
-            .bind(ids)
-            .execute(self.pool())
-            .await
-            .context("deleting outbox rows")?;
+        sqlx::query(
+            "DELETE FROM apiary_outbox o USING apiary_jobs j
+              WHERE o.job_id = ANY($1) AND j.id = o.job_id AND o.dead_reason IS NULL
+                AND o.created_at = j.created_at",
+        )
+        .bind(ids)
+        .execute(self.pool())
+        .await
+        .context("deleting outbox rows")?;
         Ok(())
     }
 

@@ -565,13 +565,20 @@ fn hop_message(
     job: &WireJob,
     remaining_ms: i64,
 ) -> crate::broker::publish::Outgoing {
-    let remaining_ms = remaining_ms.max(crate::broker::topology::DELAY_TIERS_MS[0] as i64);
+    let remaining_ms = hop_wait_ms(remaining_ms);
     let mut job = job.clone();
     job.run_at = Some(
         job.run_at
             .unwrap_or_else(|| Utc::now() + chrono::Duration::milliseconds(remaining_ms)),
     );
     crate::broker::publish::Outgoing::recorded_to(shared.names.next_hop(remaining_ms), &job)
+}
+
+/// How long a job that is not due waits before it is looked at again: what remains by
+/// Postgres's clock, but never less than the finest delay tier. A job judged not due is never
+/// sent straight back to the work queue, whatever the clocks say, so no skew makes it loop.
+fn hop_wait_ms(remaining_ms: i64) -> i64 {
+    remaining_ms.max(crate::broker::topology::DELAY_TIERS_MS[0] as i64)
 }
 
 /// Sends one job that is not due on to its next delay tier, then acks this delivery.
@@ -815,4 +822,21 @@ pub(crate) fn enqueued_ms(job: &WireJob) -> Option<i64> {
     i64::try_from(secs)
         .ok()
         .map(|s| s * 1000 + i64::from(nanos / 1_000_000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::QueueNames;
+
+    #[test]
+    fn a_job_judged_not_due_always_waits_in_a_delay_tier() {
+        let names = QueueNames::new("q");
+        // A worker whose clock runs ahead of Postgres's sees a not-due job as due, or
+        // overdue: the hop still goes through the finest tier, not back to the work queue.
+        for remaining in [-60_000, -1, 0, 50, 99] {
+            assert_eq!(names.next_hop(hop_wait_ms(remaining)), "q.delay.100");
+        }
+        assert_eq!(names.next_hop(hop_wait_ms(30_000)), "q.delay.25000");
+    }
 }

@@ -42,6 +42,15 @@ mod tests {
     }
 
     #[test]
+    fn a_handlers_delay_is_bounded_and_representable() {
+        // What `retry_after` may ask for is cut to a year, which chrono can always add to now.
+        let asked = Duration::from_secs(u64::MAX / 2);
+        let wait = asked.min(MAX_RETRY_DELAY);
+        assert_eq!(wait, MAX_RETRY_DELAY);
+        assert!(chrono::Duration::from_std(wait).is_ok());
+    }
+
+    #[test]
     fn jitter_stays_within_bounds_and_spreads() {
         let mut rng = rand::rng();
         let cap = Duration::from_secs(600);
