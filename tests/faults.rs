@@ -806,7 +806,7 @@ async fn settle_gap(nodes: &mut [Node]) {
 
 /// A claim in flight when SIGTERM arrives must not cost its job an attempt.
 ///
-/// Fails intermittently on b41f3f5 (about one run in two), not because of the drain, which
+/// Fails intermittently on 628dd24 (main) (about one run in two), not because of the drain, which
 /// runs the in-flight claim's jobs and commits them every time, but because on this link no
 /// lease renewal ever completes (see [`leases_are_renewed_over_a_slow_postgres_link`]): the
 /// batch claimed as the signal arrives is finished more than a lease later, and the worker's
@@ -1139,7 +1139,7 @@ async fn leases_outlive_a_stalled_rabbitmq() {
     env.assert_invariants_quiescent().await;
 }
 
-/// PRODUCT BUG (fails on b41f3f5): a worker on a slow Postgres link never renews a lease.
+/// PRODUCT BUG (fails on 628dd24 (main)): a worker on a slow Postgres link never renews a lease.
 /// Each heartbeat's renewal is abandoned after lease/5 (600 ms here), the registry beat too,
 /// and on a link with 150 ms each way a renewal needs longer than that (a connection to open,
 /// a statement to prepare, one to run). So a live worker's leases lapse 3 s after each
@@ -1233,7 +1233,7 @@ async fn leases_are_renewed_over_a_slow_postgres_link() {
     assert_eq!(env.tally("slow").await, Some(4));
 }
 
-/// PRODUCT BUG (fails on b41f3f5): a claim whose answer is lost strands its job. The claim
+/// PRODUCT BUG (fails on 628dd24 (main)): a claim whose answer is lost strands its job. The claim
 /// statement commits in Postgres, then the connection dies before the answer reaches the
 /// worker (a reset, a proxy or pooler restart). The worker retries the claim, finds the job
 /// `running` under its own id, takes that for another live worker's claim
