@@ -413,11 +413,124 @@ pub async fn peek_dead_letters(queue: &str) -> Vec<(Option<String>, Option<Strin
     out
 }
 
-/// A TCP proxy in front of Postgres or RabbitMQ that a test can cut and restore, to take a
-/// dependency away from its own processes without touching anyone else's.
+/// Which way bytes travel through a [`Proxy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the process under test to the server.
+    ToUpstream,
+    /// From the server back to the process.
+    ToClient,
+}
+
+/// The faults a [`Proxy`] applies now. Connections read them on every chunk, so a change
+/// takes effect at once on open connections as well as new ones.
+#[derive(Debug, Clone, Default)]
+struct Faults {
+    /// Added to every chunk's trip, in both directions (a slow link, not a slow pipe: chunks
+    /// read meanwhile travel concurrently).
+    latency: Duration,
+    /// No bytes forwarded towards the server / towards the client; sockets stay open.
+    stall_up: bool,
+    stall_down: bool,
+    /// New connections are closed at once.
+    refusing: bool,
+    /// Bumped by every cut: a connection opened under an older generation closes.
+    generation: u64,
+}
+
+impl Faults {
+    fn stalled(&self, dir: Direction) -> bool {
+        match dir {
+            Direction::ToUpstream => self.stall_up,
+            Direction::ToClient => self.stall_down,
+        }
+    }
+}
+
+/// State shared by a proxy's listener, its connections and the test holding it.
+#[derive(Default)]
+struct ProxyShared {
+    /// Written by the test through [`Proxy`]'s methods; watched by every connection.
+    faults: tokio::sync::watch::Sender<Faults>,
+    /// Bytes still to forward before a mid-stream cut fires; `None` when none is armed.
+    budget: std::sync::Mutex<Option<u64>>,
+    /// Bytes that, once seen in a chunk towards the server, stall every answer; `None` when
+    /// none is armed.
+    answer_trigger: std::sync::Mutex<Option<Vec<u8>>>,
+    answers_lost: std::sync::atomic::AtomicU64,
+    bytes_up: std::sync::atomic::AtomicU64,
+    bytes_down: std::sync::atomic::AtomicU64,
+    /// Bytes read from one side and not yet written to the other (delayed or stalled).
+    in_flight: std::sync::atomic::AtomicU64,
+    accepted: std::sync::atomic::AtomicU64,
+    refused: std::sync::atomic::AtomicU64,
+    open: std::sync::atomic::AtomicU64,
+    /// Connections closed by a cut (either kind).
+    dropped: std::sync::atomic::AtomicU64,
+    mid_stream_cuts: std::sync::atomic::AtomicU64,
+}
+
+impl ProxyShared {
+    /// Closes every open connection (new ones are still accepted unless refusing is set).
+    fn drop_open(&self) {
+        self.faults.send_modify(|f| f.generation += 1);
+    }
+
+    /// Stalls every answer if an armed lost-answer trigger matches `sent`.
+    fn check_answer_trigger(&self, sent: &[u8]) {
+        let Ok(mut trigger) = self.answer_trigger.lock() else {
+            return;
+        };
+        let hit = trigger
+            .as_deref()
+            .is_some_and(|n| !n.is_empty() && sent.windows(n.len()).any(|w| w == n));
+        if hit {
+            *trigger = None;
+            self.answers_lost
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.faults.send_modify(|f| f.stall_down = true);
+        }
+    }
+
+    /// How much of a chunk of `len` bytes may pass, and whether the mid-stream cut fires
+    /// after it.
+    fn take_budget(&self, len: usize) -> (usize, bool) {
+        let Ok(mut budget) = self.budget.lock() else {
+            return (len, false);
+        };
+        match *budget {
+            None => (len, false),
+            Some(left) if (len as u64) < left => {
+                *budget = Some(left - len as u64);
+                (len, false)
+            }
+            Some(left) => {
+                *budget = None;
+                (left as usize, true)
+            }
+        }
+    }
+}
+
+/// A fault-injecting TCP proxy in front of Postgres or RabbitMQ, one per dependency of one
+/// process under test, so a test can break that process's link without touching anyone
+/// else's. Faults switch at runtime and apply to open connections at once:
+///
+/// - [`Proxy::latency`]: every chunk arrives `d` late, in both directions;
+/// - [`Proxy::stall`] / [`Proxy::unstall`]: nothing is forwarded, but every socket stays open
+///   (a hung server, a partition without resets); [`Proxy::stall_direction`] for one way;
+/// - [`Proxy::cut`] / [`Proxy::restore`]: open connections drop, new ones are refused;
+/// - [`Proxy::cut_after_bytes`]: the connection that carries the `n`-th byte from now is cut
+///   right after it, mid-message, with every other open connection; new ones are accepted;
+/// - [`Proxy::lose_answer_to`]: the request carrying given bytes reaches the server, and no
+///   answer comes back (then [`Proxy::cut`]: the server acted, the client never heard);
+/// - [`Proxy::heal`]: every fault off.
+///
+/// Counters ([`Proxy::bytes`], [`Proxy::connections`], ...) let a test check that a fault
+/// met traffic.
 pub struct Proxy {
     pub port: u16,
-    state: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    shared: std::sync::Arc<ProxyShared>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -428,44 +541,170 @@ impl Proxy {
             .await
             .expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
-        let (tx, rx) = tokio::sync::watch::channel(true);
+        let shared = std::sync::Arc::new(ProxyShared::default());
+        let s = shared.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     continue;
                 };
-                if !*rx.borrow() {
+                if s.faults.borrow().refusing {
                     // Down: refuse by closing at once.
+                    s.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     drop(inbound);
                     continue;
                 }
-                let mut up_rx = rx.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = up_rx.wait_for(|up| !*up) => {}
-                    }
-                });
+                s.accepted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::spawn(proxy_connection(inbound, upstream, s.clone()));
             }
         });
-        Proxy {
-            port,
-            state: std::sync::Arc::new(tx),
-            task,
-        }
+        Proxy { port, shared, task }
     }
 
     /// Drops every connection through the proxy and refuses new ones.
     pub fn cut(&self) {
-        let _ = self.state.send(false);
+        self.shared.faults.send_modify(|f| {
+            f.refusing = true;
+            f.generation += 1;
+        });
     }
 
-    /// Accepts connections again.
+    /// Accepts connections again (other faults stay as they are).
     pub fn restore(&self) {
-        let _ = self.state.send(true);
+        self.shared.faults.send_modify(|f| f.refusing = false);
+    }
+
+    /// Delays every chunk by `d` in each direction (`Duration::ZERO` to stop).
+    pub fn latency(&self, d: Duration) {
+        self.shared.faults.send_modify(|f| f.latency = d);
+    }
+
+    /// Stops forwarding in both directions, keeping every socket open.
+    pub fn stall(&self) {
+        self.shared.faults.send_modify(|f| {
+            f.stall_up = true;
+            f.stall_down = true;
+        });
+    }
+
+    /// Stops forwarding in one direction only: [`Direction::ToUpstream`] is a server that
+    /// stops reading (as RabbitMQ does to publishers under a memory alarm).
+    pub fn stall_direction(&self, dir: Direction) {
+        self.shared.faults.send_modify(|f| match dir {
+            Direction::ToUpstream => f.stall_up = true,
+            Direction::ToClient => f.stall_down = true,
+        });
+    }
+
+    /// Forwards again, both directions; what was held goes on in order.
+    pub fn unstall(&self) {
+        self.shared.faults.send_modify(|f| {
+            f.stall_up = false;
+            f.stall_down = false;
+        });
+    }
+
+    /// Arms a one-shot mid-stream cut: once `n` more bytes have been forwarded (either
+    /// direction, any connection), the connection carrying the last of them is cut right
+    /// after it, possibly inside a protocol message, and so is every other open connection.
+    /// New connections are accepted as before. [`Proxy::mid_stream_cuts`] counts firings.
+    pub fn cut_after_bytes(&self, n: u64) {
+        if let Ok(mut b) = self.shared.budget.lock() {
+            *b = Some(n.max(1));
+        }
+    }
+
+    /// Arms a one-shot lost answer: the first chunk towards the server that contains `needle`
+    /// (within one read; a job id a statement binds, say) is delivered, and from then on
+    /// nothing comes back, as [`Proxy::stall_direction`]`(ToClient)`: the server acts on the
+    /// request but its answer never arrives. Follow with [`Proxy::cut`] to lose it for good.
+    pub fn lose_answer_to(&self, needle: &[u8]) {
+        if let Ok(mut t) = self.shared.answer_trigger.lock() {
+            *t = Some(needle.to_vec());
+        }
+    }
+
+    /// How many armed lost answers have fired.
+    pub fn answers_lost(&self) -> u64 {
+        self.shared
+            .answers_lost
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every fault off: no latency, no stall, no armed cut, connections accepted.
+    pub fn heal(&self) {
+        if let Ok(mut b) = self.shared.budget.lock() {
+            *b = None;
+        }
+        if let Ok(mut t) = self.shared.answer_trigger.lock() {
+            *t = None;
+        }
+        self.shared.faults.send_modify(|f| {
+            f.latency = Duration::ZERO;
+            f.stall_up = false;
+            f.stall_down = false;
+            f.refusing = false;
+        });
+    }
+
+    /// Bytes forwarded so far, (towards the server, towards the client).
+    pub fn bytes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.shared.bytes_up.load(Relaxed),
+            self.shared.bytes_down.load(Relaxed),
+        )
+    }
+
+    /// Bytes read from one side and not yet delivered to the other (delayed or stalled): a
+    /// request or a response is on its way right now.
+    pub fn in_flight(&self) -> u64 {
+        self.shared
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Connections accepted so far (refused ones not counted).
+    pub fn connections(&self) -> u64 {
+        self.shared
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Connections refused while cut.
+    pub fn refused(&self) -> u64 {
+        self.shared
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> u64 {
+        self.shared.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Connections closed by a cut, of either kind.
+    pub fn dropped(&self) -> u64 {
+        self.shared
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Mid-stream cuts that have fired.
+    pub fn mid_stream_cuts(&self) -> u64 {
+        self.shared
+            .mid_stream_cuts
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether a mid-stream cut is armed and has not fired yet.
+    pub fn cut_armed(&self) -> bool {
+        self.shared
+            .budget
+            .lock()
+            .map(|b| b.is_some())
+            .unwrap_or(false)
     }
 }
 
@@ -473,6 +712,140 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();
         self.task.abort();
+    }
+}
+
+/// A chunk read from one side and not yet written to the other; counted in
+/// [`Proxy::in_flight`] until delivered or dropped with its connection.
+struct InFlight<'a> {
+    bytes: Vec<u8>,
+    shared: &'a ProxyShared,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(bytes: &[u8], shared: &'a ProxyShared) -> Self {
+        shared
+            .in_flight
+            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        InFlight {
+            bytes: bytes.to_vec(),
+            shared,
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.shared.in_flight.fetch_sub(
+            self.bytes.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+/// One client connection: dials `upstream` and pumps both ways under the proxy's faults,
+/// until either side closes, a pump fails, or a cut bumps the generation.
+async fn proxy_connection(
+    inbound: tokio::net::TcpStream,
+    upstream: &'static str,
+    shared: std::sync::Arc<ProxyShared>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut faults = shared.faults.subscribe();
+    let generation = faults.borrow().generation;
+    let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
+        return;
+    };
+    let _ = inbound.set_nodelay(true);
+    let _ = outbound.set_nodelay(true);
+    let (client_rd, client_wr) = inbound.into_split();
+    let (server_rd, server_wr) = outbound.into_split();
+    shared.open.fetch_add(1, Relaxed);
+    let pumps = async {
+        tokio::try_join!(
+            pump(client_rd, server_wr, Direction::ToUpstream, &shared),
+            pump(server_rd, client_wr, Direction::ToClient, &shared),
+        )
+    };
+    tokio::select! {
+        _ = pumps => {}
+        _ = faults.wait_for(|f| f.generation != generation) => {}
+    }
+    // Closed by a cut, whether this connection carried a mid-stream cut's last byte or was
+    // dropped with the others.
+    if shared.faults.borrow().generation != generation {
+        shared.dropped.fetch_add(1, Relaxed);
+    }
+    shared.open.fetch_sub(1, Relaxed);
+    // Dropping the halves closes both sockets.
+}
+
+/// Forwards one direction. The reader stamps each chunk with its due time (now + latency) and
+/// keeps reading; the writer delivers each chunk once due and not stalled. Ends when the
+/// source closes (after delivering what it sent) or either side fails.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    dir: Direction,
+    shared: &ProxyShared,
+) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Bounded: a stalled direction holds a few hundred KiB, then TCP pushes back.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, InFlight<'_>)>(32);
+    let reading = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = from.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(()); // dropping `tx` ends the writer
+            }
+            let due = tokio::time::Instant::now() + shared.faults.borrow().latency;
+            if tx
+                .send((due, InFlight::new(&buf[..n], shared)))
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    };
+    let writing = async move {
+        let mut faults = shared.faults.subscribe();
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            faults
+                .wait_for(|f| !f.stalled(dir))
+                .await
+                .map_err(|_| std::io::Error::other("proxy stopped"))?;
+            let (n, cut) = shared.take_budget(chunk.bytes.len());
+            to.write_all(&chunk.bytes[..n]).await?;
+            match dir {
+                Direction::ToUpstream => shared.bytes_up.fetch_add(n as u64, Relaxed),
+                Direction::ToClient => shared.bytes_down.fetch_add(n as u64, Relaxed),
+            };
+            if cut {
+                shared.mid_stream_cuts.fetch_add(1, Relaxed);
+                shared.drop_open();
+                return Err(std::io::Error::other("cut mid-stream"));
+            }
+            if dir == Direction::ToUpstream {
+                shared.check_answer_trigger(&chunk.bytes[..n]);
+            }
+        }
+        to.shutdown().await
+    };
+    tokio::pin!(reading);
+    tokio::pin!(writing);
+    let mut reading_done = false;
+    loop {
+        tokio::select! {
+            r = &mut writing => return r,
+            r = &mut reading, if !reading_done => {
+                reading_done = true;
+                r?;
+            }
+        }
     }
 }
 
