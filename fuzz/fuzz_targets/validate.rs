@@ -54,7 +54,10 @@ fuzz_target!(|data: &[u8]| {
             )
         });
         assert_eq!(back.id, wire.id, "id changed on the way to the worker");
-        assert_eq!(back.kind, wire.kind, "kind changed on the way to the worker");
+        assert_eq!(
+            back.kind, wire.kind,
+            "kind changed on the way to the worker"
+        );
         assert_eq!(
             back.payload.get(),
             wire.payload.get(),
