@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,14 @@ enum Attempt {
     Ahead,
 }
 
+/// Which worker acts on a running job: the one holding its claim (worker 0 when none does),
+/// or the other one (a stale worker whose claim was taken over, or a stranger).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Holder,
+    Other,
+}
+
 /// How a finished attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -80,7 +88,7 @@ enum Op {
         impostor: bool,
     },
     Finish {
-        worker: usize,
+        who: Who,
         job: usize,
         attempt: Attempt,
         end: End,
@@ -94,21 +102,26 @@ enum Op {
     /// `prune` with retention 0.
     Prune,
     Replay(usize),
+    /// `replay_dead(All)`: every dead job, and never an impostor's conflict record.
+    ReplayAll,
     Renew {
-        worker: usize,
+        who: Who,
         job: usize,
         attempt: Attempt,
     },
     /// `detach_job`: a long job's message is acked early.
     Detach {
-        worker: usize,
+        who: Who,
         job: usize,
         attempt: Attempt,
     },
     /// The relay's publish is confirmed: `delete_outbox`, the message is now in the broker.
     Publish(usize),
     /// The delay tiers ask whether a waiting message should hop on: `check_waiting`.
-    Wait { job: usize, impostor: bool },
+    Wait {
+        job: usize,
+        impostor: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +130,8 @@ struct Case {
     budgets: [i32; JOBS],
     /// Whether each job has a dedup key.
     keyed: [bool; JOBS],
+    /// Whether each job is enqueued before the first operation.
+    enqueued: [bool; JOBS],
     ops: Vec<Op>,
 }
 
@@ -139,25 +154,38 @@ fn end() -> impl Strategy<Value = End> {
     ]
 }
 
+/// A job slot, the first ones more often, so operations meet on the same job.
+fn job() -> impl Strategy<Value = usize> + Clone {
+    prop_oneof![6 => Just(0), 2 => Just(1), 1 => Just(2)]
+}
+
+/// A worker, the first more often, so finishes and renewals often come from the claimer.
+fn worker() -> impl Strategy<Value = usize> + Clone {
+    prop_oneof![3 => Just(0), 1 => Just(1)]
+}
+
+fn who() -> impl Strategy<Value = Who> {
+    prop_oneof![4 => Just(Who::Holder), 1 => Just(Who::Other)]
+}
+
 fn op() -> impl Strategy<Value = Op> {
-    let job = || 0..JOBS;
-    let worker = || 0..WORKERS;
     prop_oneof![
-        3 => job().prop_map(Op::Enqueue),
-        6 => (worker(), job(), prop::bool::weighted(0.15))
+        1 => job().prop_map(Op::Enqueue),
+        8 => (worker(), job(), prop::bool::weighted(0.1))
             .prop_map(|(worker, job, impostor)| Op::Claim { worker, job, impostor }),
-        6 => (worker(), job(), attempt(), end(), prop::bool::weighted(0.25)).prop_map(
-            |(worker, job, attempt, end, detached)| Op::Finish { worker, job, attempt, end, detached }
+        8 => (who(), job(), attempt(), end(), prop::bool::weighted(0.25)).prop_map(
+            |(who, job, attempt, end, detached)| Op::Finish { who, job, attempt, end, detached }
         ),
         1 => job().prop_map(Op::Cancel),
-        2 => job().prop_map(Op::Expire),
-        2 => Just(Op::Rescue),
+        3 => job().prop_map(Op::Expire),
+        3 => Just(Op::Rescue),
         1 => Just(Op::Prune),
         2 => job().prop_map(Op::Replay),
-        2 => (worker(), job(), attempt())
-            .prop_map(|(worker, job, attempt)| Op::Renew { worker, job, attempt }),
-        1 => (worker(), job(), attempt())
-            .prop_map(|(worker, job, attempt)| Op::Detach { worker, job, attempt }),
+        1 => Just(Op::ReplayAll),
+        2 => (who(), job(), attempt())
+            .prop_map(|(who, job, attempt)| Op::Renew { who, job, attempt }),
+        1 => (who(), job(), attempt())
+            .prop_map(|(who, job, attempt)| Op::Detach { who, job, attempt }),
         1 => job().prop_map(Op::Publish),
         1 => (job(), prop::bool::weighted(0.2)).prop_map(|(job, impostor)| Op::Wait { job, impostor }),
     ]
@@ -167,9 +195,15 @@ fn case() -> impl Strategy<Value = Case> {
     (
         prop::array::uniform3(1..=3i32),
         prop::array::uniform3(any::<bool>()),
+        prop::array::uniform3(prop::bool::weighted(0.8)),
         prop::collection::vec(op(), 1..=MAX_OPS),
     )
-        .prop_map(|(budgets, keyed, ops)| Case { budgets, keyed, ops })
+        .prop_map(|(budgets, keyed, enqueued, ops)| Case {
+            budgets,
+            keyed,
+            enqueued,
+            ops,
+        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -261,6 +295,14 @@ impl Model {
         self.life == Life::Live
     }
 
+    fn worker(&self, who: Who) -> usize {
+        let holder = self.worker.unwrap_or(0);
+        match who {
+            Who::Holder => holder,
+            Who::Other => (holder + 1) % WORKERS,
+        }
+    }
+
     fn attempt(&self, which: Attempt) -> i32 {
         match which {
             Attempt::Current => self.attempts,
@@ -288,6 +330,18 @@ impl Model {
         self.cancel_requested = false;
         self.cancelled_while_running = false;
         self.detached = false;
+        self.due_later = false;
+        self.outbox = Letter::Job;
+        self.message = false;
+        self.burned.clear();
+    }
+
+    /// Replayed: queued again with a fresh budget and an outbox row.
+    fn replayed(&mut self) {
+        self.status = JobStatus::Queued;
+        self.attempts = 0;
+        self.cancel_requested = false;
+        self.cancelled_while_running = false;
         self.due_later = false;
         self.outbox = Letter::Job;
         self.message = false;
@@ -391,6 +445,8 @@ struct World {
     conflicts: BTreeMap<Uuid, bool>,
     /// What happened so far, for failure messages.
     trace: Vec<String>,
+    /// One label per step, for the coverage summary.
+    seen: Vec<String>,
 }
 
 impl World {
@@ -415,7 +471,11 @@ macro_rules! check {
     };
 }
 
-async fn run_case(env: &TestEnv, case: &Case) -> Result<(), TestCaseError> {
+async fn run_case(
+    env: &TestEnv,
+    case: &Case,
+    seen: &RefCell<BTreeMap<String, usize>>,
+) -> Result<(), TestCaseError> {
     let mut world = World {
         jobs: (0..JOBS)
             .map(|n| Model::new(Uuid::now_v7(), n, case.budgets[n], case.keyed[n]))
@@ -423,10 +483,12 @@ async fn run_case(env: &TestEnv, case: &Case) -> Result<(), TestCaseError> {
         workers: [Uuid::now_v7(), Uuid::now_v7()],
         conflicts: BTreeMap::new(),
         trace: Vec::new(),
+        seen: Vec::new(),
     };
     let mut outcome = Ok(());
-    for op in &case.ops {
-        if let Err(e) = step(env, &mut world, *op).await {
+    let first = (0..JOBS).filter(|&j| case.enqueued[j]).map(Op::Enqueue);
+    for op in first.chain(case.ops.iter().copied()) {
+        if let Err(e) = step(env, &mut world, op).await {
             outcome = Err(e);
             break;
         }
@@ -437,10 +499,59 @@ async fn run_case(env: &TestEnv, case: &Case) -> Result<(), TestCaseError> {
         .execute(env.store.pool())
         .await
         .map_err(fail)?;
+    let mut seen = seen.borrow_mut();
+    for label in world.seen {
+        *seen.entry(label).or_default() += 1;
+    }
     outcome
 }
 
+/// Resolves the job an operation names: finishes, renewals, detaches and expiries go to the
+/// `j`-th running job (replays to the `j`-th dead one) if there is one, else to slot `j`, so
+/// random sequences reach the interesting states often. The trace shows the resolved job.
+fn resolve(w: &World, op: Op) -> Op {
+    let pick = |j: usize, want: fn(&Model) -> bool| {
+        let found: Vec<usize> = (0..JOBS).filter(|&k| want(&w.jobs[k])).collect();
+        if found.is_empty() {
+            j
+        } else {
+            found[j % found.len()]
+        }
+    };
+    let running = |m: &Model| m.live() && m.status == JobStatus::Running;
+    let dead = |m: &Model| m.live() && m.status == JobStatus::Dead;
+    match op {
+        Op::Finish {
+            who,
+            job,
+            attempt,
+            end,
+            detached,
+        } => Op::Finish {
+            who,
+            job: pick(job, running),
+            attempt,
+            end,
+            detached,
+        },
+        Op::Renew { who, job, attempt } => Op::Renew {
+            who,
+            job: pick(job, running),
+            attempt,
+        },
+        Op::Detach { who, job, attempt } => Op::Detach {
+            who,
+            job: pick(job, running),
+            attempt,
+        },
+        Op::Expire(job) => Op::Expire(pick(job, running)),
+        Op::Replay(job) => Op::Replay(pick(job, dead)),
+        op => op,
+    }
+}
+
 async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError> {
+    let op = resolve(w, op);
     let ids = w.ids();
     let before = rows(env, &ids).await?;
     // The jobs this step may write; every other row must stay exactly as it was.
@@ -498,7 +609,11 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
             let m = &w.jobs[j];
             if !m.live() {
                 // (6) A recorded message of a pruned (or never recorded) job is gone.
-                check!(w, got == Claim::Gone, "claim of a missing job answered {answer}");
+                check!(
+                    w,
+                    got == Claim::Gone,
+                    "claim of a missing job answered {answer}"
+                );
             } else if impostor {
                 let cid = apiary::wire::conflict_id(m.id(), &m.impostor.to_body());
                 check!(
@@ -548,14 +663,14 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
             }
         }
         Op::Finish {
-            worker,
+            who,
             job: j,
             attempt,
             end,
             detached,
         } => {
             let m = &w.jobs[j];
-            let a = m.attempt(attempt);
+            let (worker, a) = (m.worker(who), m.attempt(attempt));
             let outcome = match end {
                 End::Succeeded => Outcome::Succeeded(
                     serde_json::value::RawValue::from_string("\"done\"".into()).expect("json"),
@@ -586,7 +701,8 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
                 .await
                 .map_err(fail)?;
             let answer = format!("{got:?}");
-            w.trace.push(format!("{op:?} (attempt {a}) -> {answer}"));
+            w.trace
+                .push(format!("{op:?} (worker {worker}, attempt {a}) -> {answer}"));
             let m = &mut w.jobs[j];
             if m.held(worker, a) {
                 let ends = if m.cancel_requested {
@@ -679,7 +795,11 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
                 .map_err(fail)?;
             let answer = format!("{got:?}");
             w.trace.push(format!("{op:?} -> {answer}"));
-            check!(w, got.is_some(), "no one else holds the rescue lock, yet it was refused");
+            check!(
+                w,
+                got.is_some(),
+                "no one else holds the rescue lock, yet it was refused"
+            );
             let got: BTreeSet<Uuid> = got.into_iter().flatten().collect();
             let mut expected = BTreeSet::new();
             for (j, m) in w.jobs.iter_mut().enumerate() {
@@ -745,27 +865,45 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
                     && g.payload.get() == m.wire.payload.get()
                     && g.dedup_key == m.wire.dedup_key
                     && g.max_attempts == Some(m.budget));
-                m.status = JobStatus::Queued;
-                m.attempts = 0;
-                m.cancel_requested = false;
-                m.cancelled_while_running = false;
-                m.due_later = false;
-                m.outbox = Letter::Job;
-                m.message = false;
-                m.burned.clear();
+                m.replayed();
                 touched.insert(j);
                 check!(w, same, "replay of a dead job returned {answer}");
             } else {
-                check!(w, got.is_empty(), "replay of a job that is not dead returned {answer}");
+                check!(
+                    w,
+                    got.is_empty(),
+                    "replay of a job that is not dead returned {answer}"
+                );
             }
         }
+        Op::ReplayAll => {
+            let got = store
+                .replay_dead(&ReplaySelector::All)
+                .await
+                .map_err(fail)?;
+            let got: BTreeSet<Uuid> = got.into_iter().map(|g| g.id).collect();
+            w.trace.push(format!("{op:?} -> {got:?}"));
+            let mut expected = BTreeSet::new();
+            for (j, m) in w.jobs.iter_mut().enumerate() {
+                if m.live() && m.status == JobStatus::Dead {
+                    expected.insert(m.id());
+                    m.replayed();
+                    touched.insert(j);
+                }
+            }
+            check!(
+                w,
+                got == expected,
+                "replay of every dead job returned {got:?}, the model expected {expected:?}"
+            );
+        }
         Op::Renew {
-            worker,
+            who,
             job: j,
             attempt,
         } => {
             let m = &mut w.jobs[j];
-            let a = m.attempt(attempt);
+            let (worker, a) = (m.worker(who), m.attempt(attempt));
             let got = store
                 .renew_leases(w.workers[worker], &[(m.id(), a)], LEASE)
                 .await
@@ -783,7 +921,8 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
                 m.lapsed = false;
                 touched.insert(j);
             }
-            w.trace.push(format!("{op:?} (attempt {a}) -> {answer}"));
+            w.trace
+                .push(format!("{op:?} (worker {worker}, attempt {a}) -> {answer}"));
             check!(
                 w,
                 got == expected,
@@ -791,25 +930,30 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
             );
         }
         Op::Detach {
-            worker,
+            who,
             job: j,
             attempt,
         } => {
             let m = &w.jobs[j];
-            let a = m.attempt(attempt);
+            let (worker, a) = (m.worker(who), m.attempt(attempt));
             let got = store
                 .detach_job(m.id(), w.workers[worker], a)
                 .await
                 .map_err(fail)?;
             let answer = format!("{got:?}");
-            w.trace.push(format!("{op:?} (attempt {a}) -> {answer}"));
+            w.trace
+                .push(format!("{op:?} (worker {worker}, attempt {a}) -> {answer}"));
             let m = &mut w.jobs[j];
             let held = m.held(worker, a);
             if held {
                 m.detached = true;
                 touched.insert(j);
             }
-            check!(w, got == held, "detach answered {answer}, the model expected {held}");
+            check!(
+                w,
+                got == held,
+                "detach answered {answer}, the model expected {held}"
+            );
         }
         Op::Publish(j) => {
             let m = &mut w.jobs[j];
@@ -851,7 +995,50 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
         }
     }
     let after = rows(env, &w.ids()).await?;
-    compare(env, w, &before, &after, &touched, op).await
+    compare(env, w, &before, &after, &touched, op).await?;
+    tally(w, op, &before, &after, &touched);
+    Ok(())
+}
+
+/// Notes what the step did, for the coverage summary: the operation, its answer, and the
+/// status changes it made.
+fn tally(
+    w: &mut World,
+    op: Op,
+    before: &BTreeMap<Uuid, Row>,
+    after: &BTreeMap<Uuid, Row>,
+    touched: &BTreeSet<usize>,
+) {
+    let head = |s: &str| s.split(['(', ' ', '{']).next().unwrap_or("").to_string();
+    let name = head(&format!("{op:?}"));
+    let answer = w
+        .trace
+        .last()
+        .and_then(|t| t.split(" -> ").nth(1))
+        .map(|a| head(a.trim_start_matches('[')))
+        .unwrap_or_default();
+    let status = |rows: &BTreeMap<Uuid, Row>, id: &Uuid| {
+        rows.get(id)
+            .map_or("none".to_string(), |r| r.status.clone())
+    };
+    let mut label = format!("{name} {answer}");
+    let job = match op {
+        Op::Enqueue(j) | Op::Cancel(j) | Op::Expire(j) | Op::Replay(j) | Op::Publish(j) => Some(j),
+        Op::Claim { job, .. }
+        | Op::Finish { job, .. }
+        | Op::Renew { job, .. }
+        | Op::Detach { job, .. }
+        | Op::Wait { job, .. } => Some(job),
+        Op::Rescue | Op::Prune | Op::ReplayAll => None,
+    };
+    if let Some(j) = job.filter(|_| touched.is_empty()) {
+        label.push_str(&format!(" ({})", status(before, &w.jobs[j].id())));
+    }
+    for &j in touched {
+        let id = w.jobs[j].id();
+        label.push_str(&format!(" {}->{}", status(before, &id), status(after, &id)));
+    }
+    w.seen.push(label);
 }
 
 /// What a claim of the real message should answer, with the model updated to match, and
@@ -952,7 +1139,12 @@ async fn compare(
         }
         // The row against the model.
         let Some(r) = now else {
-            check!(w, !m.live(), "job {j} is missing; the model has it {:?}", m.status);
+            check!(
+                w,
+                !m.live(),
+                "job {j} is missing; the model has it {:?}",
+                m.status
+            );
             continue;
         };
         check!(w, m.live(), "job {j} exists; the model has it {:?}", m.life);
@@ -1017,7 +1209,11 @@ async fn compare(
             );
         }
         if status == JobStatus::Dead {
-            check!(w, r.letter() == Letter::Dead, "job {j} is dead with no dead letter queued");
+            check!(
+                w,
+                r.letter() == Letter::Dead,
+                "job {j} is dead with no dead letter queued"
+            );
         }
     }
     // Impostors' records: dead, not replayable, their letter queued; gone once pruned.
@@ -1091,16 +1287,22 @@ fn every_sequence_of_operations_keeps_the_invariants() {
     let cases = config.cases;
     let mut runner = TestRunner::new(config);
     let steps = Cell::new(0usize);
+    let seen = RefCell::new(BTreeMap::new());
     let started = Instant::now();
     let result = runner.run(&case(), |case| {
         steps.set(steps.get() + case.ops.len());
-        rt.block_on(run_case(&env, &case))
+        rt.block_on(run_case(&env, &case, &seen))
     });
     eprintln!(
         "state machine: {cases} cases, {} steps (shrinking included) in {:.1?}",
         steps.get(),
         started.elapsed()
     );
+    if std::env::var_os("STATE_MACHINE_COVERAGE").is_some() {
+        for (label, n) in seen.borrow().iter() {
+            eprintln!("{n:>6}  {label}");
+        }
+    }
     match result {
         Ok(()) => {}
         Err(TestError::Fail(reason, case)) => {
