@@ -18,7 +18,7 @@ use apiary::JobStatus;
 use apiary::store::cancel_job::CancelOutcome;
 use apiary::store::claim_job::{Claim, ClaimInput};
 use apiary::store::dead_job::{ReplaySelector, Waiting};
-use apiary::store::finish_job::{Finish, Finished, Lease, Outcome};
+use apiary::store::finish_job::{Finish, Finished, Lease, Outcome, finish_jobs};
 use apiary::store::insert_job::{InsertOutcome, Inserted, JobRow};
 use apiary::store::invariants::Quiet;
 use apiary::store::rescue_job::RescueScope;
@@ -67,6 +67,9 @@ enum Who {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
     Succeeded,
+    /// Succeeded with the handler's own database write, committed with the finish in one
+    /// transaction (the executor's path for `ctx.tx()`): refused if a cancel came in.
+    SucceededWithWrites,
     /// Retry, due at once.
     RetryNow,
     /// Retry, due in [`RETRY_LATER_SECS`].
@@ -146,6 +149,7 @@ fn attempt() -> impl Strategy<Value = Attempt> {
 fn end() -> impl Strategy<Value = End> {
     prop_oneof![
         Just(End::Succeeded),
+        Just(End::SucceededWithWrites),
         Just(End::RetryNow),
         Just(End::RetryLater),
         Just(End::Dead),
@@ -248,6 +252,10 @@ struct Model {
     /// A message for the job is in the broker or held by a worker (model-only: the broker is
     /// not in this test).
     message: bool,
+    /// Lives so far (enqueues that created the row).
+    lives: u32,
+    /// Handler writes committed in this life: at most one, and only with a success.
+    effects: i64,
     /// Attempt numbers claimed in this life and not given back by a release: no second claim
     /// may get one of them.
     burned: BTreeSet<i32>,
@@ -283,12 +291,19 @@ impl Model {
             due_later: false,
             outbox: Letter::None,
             message: false,
+            lives: 0,
+            effects: 0,
             burned: BTreeSet::new(),
         }
     }
 
     fn id(&self) -> Uuid {
         self.wire.id
+    }
+
+    /// The `demo_tally` counter the handler's writes in this life go to.
+    fn counter(&self) -> String {
+        format!("{}:{}", self.id(), self.lives)
     }
 
     fn live(&self) -> bool {
@@ -323,6 +338,8 @@ impl Model {
     /// A new life: recorded, queued, with its outbox row.
     fn enqueued(&mut self) {
         self.life = Life::Live;
+        self.lives += 1;
+        self.effects = 0;
         self.status = JobStatus::Queued;
         self.attempts = 0;
         self.worker = None;
@@ -499,6 +516,12 @@ async fn run_case(
         .execute(env.store.pool())
         .await
         .map_err(fail)?;
+    let counters: Vec<String> = world.jobs.iter().map(|m| m.id().to_string()).collect();
+    sqlx::query("DELETE FROM demo_tally WHERE split_part(counter, ':', 1) = ANY($1)")
+        .bind(&counters)
+        .execute(env.store.pool())
+        .await
+        .map_err(fail)?;
     let mut seen = seen.borrow_mut();
     for label in world.seen {
         *seen.entry(label).or_default() += 1;
@@ -672,7 +695,7 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
             let m = &w.jobs[j];
             let (worker, a) = (m.worker(who), m.attempt(attempt));
             let outcome = match end {
-                End::Succeeded => Outcome::Succeeded(
+                End::Succeeded | End::SucceededWithWrites => Outcome::Succeeded(
                     serde_json::value::RawValue::from_string("\"done\"".into()).expect("json"),
                 ),
                 End::RetryNow => Outcome::Retry {
@@ -688,18 +711,53 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
                 End::Released => Outcome::Released,
             };
             let status = outcome.status();
-            let got = store
-                .finish_jobs(
-                    w.workers[worker],
-                    &[Finish {
-                        id: m.id(),
-                        attempt: a,
-                        outcome,
-                        detached,
-                    }],
+            let finish = |outcome| Finish {
+                id: m.id(),
+                attempt: a,
+                outcome,
+                detached,
+            };
+            let got = if end == End::SucceededWithWrites {
+                // As the executor does: the handler's write and the success in one transaction;
+                // if the finish is refused, roll back and record the cancellation on its own.
+                let mut tx = store.pool().begin().await.map_err(fail)?;
+                sqlx::query(
+                    "INSERT INTO demo_tally (counter, value) VALUES ($1, 1)
+                     ON CONFLICT (counter) DO UPDATE SET value = demo_tally.value + 1",
                 )
+                .bind(m.counter())
+                .execute(&mut *tx)
                 .await
                 .map_err(fail)?;
+                let done = finish_jobs(&mut *tx, w.workers[worker], &[finish(outcome)], true)
+                    .await
+                    .map_err(fail)?;
+                let refused = done.is_empty();
+                let must_refuse = !m.held(worker, a) || m.cancel_requested;
+                check!(
+                    w,
+                    refused == must_refuse,
+                    "a success with the handler's writes answered {done:?} \
+                     (held {}, cancel requested {})",
+                    m.held(worker, a),
+                    m.cancel_requested
+                );
+                if refused {
+                    tx.rollback().await.map_err(fail)?;
+                    store
+                        .finish_jobs(w.workers[worker], &[finish(Outcome::Cancelled)])
+                        .await
+                        .map_err(fail)?
+                } else {
+                    tx.commit().await.map_err(fail)?;
+                    done
+                }
+            } else {
+                store
+                    .finish_jobs(w.workers[worker], &[finish(outcome)])
+                    .await
+                    .map_err(fail)?
+            };
             let answer = format!("{got:?}");
             w.trace
                 .push(format!("{op:?} (worker {worker}, attempt {a}) -> {answer}"));
@@ -717,6 +775,9 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
                 if end == End::Released {
                     m.attempts -= 1;
                     m.burned.remove(&a);
+                }
+                if end == End::SucceededWithWrites && ends == JobStatus::Succeeded {
+                    m.effects += 1;
                 }
                 m.unclaimed(ends);
                 m.due_later = ends == JobStatus::Retrying && end == End::RetryLater;
@@ -1215,6 +1276,26 @@ async fn compare(
                 "job {j} is dead with no dead letter queued"
             );
         }
+    }
+    // Run nothing twice: the handler's writes committed once at most per life, only with the
+    // success that carried them.
+    let counters: Vec<String> = w.jobs.iter().map(Model::counter).collect();
+    let effects: BTreeMap<String, i64> =
+        sqlx::query_as("SELECT counter, value FROM demo_tally WHERE counter = ANY($1)")
+            .bind(&counters)
+            .fetch_all(env.store.pool())
+            .await
+            .map_err(fail)?
+            .into_iter()
+            .collect();
+    for (j, m) in w.jobs.iter().enumerate() {
+        let got = effects.get(&m.counter()).copied().unwrap_or(0);
+        check!(
+            w,
+            got == m.effects && got <= 1,
+            "job {j}'s handler writes committed {got} times; the model expected {}",
+            m.effects
+        );
     }
     // Impostors' records: dead, not replayable, their letter queued; gone once pruned.
     if !w.conflicts.is_empty() {
