@@ -89,6 +89,8 @@ enum Op {
         worker: usize,
         job: usize,
         impostor: bool,
+        /// Two deliveries of it in one batch.
+        twice: bool,
     },
     Finish {
         who: Who,
@@ -191,8 +193,8 @@ fn who() -> impl Strategy<Value = Who> {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         1 => job().prop_map(Op::Enqueue),
-        8 => (worker(), job(), prop::bool::weighted(0.1))
-            .prop_map(|(worker, job, impostor)| Op::Claim { worker, job, impostor }),
+        8 => (worker(), job(), prop::bool::weighted(0.1), prop::bool::weighted(0.1))
+            .prop_map(|(worker, job, impostor, twice)| Op::Claim { worker, job, impostor, twice }),
         8 => (who(), job(), attempt(), end(), prop::bool::weighted(0.25), stale_too())
             .prop_map(|(who, job, attempt, end, detached, stale_too)| Op::Finish {
                 who, job, attempt, end, detached, stale_too
@@ -638,79 +640,71 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
             worker,
             job: j,
             impostor,
+            twice,
         } => {
             let m = &w.jobs[j];
             let msg = if impostor { &m.impostor } else { &m.wire };
+            let input = ClaimInput {
+                job: msg,
+                budget: m.budget,
+                recorded: true,
+            };
+            let inputs = if twice { vec![input; 2] } else { vec![input] };
             let got = store
-                .claim_jobs(
-                    &[ClaimInput {
-                        job: msg,
-                        budget: m.budget,
-                        recorded: true,
-                    }],
-                    w.workers[worker],
-                    LEASE,
-                )
+                .claim_jobs(&inputs, w.workers[worker], LEASE)
                 .await
                 .map_err(fail)?
-                .claims
-                .remove(0);
+                .claims;
             let answer = format!("{got:?}");
             w.trace.push(format!("{op:?} -> {answer}"));
             let m = &w.jobs[j];
-            if !m.live() {
+            let first = if !m.live() {
                 // (6) A recorded message of a pruned (or never recorded) job is gone.
-                check!(
-                    w,
-                    got == Claim::Gone,
-                    "claim of a missing job answered {answer}"
-                );
+                Claim::Gone
             } else if impostor {
                 let cid = apiary::wire::conflict_id(m.id(), &m.impostor.to_body());
-                check!(
-                    w,
-                    got == Claim::Conflict(cid),
-                    "an impostor's claim answered {answer}, not Conflict({cid})"
-                );
                 w.conflicts.insert(cid, true);
+                Claim::Conflict(cid)
             } else {
                 let workers = w.workers;
                 let (expected, changes) = expect_claim(&mut w.jobs[j], worker, &workers);
                 if changes {
                     touched.insert(j);
                 }
-                // Only the lease's end and the time left are the clock's to say.
-                let ok = match (&expected, &got) {
-                    (
-                        Claim::Busy {
-                            worker: ew,
-                            attempt: ea,
-                            ..
-                        },
-                        Claim::Busy {
-                            worker: gw,
-                            attempt: ga,
-                            ..
-                        },
-                    ) => ew == gw && ea == ga,
-                    (Claim::NotDue { .. }, Claim::NotDue { remaining_ms }) => *remaining_ms > 0,
-                    (e, g) => e == g,
-                };
+                expected
+            };
+            // A second delivery of the job in the same batch never runs: it finds the job
+            // busy under the first, or the first's settlement already made (then "again").
+            let second = match &first {
+                Claim::Claimed { attempt, .. } => Claim::Busy {
+                    until: Utc::now(),
+                    worker: w.workers[worker],
+                    attempt: *attempt,
+                },
+                Claim::Cancelled | Claim::Exhausted => Claim::Again,
+                other => other.clone(),
+            };
+            let expected = if twice {
+                vec![first, second]
+            } else {
+                vec![first]
+            };
+            let ok = expected.len() == got.len()
+                && expected.iter().zip(&got).all(|(e, g)| same_claim(e, g));
+            check!(
+                w,
+                ok,
+                "claim answered {answer}, the model expected {expected:?}"
+            );
+            if let Some(Claim::Claimed { attempt, .. }) = got.first() {
+                // (3) No two claims get the same attempt unless a release gave it back.
+                let attempt = *attempt;
+                let fresh = w.jobs[j].burned.insert(attempt);
                 check!(
                     w,
-                    ok,
-                    "claim answered {answer}, the model expected {expected:?}"
+                    fresh,
+                    "attempt {attempt} was claimed a second time without being given back"
                 );
-                if let Claim::Claimed { attempt, .. } = got {
-                    // (3) No two claims get the same attempt unless a release gave it back.
-                    let m = &mut w.jobs[j];
-                    let fresh = m.burned.insert(attempt);
-                    check!(
-                        w,
-                        fresh,
-                        "attempt {attempt} was claimed a second time without being given back"
-                    );
-                }
             }
         }
         Op::Finish {
@@ -1146,6 +1140,27 @@ fn tally(
         label.push_str(&format!(" {}->{}", status(before, &id), status(after, &id)));
     }
     w.seen.push(label);
+}
+
+/// Whether a claim's answer is the expected one: only the lease's end and the time left are
+/// the clock's to say.
+fn same_claim(expected: &Claim, got: &Claim) -> bool {
+    match (expected, got) {
+        (
+            Claim::Busy {
+                worker: ew,
+                attempt: ea,
+                ..
+            },
+            Claim::Busy {
+                worker: gw,
+                attempt: ga,
+                ..
+            },
+        ) => ew == gw && ea == ga,
+        (Claim::NotDue { .. }, Claim::NotDue { remaining_ms }) => *remaining_ms > 0,
+        (e, g) => e == g,
+    }
 }
 
 /// What a claim of the real message should answer, with the model updated to match, and
