@@ -139,7 +139,7 @@ impl Store {
                  UPDATE apiary_jobs j
                     SET status = 'running', attempts = j.attempts + 1, started_at = now(),
                         lease_until = now() + $8 * interval '1 millisecond', worker_id = $7,
-                        next_attempt_at = NULL
+                        next_attempt_at = NULL, detached = false
                    FROM input i
                   WHERE j.id = i.id
                     AND j.kind = i.kind AND j.dedup_key IS NOT DISTINCT FROM i.dedup_key

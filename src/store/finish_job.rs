@@ -72,6 +72,8 @@ pub struct Finish {
 pub struct Finished {
     /// The job.
     pub id: JobId,
+    /// The attempt that was finished.
+    pub attempt: i32,
     /// The status it now has: the outcome's, or `cancelled` if a cancellation won.
     pub status: JobStatus,
 }
@@ -124,7 +126,7 @@ pub async fn finish_jobs<'c>(
     // The WHERE is the fence: this worker, this attempt, still running. A released job gives
     // its attempt back, so a drain costs the job nothing. One NOTIFY per batch keeps long
     // polls cheap at any rate (ids are 37 bytes; the batch limit keeps the payload under 8 kB).
-    let done: Vec<(Uuid, String)> = sqlx::query_as(
+    let done: Vec<(Uuid, String, i32)> = sqlx::query_as(
         "WITH input AS (
              SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[])
                  AS t(id, attempt, status, result, error, next_at, detached)
@@ -147,18 +149,20 @@ pub async fn finish_jobs<'c>(
                FROM input i
               WHERE j.id = i.id AND j.attempts = i.attempt AND j.status = 'running' AND j.worker_id = $8
                 AND NOT ($10 AND j.cancel_requested)
-             RETURNING j.id, j.status
+             -- The input row that matched, not any row of the same job: a batch may carry a
+             -- stale completion of the job beside the current one, and only one is applied.
+             RETURNING j.id, j.status, i.attempt, i.detached
          ), outbox AS (
              INSERT INTO apiary_outbox (job_id)
-             SELECT d.id FROM done d JOIN input i ON i.id = d.id
-              WHERE d.status = 'retrying' OR (d.status = 'queued' AND i.detached)
+             SELECT d.id FROM done d
+              WHERE d.status = 'retrying' OR (d.status = 'queued' AND d.detached)
              ON CONFLICT (job_id) DO UPDATE SET dead_reason = NULL, created_at = now()
          ), notified AS (
              SELECT pg_notify($9, string_agg(id::text, ',')) FROM done
               WHERE status IN ('succeeded', 'dead', 'cancelled')
              HAVING count(*) > 0
          )
-         SELECT id, status FROM done LEFT JOIN notified ON true",
+         SELECT id, status, attempt FROM done LEFT JOIN notified ON true",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -175,8 +179,9 @@ pub async fn finish_jobs<'c>(
     .context("finishing jobs")?;
     Ok(done
         .into_iter()
-        .map(|(id, status)| Finished {
+        .map(|(id, status, attempt)| Finished {
             id,
+            attempt,
             status: status.parse().unwrap_or(JobStatus::Failed),
         })
         .collect())

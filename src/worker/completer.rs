@@ -164,7 +164,11 @@ async fn finish_isolating(
         Ok(done) => Some(
             finishes
                 .iter()
-                .map(|f| done.iter().find(|d| d.id == f.id).map(|d| d.status))
+                .map(|f| {
+                    done.iter()
+                        .find(|d| d.id == f.id && d.attempt == f.attempt)
+                        .map(|d| d.status)
+                })
                 .collect(),
         ),
         Err(Failed::Interrupted) => None,
