@@ -22,6 +22,17 @@ use crate::wire::WireJob;
 /// arrives within this margin of its due time runs rather than waiting another round.
 pub const DUE_TOLERANCE_MS: i64 = 100;
 
+/// The one definition of "this message is that job", as SQL over the job row `row` and the
+/// message `msg` (each with columns `kind`, `dedup_key`, `payload`): the same kind, dedup key
+/// and payload text, and the row is not a poison record. Every statement that matches a
+/// message or a request to a recorded job uses it.
+pub(crate) fn same_job(row: &str, msg: &str) -> String {
+    format!(
+        "({row}.kind = {msg}.kind AND {row}.dedup_key IS NOT DISTINCT FROM {msg}.dedup_key \
+         AND {row}.payload::text = {msg}.payload AND {row}.raw_body IS NULL)"
+    )
+}
+
 /// One delivery to claim.
 #[derive(Debug, Clone, Copy)]
 pub struct ClaimInput<'a> {
@@ -131,7 +142,7 @@ impl Store {
         // records jobs never seen before (published raw); ON CONFLICT DO NOTHING makes a racing
         // insert, or a dedup key that is already taken, claim nothing. A message Apiary
         // published for a recorded job is never inserted: if its row is gone, it was pruned.
-        let claimed: Vec<(Uuid, i32, i32, DateTime<Utc>)> = sqlx::query_as(
+        let claimed: Vec<(Uuid, i32, i32, DateTime<Utc>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "WITH input AS (
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::bool[])
                      AS t(id, kind, payload, dedup_key, max_attempts, recorded)
@@ -141,9 +152,7 @@ impl Store {
                         lease_until = now() + $8 * interval '1 millisecond', worker_id = $7,
                         next_attempt_at = NULL, detached = false
                    FROM input i
-                  WHERE j.id = i.id
-                    AND j.kind = i.kind AND j.dedup_key IS NOT DISTINCT FROM i.dedup_key
-                    AND j.payload::text = i.payload AND j.raw_body IS NULL
+                  WHERE j.id = i.id AND {same}
                     AND NOT j.cancel_requested
                     AND j.attempts < j.max_attempts
                     AND (j.status IN ('queued', 'retrying')
@@ -162,7 +171,8 @@ impl Store {
              )
              SELECT c.id, c.attempts, c.max_attempts, now()
                FROM (SELECT * FROM upd UNION ALL SELECT * FROM ins) c",
-        )
+            same = same_job("j", "i")
+        )))
         .bind(&ids)
         .bind(&kinds)
         .bind(&payloads)
@@ -223,17 +233,17 @@ impl Store {
         let kinds: Vec<&str> = inputs.iter().map(|i| i.job.kind.as_str()).collect();
         let payloads: Vec<&str> = inputs.iter().map(|i| i.job.payload.get()).collect();
         let keys: Vec<Option<&str>> = inputs.iter().map(|i| i.job.dedup_key.as_deref()).collect();
-        let rows: Vec<Unclaimed> = sqlx::query_as(
+        let rows: Vec<Unclaimed> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT i.ord, j.status, j.attempts, j.max_attempts, j.lease_until, j.worker_id,
                     coalesce(j.next_attempt_at, j.run_at) AS due, j.cancel_requested,
-                    (j.kind = i.kind AND j.dedup_key IS NOT DISTINCT FROM i.dedup_key
-                     AND j.payload::text = i.payload AND j.raw_body IS NULL) AS same,
+                    {same} AS same,
                     j.raw_body IS NOT NULL AS poison, j.kind AS recorded_kind, now() AS now
                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
                         WITH ORDINALITY AS i(id, kind, payload, dedup_key, ord)
                LEFT JOIN apiary_jobs j ON j.id = i.id
               ORDER BY i.ord",
-        )
+            same = same_job("j", "i")
+        )))
         .bind(&ids)
         .bind(&kinds)
         .bind(&payloads)

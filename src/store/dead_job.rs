@@ -66,7 +66,7 @@ impl Store {
         let run_ats: Vec<Option<chrono::DateTime<chrono::Utc>>> =
             inputs.iter().map(|i| i.job.run_at).collect();
         #[allow(clippy::type_complexity)]
-        let rows: Vec<(i64, Option<String>, Option<bool>, bool)> = sqlx::query_as(
+        let rows: Vec<(i64, Option<String>, Option<bool>, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "WITH input AS (
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::bool[],
                                       $7::timestamptz[])
@@ -78,13 +78,12 @@ impl Store {
                  ON CONFLICT DO NOTHING
                  RETURNING id
              )
-             SELECT i.ord, j.status,
-                    (j.kind = i.kind AND j.dedup_key IS NOT DISTINCT FROM i.dedup_key
-                     AND j.payload::text = i.payload AND j.raw_body IS NULL),
+             SELECT i.ord, j.status, {same},
                     EXISTS (SELECT 1 FROM ins WHERE ins.id = i.id)
                FROM input i LEFT JOIN apiary_jobs j ON j.id = i.id
               ORDER BY i.ord",
-        )
+            same = crate::store::claim_job::same_job("j", "i")
+        )))
         .bind(&ids)
         .bind(&kinds)
         .bind(&payloads)

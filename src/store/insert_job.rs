@@ -135,7 +135,7 @@ async fn insert_rows(
         budgets.push(r.max_attempts);
         run_ats.push(r.run_at);
     }
-    sqlx::query_as(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH input AS (
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[])
                  WITH ORDINALITY AS t(id, kind, payload, dedup_key, max_attempts, run_at, ord)
@@ -147,16 +147,15 @@ async fn insert_rows(
          ), outbox AS (
              INSERT INTO apiary_outbox (job_id) SELECT id FROM ins
          )
-         SELECT ins.created_at, b.id AS by_id,
-                (b.kind = i.kind AND b.dedup_key IS NOT DISTINCT FROM i.dedup_key
-                 AND b.payload::text = i.payload AND b.raw_body IS NULL) AS same,
+         SELECT ins.created_at, b.id AS by_id, {same} AS same,
                 b.kind AS by_id_kind, k.id AS by_key
            FROM input i
            LEFT JOIN ins ON ins.id = i.id
            LEFT JOIN apiary_jobs b ON b.id = i.id
            LEFT JOIN apiary_jobs k ON k.kind = i.kind AND k.dedup_key = i.dedup_key AND k.duplicate_of IS NULL
           ORDER BY i.ord",
-    )
+        same = crate::store::claim_job::same_job("b", "i")
+    )))
     .bind(&ids)
     .bind(&kinds)
     .bind(&payloads)
@@ -177,16 +176,16 @@ async fn resolve_late(tx: &mut sqlx::PgConnection, row: &JobRow) -> Result<Inser
         same: bool,
         kind: String,
     }
-    let found: Option<Found> = sqlx::query_as(
-        "SELECT id, true AS by_id,
-                (kind = $2 AND dedup_key IS NOT DISTINCT FROM $3 AND payload::text = $4 AND raw_body IS NULL) AS same,
-                kind
-           FROM apiary_jobs WHERE id = $1
+    let found: Option<Found> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT j.id, true AS by_id, {same} AS same, j.kind
+           FROM apiary_jobs j, (SELECT $2::text AS kind, $3::text AS dedup_key, $4::text AS payload) m
+          WHERE j.id = $1
          UNION ALL
          SELECT id, false, true, kind FROM apiary_jobs
           WHERE kind = $2 AND dedup_key = $3 AND duplicate_of IS NULL
          LIMIT 1",
-    )
+        same = crate::store::claim_job::same_job("j", "m")
+    )))
     .bind(row.id)
     .bind(&row.kind)
     .bind(&row.dedup_key)
