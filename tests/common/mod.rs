@@ -248,42 +248,47 @@ pub async fn publish_raw_to(queue: &str, bodies: &[(Option<String>, Vec<u8>)]) {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        let names = self.names();
-        // Drop runs inside the test's runtime, which cannot block on itself: clean up from a
-        // thread of our own.
-        let cleanup = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&format!(
-                    "{PG_ROOT}/postgres"
-                ))
-                .await
-                {
-                    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
-                        .execute(&mut conn)
+        remove_world(&self.name, &self.names());
+    }
+}
+
+/// Drops the database `name` and deletes `names`' queues, whatever made them: a [`TestEnv`]
+/// when it ends, or a test whose world a script or a CLI created.
+pub fn remove_world(name: &str, names: &QueueNames) {
+    let name = name.to_string();
+    let queues = names.all();
+    // Called from drops inside the test's runtime, which cannot block on itself: clean up
+    // from a thread of our own.
+    let cleanup = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            if let Ok(mut conn) =
+                <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{PG_ROOT}/postgres"))
+                    .await
+            {
+                let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut conn)
+                    .await;
+            }
+            if let Ok(conn) = Connection::connect(AMQP, Default::default()).await
+                && let Ok(ch) = conn.create_channel().await
+            {
+                for q in queues {
+                    let _ = ch
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                         .await;
                 }
-                if let Ok(conn) = Connection::connect(AMQP, Default::default()).await
-                    && let Ok(ch) = conn.create_channel().await
-                {
-                    for q in names.all() {
-                        let _ = ch
-                            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                    let _ = conn.close(200, "".into()).await;
-                }
-            });
+                let _ = conn.close(200, "".into()).await;
+            }
         });
-        let _ = cleanup.join();
-    }
+    });
+    let _ = cleanup.join();
 }
 
 /// A worker running inside the test process.
