@@ -34,10 +34,11 @@ async fn main() -> ExitCode {
 
 /// The log filter when `RUST_LOG` is unset. A command that runs once reports its own failure,
 /// so lapin's log lines about the same refused or lost connection would only repeat it; the
-/// long-running roles keep them, since they carry on after a broker outage.
+/// long-running roles keep them, since they carry on after a broker outage. Postgres's notices
+/// ("relation ... already exists, skipping", on every `migrate`) say nothing to act on.
 fn default_filter(command: &Command) -> &'static str {
     match command {
-        Command::Api { .. } | Command::Worker => "info",
-        _ => "info,lapin=off",
+        Command::Api { .. } | Command::Worker => "info,sqlx::postgres::notice=warn",
+        _ => "info,sqlx::postgres::notice=warn,lapin=off",
     }
 }
