@@ -312,6 +312,17 @@ async fn settings_that_cannot_work_exit_3_and_usage_errors_keep_clap_s_2() {
         out.says(3, line);
         assert!(out.stderr.contains("try '--help'"), "{}", out.stderr);
     }
+    apiary(
+        &env,
+        &["status"],
+        &[("DATABASE_URL", "mysql://u:sekret-pw@h/db")],
+    )
+    .await
+    .says(
+        3,
+        "error: invalid configuration: DATABASE_URL is mysql://u:***@h/db; it must start with \
+             postgres:// or postgresql://",
+    );
     apiary(&env, &["api"], &[("APIARY_HTTP_ADDR", "0.0.0.0:0")])
         .await
         .says(

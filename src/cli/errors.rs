@@ -39,8 +39,8 @@ pub enum ErrorClass {
     Config,
     /// Postgres or RabbitMQ cannot be reached, or refused the login (exit 4).
     Connect,
-    /// The database is missing or behind the binary, or the queues are not declared: run
-    /// `apiary migrate` (exit 5).
+    /// The database is missing or behind the binary (or a queue a command needs is not
+    /// declared): run `apiary migrate` (exit 5).
     Schema,
     /// The request is wrong: an invalid kind or payload, a job the store refuses, cancelling
     /// a job that has finished (exit 6).
@@ -85,7 +85,7 @@ Exit codes:
   2  usage: unknown subcommand or flag, missing or malformed argument
   3  configuration: a flag or environment variable that cannot work
   4  cannot connect: Postgres or RabbitMQ unreachable, or login refused
-  5  schema behind: database missing or not migrated, queues not declared; run `apiary migrate`
+  5  schema behind: database missing or not migrated to this version; run `apiary migrate`
   6  bad input: invalid kind or payload, a job the store refuses, cancelling a finished job
   7  not found: no job with that id";
 
