@@ -1,5 +1,8 @@
 //! The `apiary` command line: one subcommand per role. Every setting is also an environment
-//! variable; `apiary --help` lists them with their defaults.
+//! variable; `apiary --help` lists them with their defaults. How a failure is told, and its
+//! exit code, is in [`errors`].
+
+pub mod errors;
 
 use std::net::SocketAddr;
 
@@ -10,13 +13,14 @@ use serde_json::Value;
 use crate::api::auth::Tokens;
 use crate::api::{self, AppState};
 use crate::broker::{self, QueueNames};
-use crate::client::Client;
+use crate::client::{Client, EnqueueError};
 use crate::config::Config;
 use crate::handler::Registry;
 use crate::job::NewJob;
 use crate::shutdown::Shutdown;
 use crate::store;
 use crate::worker::Worker;
+use errors::{CliError, ErrorClass};
 
 /// Apiary: background jobs on RabbitMQ, deduplicated and recorded in Postgres.
 #[derive(Debug, Parser)]
@@ -194,9 +198,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("cancellation requested; the running handler is being told")
                 }
                 CancelOutcome::AlreadyFinal(s) => {
-                    anyhow::bail!("job {id} has already finished ({s})")
+                    return Err(CliError::new(
+                        ErrorClass::Input,
+                        format!("job {id} has already finished ({s})"),
+                    )
+                    .into());
                 }
-                CancelOutcome::NotFound => anyhow::bail!("no job with id {id}"),
+                CancelOutcome::NotFound => return Err(no_job(id).into()),
             }
             Ok(())
         }
@@ -219,8 +227,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             run_at,
             delay_ms,
         } => {
-            let payload: Value =
-                serde_json::from_str(&payload).context("the payload is not valid JSON")?;
+            let payload: Value = serde_json::from_str(&payload).map_err(|e| {
+                CliError::new(
+                    ErrorClass::Input,
+                    format!("the payload is not valid JSON: {e}"),
+                )
+            })?;
             let client = Client::new(&cfg)?;
             client.store().check_schema().await?;
             let job = NewJob {
@@ -232,23 +244,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 run_at,
                 delay_ms,
             };
-            let enqueued = client.enqueue(job).await?;
+            let enqueued = match client.enqueue(job).await {
+                Ok(e) => e,
+                Err(e) => {
+                    // Recorded all the same: say which job, then why it is not on its way.
+                    if let EnqueueError::NotPublished { ids, .. } = &e {
+                        for id in ids {
+                            println!("{id}");
+                        }
+                    }
+                    return Err(e.into());
+                }
+            };
             println!("{}", enqueued.job.id);
             if !enqueued.created {
                 eprintln!("(already existed: {})", enqueued.job.status());
+            } else if let Ok(workers) = client.store().live_workers(cfg.lease * 3).await {
+                let workers: Vec<_> = workers.into_iter().map(|w| (w.queue, w.kinds)).collect();
+                if let Some(w) = errors::unserved_kind(&enqueued.job.kind, &cfg.queue, &workers) {
+                    errors::warn(&w);
+                }
             }
             Ok(())
         }
         Command::Job { id } => {
             let store = store::Store::connect_lazy(&cfg.database_url, 2)?;
-            let job = store
-                .get_job(id)
-                .await?
-                .with_context(|| format!("no job with id {id}"))?;
+            let job = store.get_job(id).await?.ok_or_else(|| no_job(id))?;
             println!("{}", serde_json::to_string_pretty(&job)?);
             Ok(())
         }
     }
+}
+
+fn no_job(id: uuid::Uuid) -> CliError {
+    CliError::new(ErrorClass::NotFound, format!("no job with id {id}"))
 }
 
 async fn migrate(cfg: &Config) -> anyhow::Result<()> {
@@ -309,8 +338,12 @@ fn check_listen_addr(
         tracing::warn!(%addr, "listening beyond loopback WITHOUT authentication (--insecure-listen-any)");
         return Ok(());
     }
-    anyhow::bail!(
-        "refusing to listen on {addr} without authentication: use a loopback address, or pass \
-         --insecure-listen-any to accept unauthenticated requests from the network"
+    Err(CliError::new(
+        ErrorClass::Config,
+        format!(
+            "refusing to listen on {addr} without authentication: use a loopback address, or \
+             pass --insecure-listen-any to accept unauthenticated requests from the network"
+        ),
     )
+    .into())
 }

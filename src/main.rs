@@ -1,55 +1,44 @@
-//! The `apiary` binary: parse the command line, start logging, run the library.
+//! The `apiary` binary: parse the command line, start logging, run the library, and report a
+//! failure once, with its exit code (`apiary::cli::errors`).
 
 use std::process::ExitCode;
 
-use apiary::config::{ConfigError, mask_url};
-use clap::Parser;
+use apiary::cli::errors::{self, Targets};
+use apiary::cli::{Cli, Command};
+use clap::{CommandFactory as _, FromArgMatches as _};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = match apiary::cli::Cli::try_parse() {
+    let parsed = Cli::command()
+        .after_help(errors::EXIT_CODES)
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         // --help and --version print and exit 0; --help shows no secret (env values hidden).
         Err(e) if !e.use_stderr() => e.exit(),
-        Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation => {
-            // clap's own message quotes the value it refused, which may be a token or a
-            // connection string: say what was wrong without it.
-            eprintln!("error: {}", ConfigError::from_clap(&e));
-            eprintln!("For more information, try '--help'.");
-            return ExitCode::from(2);
-        }
         Err(e) => {
-            // A usage error (unknown flag, missing subcommand) with clap's tips, masked: an
-            // unknown `--flag=value` is quoted whole.
-            eprint!("{}", mask_url(&e.render().to_string()));
-            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+            let (class, text) = errors::clap_report(&e);
+            eprint!("{text}");
+            return ExitCode::from(class.code());
         }
     };
-    apiary::telemetry::init(cli.config.log_format);
+    apiary::telemetry::init_with(cli.config.log_format, default_filter(&cli.command));
+    let targets = Targets::of(&cli.config);
+    let format = cli.config.log_format;
     match apiary::cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let message = mask_url(&error_chain(&e));
-            tracing::error!("{message}");
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
+        Err(e) => errors::explain(&e, &targets).await.print(format),
     }
 }
 
-/// The error and its causes, `a: b: c`, leaving out a cause whose text the one before already
-/// ends with: our error types print their source too, and `{:#}` would repeat it.
-fn error_chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.ends_with(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
+/// The log filter when `RUST_LOG` is unset. A command that runs once reports its own failure,
+/// so lapin's log lines about the same refused or lost connection would only repeat it; the
+/// long-running roles keep them, since they carry on after a broker outage. Postgres's notices
+/// ("relation ... already exists, skipping", on every `migrate`) say nothing to act on.
+fn default_filter(command: &Command) -> &'static str {
+    match command {
+        Command::Api { .. } | Command::Worker => "info,sqlx::postgres::notice=warn",
+        _ => "info,sqlx::postgres::notice=warn,lapin=off",
     }
-    out
 }

@@ -8,7 +8,7 @@
 //! [`UPKEEP_EVERY`], so histogram samples are folded into their buckets instead of piling up
 //! in memory until someone scrapes `/metrics`.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal as _, Write};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,9 +21,19 @@ use crate::config::{LogFormat, mask_url};
 
 /// Installs the global subscriber. Call once, at start-up.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with(format, "info");
+}
+
+/// Installs the global subscriber with `default_filter` when `RUST_LOG` is unset. Call once,
+/// at start-up.
+pub fn init_with(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Colour only on a terminal, and never with NO_COLOR (https://no-color.org).
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(!no_color && io::stderr().is_terminal())
         .with_writer(MaskedStderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),

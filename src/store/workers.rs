@@ -36,6 +36,9 @@ pub struct WorkerRow {
     pub rate: f64,
     /// Whether it is draining.
     pub draining: bool,
+    /// The kinds it has handlers for, sorted; `None` for a worker too old to say.
+    #[serde(default)]
+    pub kinds: Option<Vec<String>>,
 }
 
 impl Store {
@@ -44,8 +47,8 @@ impl Store {
     pub async fn beat_worker(&self, w: &WorkerRow) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO apiary_workers (id, queue, host, pid, version, concurrency, started_at, heartbeat_at,
-                                         in_flight, processed, failed, rate, draining)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9, $10, $11, $12)
+                                         in_flight, processed, failed, rate, draining, kinds)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9, $10, $11, $12, $13)
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), in_flight = $8, processed = $9, failed = $10,
                                             rate = $11, draining = $12",
         )
@@ -61,6 +64,7 @@ impl Store {
         .bind(w.failed)
         .bind(w.rate)
         .bind(w.draining)
+        .bind(&w.kinds)
         .execute(self.pool())
         .await
         .context("recording a worker heartbeat")?;

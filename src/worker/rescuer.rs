@@ -256,6 +256,14 @@ fn registry_row(shared: &Shared, rate: f64) -> crate::store::workers::WorkerRow 
         failed: i64::try_from(shared.counters.failed.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
         rate,
         draining: shared.stop_taking.is_cancelled(),
+        kinds: Some(
+            shared
+                .registry
+                .kinds()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+        ),
     }
 }
 
