@@ -181,6 +181,14 @@ impl Job {
     pub fn status(&self) -> JobStatus {
         self.status.0
     }
+
+    /// The handler's result decoded as `T` (a typed handler's
+    /// [`Work::Output`](crate::handler::Work::Output)); `None` until the job has succeeded.
+    pub fn result_as<T: serde::de::DeserializeOwned>(
+        &self,
+    ) -> Result<Option<T>, serde_json::Error> {
+        self.result.as_ref().map(T::deserialize).transpose()
+    }
 }
 
 /// What a producer asks for. Build with [`NewJob::new`] and the `with_*` methods.

@@ -49,6 +49,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod args;
 pub mod bench;
 pub mod broker;
 pub mod cli;
@@ -62,9 +63,10 @@ pub mod telemetry;
 pub mod wire;
 pub mod worker;
 
+pub use args::{IntoNewJob, JobArgs, TypedJob};
 pub use client::{Client, EnqueueError, Enqueued};
 pub use config::Config;
-pub use handler::{Handler, HandlerError, JobContext, Registry};
+pub use handler::{Handler, HandlerError, JobContext, Registry, Work};
 pub use job::{Job, JobId, JobStatus, NewJob};
 pub use shutdown::Shutdown;
 pub use worker::Worker;
