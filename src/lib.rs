@@ -96,7 +96,9 @@
 //! #             -> Result<(apiary::Config, Isolated), Box<dyn std::error::Error>> {
 //! #             let short = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
 //! #             let base = cfg.database_url.split('?').next().unwrap_or_default();
-//! #             let server = base.rsplit_once('/').map_or(base, |(server, _)| server).to_string();
+//! #             // The server part: the URL up to the database's name, if it names one.
+//! #             let host_at = base.find("://").map_or(0, |i| i + 3);
+//! #             let server = base[host_at..].find('/').map_or(base, |i| &base[..host_at + i]).to_string();
 //! #             let database = format!("apiary_doc_{short}");
 //! #             cfg.database_url = format!("{server}/{database}");
 //! #             cfg.queue = format!("apiary.doc.{short}");
