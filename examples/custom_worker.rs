@@ -4,34 +4,34 @@
 //!
 //! ```sh
 //! cargo run --example custom_worker
+//! cargo run --example typed_producer -- "to be or not to be"   # or, as JSON from any language:
 //! apiary enqueue word_count '{"text": "to be or not to be"}'
 //! ```
 
+#[path = "shared/word_count.rs"]
+mod word_count;
+
 use std::time::Duration;
 
-use apiary::handler::{Handler, HandlerError, JobContext, KindOptions};
+use apiary::handler::{HandlerError, JobContext, KindOptions, Work};
 use apiary::{Config, Registry, Shutdown, Worker};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use word_count::{CountWords, Counted};
 
-/// Counts the words of `{"text": "..."}` and records the count in the job's transaction.
+/// Counts the words and adds them up in the `demo_tally` table, in the job's transaction.
 struct WordCount;
 
-#[derive(Deserialize)]
-struct Input {
-    text: String,
-}
+impl Work for WordCount {
+    type Args = CountWords;
+    type Output = Counted;
 
-impl Handler for WordCount {
-    type Output = Value;
-
-    async fn handle(&self, ctx: &mut JobContext) -> Result<Value, HandlerError> {
-        let Input { text } = ctx.payload()?;
-        if text.is_empty() {
+    async fn work(&self, args: CountWords, ctx: &mut JobContext) -> Result<Counted, HandlerError> {
+        // A payload that is not `{"text": "..."}` never gets here: it is dead at once, and its
+        // error names the field.
+        if args.text.is_empty() {
             // Retrying the same input cannot help.
             return Err(HandlerError::permanent("text is empty"));
         }
-        let words = text.split_whitespace().count() as i64;
+        let words = args.text.split_whitespace().count() as i64;
         // Written through the job's transaction: it commits with the job's success, once.
         sqlx::query(
             "INSERT INTO demo_tally (counter, value) VALUES ('words', $1)
@@ -40,7 +40,14 @@ impl Handler for WordCount {
         .bind(words)
         .execute(ctx.tx().await?)
         .await?;
-        Ok(json!({ "words": words }))
+        Ok(Counted { words })
+    }
+
+    fn options(&self) -> KindOptions {
+        KindOptions {
+            timeout: Some(Duration::from_secs(10)),
+            ..KindOptions::default()
+        }
     }
 }
 
@@ -49,15 +56,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = Config::from_env()?;
     apiary::telemetry::init(cfg.log_format);
     let mut registry = Registry::builtins();
-    registry.register_with(
-        "word_count",
-        WordCount,
-        KindOptions {
-            max_attempts: Some(3),
-            timeout: Some(Duration::from_secs(10)),
-            ..KindOptions::default()
-        },
-    );
+    registry.add(WordCount); // serves "word_count", the kind CountWords names
     let summary = Worker::new(cfg, registry, Shutdown::on_signals()?)?
         .run()
         .await?;

@@ -7,22 +7,35 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::Utc;
+use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+pub use crate::args::IntoNewJob;
 use crate::broker::{BrokerError, Publisher, QueueNames};
 use crate::config::Config;
 use crate::job::{InvalidJob, Job, JobId, JobStatus, JobStatusText, NewJob};
 use crate::store::insert_job::{InsertOutcome, Inserted, JobRow};
-use crate::store::{Store, StoreError};
+use crate::store::{DONE_CHANNEL, Store, StoreError};
 use crate::wire::WireJob;
 
-/// Why an enqueue failed.
+/// Why an enqueue failed. Whatever the variant, a job either was recorded (and will be
+/// published) or was not written at all: see the crate's [guarantees](crate#guarantees).
 #[derive(Debug, thiserror::Error)]
 pub enum EnqueueError {
     /// The job itself is wrong; nothing was written.
     #[error("invalid job: {0}")]
     Invalid(#[from] InvalidJob),
+    /// Typed arguments ([`crate::JobArgs`]) have no JSON form, so there is no payload;
+    /// nothing was written. A bug in the arguments' type (a map with non-string keys, say),
+    /// not in the input.
+    #[error("cannot encode the arguments of kind {kind:?} as JSON: {source}")]
+    Encode {
+        /// The arguments' kind.
+        kind: &'static str,
+        /// serde_json's reason.
+        source: serde_json::Error,
+    },
     /// Postgres failed; nothing was recorded.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -47,7 +60,7 @@ pub enum EnqueueError {
     },
 }
 
-/// The result of enqueueing one job.
+/// The result of enqueueing one job. See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Enqueued {
     /// The job, as recorded.
@@ -57,6 +70,9 @@ pub struct Enqueued {
 }
 
 /// Enqueues jobs and reads them back. Cheap to clone.
+///
+/// A job enqueued is recorded before it is published, so it is never lost, and one
+/// `(kind, dedup_key)` is one job: see the crate's [guarantees](crate#guarantees).
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -127,9 +143,13 @@ impl Client {
     /// Enqueues one job. Returns once it is recorded and the broker has confirmed it, or, if
     /// its id or `(kind, dedup_key)` exists, returns that job and writes nothing.
     ///
+    /// `job` is a [`NewJob`], or typed arguments: a [`crate::JobArgs`] value or a
+    /// [`crate::TypedJob`] (see [`IntoNewJob`]).
+    ///
     /// Concurrent calls are written together: each waits only for the batch in flight, and
     /// then shares one statement and one pipelined publish with whatever queued up meanwhile.
-    pub async fn enqueue(&self, job: NewJob) -> Result<Enqueued, EnqueueError> {
+    pub async fn enqueue(&self, job: impl IntoNewJob) -> Result<Enqueued, EnqueueError> {
+        let job = job.into_new_job()?;
         // Checked here, so one caller's bad input never fails another's batch.
         job.validate(self.inner.max_payload_bytes)?;
         // Named here, so a batch that fails after recording can tell each caller which job.
@@ -152,10 +172,19 @@ impl Client {
         result
     }
 
-    /// Enqueues many jobs in one statement and one pipelined publish. All are validated
-    /// first: one invalid job rejects the batch and writes nothing.
-    pub async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, EnqueueError> {
+    /// Enqueues many jobs in one statement and one pipelined publish, answering in input
+    /// order. All are encoded and validated first: one invalid job rejects the batch and
+    /// writes nothing. The jobs are [`NewJob`]s or typed arguments of one type; for typed
+    /// jobs of several kinds, convert each with [`IntoNewJob::into_new_job`].
+    pub async fn enqueue_many<J: IntoNewJob>(
+        &self,
+        jobs: Vec<J>,
+    ) -> Result<Vec<Enqueued>, EnqueueError> {
         let began = std::time::Instant::now();
+        let jobs = jobs
+            .into_iter()
+            .map(IntoNewJob::into_new_job)
+            .collect::<Result<Vec<_>, _>>()?;
         let result = self.inner.enqueue_many(jobs).await;
         metrics::histogram!("apiary_enqueue_duration_seconds")
             .record(began.elapsed().as_secs_f64());
@@ -244,6 +273,46 @@ impl Client {
     /// The job with this id.
     pub async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
         self.inner.store.get_job(id).await
+    }
+
+    /// Waits up to `timeout` for the job to reach a final status ([`JobStatus::is_final`])
+    /// and returns it, or returns it as it stands when the time runs out; `None` if there is
+    /// no such job. The library's `GET /v1/jobs/{id}?wait=N`: it wakes on the finishing
+    /// commit's notification, not by polling.
+    pub async fn wait(&self, id: JobId, timeout: Duration) -> Result<Option<Job>, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Listening before the first read, so a finish between the read and the wait still
+        // wakes us. Without a listener (LISTEN refused, say) this polls instead.
+        let mut listener = match PgListener::connect_with(self.inner.store.pool()).await {
+            Ok(mut l) => l.listen(DONE_CHANNEL).await.is_ok().then_some(l),
+            Err(_) => None,
+        };
+        let wanted = id.to_string();
+        loop {
+            let job = self.get(id).await?;
+            match &job {
+                Some(j) if !j.status().is_final() => {}
+                _ => return Ok(job),
+            }
+            let woken = async {
+                match &mut listener {
+                    Some(l) => loop {
+                        match l.try_recv().await {
+                            Ok(Some(n)) if n.payload().split(',').any(|s| s == wanted) => break,
+                            Ok(Some(_)) => {}
+                            // The connection dropped (the listener reconnects on the next
+                            // call) and a notification may be lost: read the job again.
+                            Ok(None) | Err(_) => break,
+                        }
+                    },
+                    None => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
+            tokio::select! {
+                () = woken => {}
+                () = tokio::time::sleep_until(deadline) => return self.get(id).await,
+            }
+        }
     }
 }
 

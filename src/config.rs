@@ -378,7 +378,8 @@ fn check_url(
     })
 }
 
-/// Apiary's settings. Each field names its environment variable and default.
+/// Apiary's settings. Each field names its environment variable and default. The leases,
+/// retries and drain they tune serve the crate's [guarantees](crate#guarantees).
 ///
 /// `Debug` masks the passwords in the connection strings and leaves out the API tokens.
 #[derive(Clone, Args)]

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// A job's identifier: a UUID, v7 when Apiary makes it so ids sort by creation time.
+/// A job's identifier: a UUID, v7 when Apiary makes it so ids sort by creation time. One id is
+/// one job: see the crate's [guarantees](crate#guarantees).
 pub type JobId = Uuid;
 
 /// Kinds are `[a-z0-9_.-]{1,64}`: short, printable, safe in metric labels and URLs.
@@ -23,7 +24,9 @@ pub const MAX_ATTEMPTS_LIMIT: i32 = 1000;
 /// the limit stays acceptable after any number of retries and delay hops.
 pub const ENVELOPE_BYTES: usize = 64 * 1024;
 
-/// Where a job stands. Stored as lower-case text; the schema's CHECK lists the same names.
+/// Where a job stands. Stored as lower-case text; the schema's CHECK lists the same names. A
+/// final status never changes except by a replay: see the crate's
+/// [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
@@ -123,7 +126,8 @@ impl std::str::FromStr for JobStatus {
     }
 }
 
-/// A job as the store records it and the API returns it.
+/// A job as the store records it and the API returns it. See the crate's
+/// [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Job {
     /// The job's id.
@@ -181,9 +185,20 @@ impl Job {
     pub fn status(&self) -> JobStatus {
         self.status.0
     }
+
+    /// The handler's result decoded as `T` (a typed handler's
+    /// [`Work::Output`](crate::handler::Work::Output)); `None` until the job has succeeded.
+    pub fn result_as<T: serde::de::DeserializeOwned>(
+        &self,
+    ) -> Result<Option<T>, serde_json::Error> {
+        self.result.as_ref().map(T::deserialize).transpose()
+    }
 }
 
-/// What a producer asks for. Build with [`NewJob::new`] and the `with_*` methods.
+/// What a producer asks for, with its kind as a string and its payload as JSON: the form other
+/// languages' producers send. Build with [`NewJob::new`] and the `with_*` methods; from Rust,
+/// [`crate::JobArgs`] names the kind on a type instead. See the crate's
+/// [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewJob {
     /// The id to use; a new UUIDv7 when absent.

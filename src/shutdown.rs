@@ -9,7 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Two-phase stop. `drain` fires first (stop taking work, finish what is running); `force`
 /// fires on a second signal (hand everything back now). Cancelled by the signal task, or by a
-/// test; watched by the worker and the API.
+/// test; watched by the worker and the API. Work handed back is not lost: see the crate's
+/// [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
     /// Stop taking new work and finish in-flight work.

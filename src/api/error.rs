@@ -156,6 +156,9 @@ impl From<EnqueueError> for ApiError {
     fn from(e: EnqueueError) -> Self {
         match e {
             EnqueueError::Invalid(invalid) => ApiError::Unprocessable(invalid.to_string()),
+            // The API takes JSON payloads, never typed arguments; should one fail to encode
+            // anyway, it is this request's input.
+            EnqueueError::Encode { .. } => ApiError::Unprocessable(e_text(&e)),
             EnqueueError::Conflict(_) => ApiError::Conflict(e_text(&e)),
             EnqueueError::Refused(_) => ApiError::Unprocessable(e_text(&e)),
             EnqueueError::Store(s) => s.into(),

@@ -1,6 +1,6 @@
-//! ⑤ What runs a job: the [`Handler`] trait users implement, the [`Registry`] that maps kinds
-//! to handlers, and the [`JobContext`] a handler receives. The built-in handlers live in one
-//! file each.
+//! ⑤ What runs a job: the [`Handler`] trait users implement (or [`Work`], its typed form, in
+//! `work.rs`), the [`Registry`] that maps kinds to handlers, and the [`JobContext`] a handler
+//! receives. The built-in handlers live in one file each.
 //!
 //! A handler's database writes go through [`JobContext::tx`]: that transaction also records
 //! the job's completion and commits before the message is acknowledged, so the writes happen
@@ -10,6 +10,7 @@ mod echo;
 mod fail;
 mod sleep;
 mod tally;
+mod work;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -27,10 +28,12 @@ pub use echo::Echo;
 pub use fail::Fail;
 pub use sleep::Sleep;
 pub use tally::Tally;
+pub use work::Work;
 
 use crate::job::JobId;
 
-/// How a handler says an attempt failed, and what should happen next.
+/// How a handler says an attempt failed, and what should happen next. A retry waits in the
+/// broker, never in a worker's memory; see the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandlerError {
     /// Worth another attempt, after the backoff or after `delay` if given.
@@ -82,7 +85,12 @@ impl From<sqlx::Error> for HandlerError {
     }
 }
 
-/// A job handler: runs one attempt of jobs of one kind.
+/// A job handler: runs one attempt of jobs of one kind, with the payload as JSON. For a
+/// payload with a Rust type of its own, [`Work`] decodes it for you and takes the kind from
+/// the type.
+///
+/// What a handler can rely on (writes through [`JobContext::tx`] happen once; other effects
+/// at least once) is in the crate's [guarantees](crate#guarantees).
 ///
 /// ```
 /// use apiary::handler::{Handler, HandlerError, JobContext};
@@ -139,7 +147,8 @@ pub(crate) struct Entry {
     pub(crate) options: KindOptions,
 }
 
-/// Maps kinds to handlers. Build one, register handlers, and give it to the worker.
+/// Maps kinds to handlers. Build one, register handlers, and give it to the worker. See the
+/// crate's [guarantees](crate#guarantees).
 #[derive(Clone, Default)]
 pub struct Registry {
     handlers: HashMap<String, Entry>,
@@ -193,6 +202,21 @@ impl Registry {
         self
     }
 
+    /// Registers a typed handler for the kind of its arguments, [`JobArgs::KIND`], with its
+    /// [`Work::options`], replacing any earlier handler of that kind.
+    ///
+    /// [`JobArgs::KIND`]: crate::JobArgs::KIND
+    pub fn add<W: Work>(&mut self, worker: W) -> &mut Self {
+        // Evaluated at compile time: an invalid kind is a build error, not a panic here.
+        let () = crate::args::KindIsValid::<W::Args>::CHECK;
+        let options = worker.options();
+        self.register_with(
+            <W::Args as crate::JobArgs>::KIND,
+            work::Typed(worker),
+            options,
+        )
+    }
+
     /// The kinds served, sorted.
     pub fn kinds(&self) -> Vec<&str> {
         let mut k: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
@@ -205,7 +229,9 @@ impl Registry {
     }
 }
 
-/// What a handler knows about the job it runs, and its way into the database.
+/// What a handler knows about the job it runs, and its way into the database. Writes through
+/// [`JobContext::tx`] commit with the job's success, once: see the crate's
+/// [guarantees](crate#guarantees).
 pub struct JobContext {
     id: JobId,
     kind: String,
@@ -268,12 +294,11 @@ impl JobContext {
         self.dedup_key.as_deref()
     }
 
-    /// The payload, decoded. A payload of the wrong shape is a permanent error: retrying the
-    /// same input cannot help.
+    /// The payload, decoded. A payload of the wrong shape is a permanent error, naming the
+    /// field that failed (`at `to.address`: invalid type ...`): retrying the same input
+    /// cannot help.
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
-        serde_json::from_str(self.payload.get()).map_err(|e| {
-            HandlerError::permanent(format!("payload does not fit kind {:?}: {e}", self.kind))
-        })
+        crate::args::decode(&self.kind, self.payload.get()).map_err(HandlerError::permanent)
     }
 
     /// The payload as raw JSON.

@@ -1,7 +1,7 @@
 //! ⑥ Finishing attempts: a batch of outcomes written in one statement, fenced by the claim.
 //! Only the worker that holds the claim on that attempt can finish it, so a worker whose lease
 //! expired (and whose job another worker took over) writes nothing. Finished ids are announced
-//! on [`DONE_CHANNEL`](super::DONE_CHANNEL) in the same transaction, for long polls.
+//! on [`DONE_CHANNEL`] in the same transaction, for long polls.
 //!
 //! Two rules hold here, in the statement itself:
 //! - **A cancellation wins.** A job whose cancellation was requested while it ran ends

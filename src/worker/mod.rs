@@ -246,7 +246,9 @@ impl Shared {
     }
 }
 
-/// A worker process's pool: build one with [`Worker::new`], then [`Worker::run`] it.
+/// A worker process's pool: build one with [`Worker::new`], then [`Worker::run`] it. Any
+/// worker may die at any moment without losing a job: see the crate's
+/// [guarantees](crate#guarantees).
 pub struct Worker {
     shared: Arc<Shared>,
     done_rx: mpsc::UnboundedReceiver<Completion>,
