@@ -25,7 +25,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
-    apiary::telemetry::init(cli.config.log_format);
+    apiary::telemetry::init_with_default(cli.config.log_format, cli.command.default_log_filter());
     match apiary::cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
