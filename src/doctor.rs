@@ -510,7 +510,7 @@ async fn check_rabbitmq(cfg: &Config) -> Vec<Finding> {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             return vec![
-                rabbitmq_problem(&e, &at, &user),
+                rabbitmq_problem(&e, &at, &user, &vhost),
                 Finding::skip("queues", "RabbitMQ not reached"),
             ];
         }
@@ -537,8 +537,10 @@ async fn check_rabbitmq(cfg: &Config) -> Vec<Finding> {
     out
 }
 
-fn rabbitmq_problem(e: &BrokerError, at: &str, user: &str) -> Finding {
-    let fail = |detail: String, fix: &str| Finding::bad("rabbitmq", Level::Fail, detail, fix);
+fn rabbitmq_problem(e: &BrokerError, at: &str, user: &str, vhost: &str) -> Finding {
+    fn fail(detail: String, fix: impl Into<String>) -> Finding {
+        Finding::bad("rabbitmq", Level::Fail, detail, fix)
+    }
     let BrokerError::Amqp { source, .. } = e else {
         return fail(
             format!("cannot connect to RabbitMQ at {at}: {e}"),
@@ -557,6 +559,18 @@ fn rabbitmq_problem(e: &BrokerError, at: &str, user: &str) -> Finding {
                  `list_permissions`)",
             )
         }
+        // 530 NOT_ALLOWED at connection.open: no such vhost, or no permission on it.
+        _ if amqp_code(source) == Some(530) => fail(
+            format!(
+                "RabbitMQ at {at} does not let user \"{user}\" use vhost \"{vhost}\": {}",
+                amqp_message(source)
+            ),
+            format!(
+                "correct the vhost at the end of AMQP_URL (%2f is \"/\"), or create it and grant \
+                 access: `rabbitmqctl add_vhost {vhost}`, `rabbitmqctl set_permissions -p {vhost} \
+                 {user} \".*\" \".*\" \".*\"`"
+            ),
+        ),
         _ => fail(
             format!(
                 "cannot connect to RabbitMQ at {at}: {}",
