@@ -417,10 +417,10 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
             .await
             .context("reading the autovacuum setting")?;
         if on != "on" && args.vacuum_every.is_none() {
-            eprintln!(
+            progress.println(&format!(
                 "note: this server runs with autovacuum = {on}: the rows the pruner deletes are \
                  never reclaimed and the job table grows whatever it holds (see --vacuum-every)"
-            );
+            ));
         }
         Some(on == "on")
     } else {

@@ -219,7 +219,7 @@ fn style(bar: &ProgressBar, total: Option<u64>) {
             bar.disable_steady_tick();
             bar.set_style(
                 ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {pos}/{len} ({per_sec}, ~{eta} left)",
+                    "{msg} [{bar:30}] {pos}/{len} ({per_sec:0}, ~{eta} left)",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
@@ -293,8 +293,9 @@ pub fn line(label: &str, pos: u64, total: Option<u64>, counted: u64, elapsed: Du
 
 /// `850ms`, `16s`, `2m05s`, `1h02m`: short, and exact enough to plan by.
 pub fn human(d: Duration) -> String {
-    let s = d.as_secs();
-    if s == 0 {
+    // Whole seconds, rounded: 1.6 s left reads `2s`, not `1s`.
+    let s = d.as_secs_f64().round() as u64;
+    if d < Duration::from_secs(1) {
         format!("{}ms", d.as_millis())
     } else if s < 60 {
         format!("{s}s")
@@ -319,7 +320,7 @@ mod tests {
                 12_000,
                 Duration::from_secs(5)
             ),
-            "replayed 12000/50000 (2400/s, ~15s left)"
+            "replayed 12000/50000 (2400/s, ~16s left)"
         );
         // The rate counts only this phase's work.
         assert_eq!(
@@ -345,6 +346,7 @@ mod tests {
     fn durations_read_short() {
         assert_eq!(human(Duration::from_millis(850)), "850ms");
         assert_eq!(human(Duration::from_secs(16)), "16s");
+        assert_eq!(human(Duration::from_millis(1_600)), "2s");
         assert_eq!(human(Duration::from_secs(3720)), "1h02m");
     }
 

@@ -229,3 +229,66 @@ async fn a_paced_benchmark_prints_periodic_lines_while_it_publishes() {
     assert!(stdout.starts_with("apiary bench: 200 jobs"), "{stdout}");
     assert!(!stdout.contains("enqueued "), "{stdout}");
 }
+
+#[tokio::test]
+async fn a_replay_cut_off_mid_publish_fails_and_loses_nothing() {
+    let env = TestEnv::new().await;
+    const N: i64 = 5_000;
+    sqlx::query(
+        "INSERT INTO apiary_jobs (id, kind, payload, max_attempts, status, attempts, error, finished_at)
+         SELECT gen_random_uuid(), 'echo', to_json(g), 3, 'dead', 3, 'boom', now()
+           FROM generate_series(1, $1::int) g",
+    )
+    .bind(N as i32)
+    .execute(env.store.pool())
+    .await
+    .expect("dead jobs");
+    // About 1.5 MB of publishes: the connection drops after 400 kB, inside a later chunk than
+    // the first, with the replay already committed.
+    let mq = Proxy::start("127.0.0.1:5672").await;
+    mq.cut_after_bytes(400_000);
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new(env!("CARGO_BIN_EXE_apiary"))
+            .args(["dead", "replay", "--all"])
+            .envs(env.envs())
+            .env(
+                "AMQP_URL",
+                format!("amqp://guest:guest@127.0.0.1:{}/%2f", mq.port),
+            )
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("replay finished in time")
+    .expect("replay ran");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        mq.mid_stream_cuts(),
+        1,
+        "the cut met the publish:\n{stderr}"
+    );
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("jobs recorded but not yet published"),
+        "{stderr}"
+    );
+    // All or nothing in Postgres: every job is back in queued.
+    assert_eq!(env.count(apiary::JobStatus::Queued).await, N);
+    // The outbox relay publishes the rest; each job runs, once.
+    let worker = env.start_worker();
+    env.wait_until(
+        "every replayed job run",
+        Duration::from_secs(120),
+        || async { (env.count(apiary::JobStatus::Succeeded).await == N).then_some(()) },
+    )
+    .await;
+    worker.stop().await;
+    let reruns: i64 = sqlx::query_scalar("SELECT count(*) FROM apiary_jobs WHERE attempts <> 1")
+        .fetch_one(env.store.pool())
+        .await
+        .expect("attempts");
+    assert_eq!(reruns, 0, "a job ran more than once");
+    env.assert_invariants_quiescent().await;
+}
