@@ -10,7 +10,6 @@
 //! [`SAMPLE_EVERY`], the completions per second, the size of the job table and each worker's
 //! memory: whether a rate holds for minutes with pruning running, not just for a burst.
 
-use std::io::IsTerminal;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -85,6 +84,9 @@ pub struct BenchArgs {
     /// with `autovacuum = off` (CI setups), where nothing else reclaims pruned rows.
     #[arg(long, value_parser = crate::config::parse_duration)]
     pub vacuum_every: Option<Duration>,
+    /// How progress is shown.
+    #[command(flatten)]
+    pub progress: crate::progress::ProgressArgs,
 }
 
 /// How often a `--duration` run samples.
@@ -370,15 +372,21 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
             }
         })
     };
-    let progress = Progress::new(jobs);
+    // Counts what the publishers enqueued, then what the workers finished.
+    let progress = crate::progress::Progress::counting("enqueued", jobs as u64, &args.progress);
     let started = Instant::now();
     // Publishers take batches from a shared counter; paced, each batch waits for its due time.
     let next = Arc::new(AtomicUsize::new(0));
     let sent = Arc::new(AtomicUsize::new(0));
     let mut publishers = tokio::task::JoinSet::new();
     for _ in 0..args.publishers.max(1) {
-        let (client, payload, next, sent) =
-            (client.clone(), payload.clone(), next.clone(), sent.clone());
+        let (client, payload, next, sent, progress) = (
+            client.clone(),
+            payload.clone(),
+            next.clone(),
+            sent.clone(),
+            progress.clone(),
+        );
         let (batch, rate, mode) = (args.enqueue_batch.max(1), args.rate, args.mode);
         publishers.spawn(async move {
             loop {
@@ -398,6 +406,7 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
                     .collect();
                 client.enqueue_many(jobs).await?;
                 sent.fetch_add(n, Ordering::Relaxed);
+                progress.inc(n as u64);
             }
         });
     }
@@ -408,10 +417,10 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
             .await
             .context("reading the autovacuum setting")?;
         if on != "on" && args.vacuum_every.is_none() {
-            eprintln!(
+            progress.println(&format!(
                 "note: this server runs with autovacuum = {on}: the rows the pruner deletes are \
                  never reclaimed and the job table grows whatever it holds (see --vacuum-every)"
-            );
+            ));
         }
         Some(on == "on")
     } else {
@@ -448,12 +457,12 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
         }
         tokio::select! {
             r = publishers.join_next(), if published.is_none() => match r {
-                Some(r) => {
-                    r.context("a publisher task failed")??;
-                    progress.show("enqueued", sent.load(Ordering::Relaxed));
-                }
+                Some(r) => r.context("a publisher task failed")??,
                 None => {
                     published = Some(started.elapsed());
+                    if args.mode != Mode::Enqueue {
+                        progress.phase("finished", Some(jobs as u64), finished as u64);
+                    }
                     if sampling {
                         let pids = workers.as_ref().map(Workers::pids).unwrap_or_default();
                         let prev = samples.last();
@@ -471,9 +480,9 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
                 let pids = workers.as_ref().map(Workers::pids).unwrap_or_default();
                 let s = sample(&pool, started, &sent, finished, samples.last(), &pids).await?;
                 if samples.is_empty() {
-                    eprintln!("{}", sample_header());
+                    progress.println(&sample_header());
                 }
-                eprintln!("{}", sample_line(&s));
+                progress.println(&sample_line(&s));
                 samples.push(s);
             }
             r = done_rx.changed() => {
@@ -483,7 +492,7 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
                     anyhow::bail!("the completion counter stopped");
                 }
                 if published.is_some() {
-                    progress.show("finished", done.load(Ordering::Relaxed));
+                    progress.set(done.load(Ordering::Relaxed) as u64);
                 }
             }
             () = tokio::time::sleep_until(deadline) => anyhow::bail!(
@@ -496,7 +505,7 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     if let Some(v) = &vacuum {
         v.abort();
     }
-    progress.done();
+    progress.finish();
     let published = published.unwrap_or_else(|| started.elapsed());
     if args.mode == Mode::Enqueue {
         return Ok(Report {
@@ -750,40 +759,6 @@ fn kib_field(status: &str, name: &str) -> f64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
-}
-
-/// A one-line progress display, only on a terminal.
-struct Progress {
-    total: usize,
-    tty: bool,
-}
-
-impl Progress {
-    fn new(total: usize) -> Self {
-        Progress {
-            total,
-            tty: std::io::stderr().is_terminal(),
-        }
-    }
-
-    fn show(&self, what: &str, n: usize) {
-        if self.tty {
-            let width = 30;
-            let filled = (n * width / self.total.max(1)).min(width);
-            eprint!(
-                "\r[{}{}] {what} {n}/{}   ",
-                "#".repeat(filled),
-                " ".repeat(width - filled),
-                self.total
-            );
-        }
-    }
-
-    fn done(&self) {
-        if self.tty {
-            eprintln!();
-        }
-    }
 }
 
 fn print_report(r: &Report) {

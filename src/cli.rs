@@ -17,14 +17,25 @@ use crate::client::{Client, EnqueueError};
 use crate::config::Config;
 use crate::handler::Registry;
 use crate::job::NewJob;
+use crate::progress::{Progress, ProgressArgs};
 use crate::shutdown::Shutdown;
 use crate::store;
 use crate::worker::Worker;
 use errors::{CliError, ErrorClass};
 
+/// `apiary --version`: the crate's version and the schema version this binary expects (its
+/// newest migration), e.g. `0.1.0 (schema 8)`.
+pub static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} (schema {})",
+        env!("CARGO_PKG_VERSION"),
+        store::schema::expected_version()
+    )
+});
+
 /// Apiary: background jobs on RabbitMQ, deduplicated and recorded in Postgres.
 #[derive(Debug, Parser)]
-#[command(name = "apiary", version, about, long_about = None)]
+#[command(name = "apiary", version = VERSION.as_str(), about, long_about = None)]
 pub struct Cli {
     /// Settings, from flags or environment variables.
     #[command(flatten)]
@@ -39,7 +50,11 @@ pub struct Cli {
 pub enum Command {
     /// Create the database if missing, apply migrations and declare the RabbitMQ queues.
     /// Safe to run concurrently and repeatedly.
-    Migrate,
+    Migrate {
+        /// How progress is shown.
+        #[command(flatten)]
+        progress: ProgressArgs,
+    },
     /// Serve the HTTP API.
     Api {
         /// Listen on a non-loopback address without API tokens. Anyone who can reach the
@@ -97,6 +112,30 @@ pub enum Command {
         /// The job id.
         id: uuid::Uuid,
     },
+    /// Check the configured Postgres and RabbitMQ, the schema, the queues, the broker's
+    /// consumer_timeout and the clocks; print what is wrong with the fix for each. Exits 0
+    /// when no check failed (warnings allowed, unless --strict), 1 otherwise.
+    Doctor(crate::doctor::DoctorArgs),
+    /// Print a shell completion script: `apiary completions bash > /etc/bash_completion.d/apiary`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+impl Command {
+    /// The log filter when `RUST_LOG` is unset. A command that runs once reports its own failure,
+    /// so lapin's log lines about the same refused or lost connection would only repeat it; the
+    /// long-running roles keep them, since they carry on after a broker outage. Postgres's notices
+    /// ("relation ... already exists, skipping", on every `migrate`) say nothing to act on.
+    /// Doctor's passive declares of missing queues are how it finds them: its report says it.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self {
+            Command::Api { .. } | Command::Worker => "info,sqlx::postgres::notice=warn",
+            Command::Doctor(_) => "warn,sqlx::postgres::notice=warn,lapin=off",
+            _ => "info,sqlx::postgres::notice=warn,lapin=off",
+        }
+    }
 }
 
 /// `apiary dead ...`.
@@ -123,13 +162,24 @@ pub enum DeadAction {
         /// Every dead job.
         #[arg(long)]
         all: bool,
+        /// How progress is shown.
+        #[command(flatten)]
+        progress: ProgressArgs,
     },
 }
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // These two need no valid settings: completions use none, and doctor reports a bad one
+    // among its findings.
+    match &cli.command {
+        Command::Completions { shell } => return crate::completions::print(*shell),
+        Command::Doctor(args) => return crate::doctor::run(&cli.config, args).await,
+        _ => {}
+    }
     let cfg = cli.config.validate()?;
     match cli.command {
+        Command::Completions { .. } | Command::Doctor(_) => Ok(()), // handled above
         Command::Bench(args) => crate::bench::run(&cfg, &args).await.map(|_| ()),
         Command::Status { json, check: true } => {
             let client = Client::new(&cfg)?;
@@ -173,7 +223,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dead {
-            action: DeadAction::Replay { id, kind, all },
+            action:
+                DeadAction::Replay {
+                    id,
+                    kind,
+                    all,
+                    progress,
+                },
         } => {
             use crate::store::dead_job::ReplaySelector;
             let selector = match (id, kind, all) {
@@ -182,7 +238,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => ReplaySelector::All,
             };
             let client = Client::new(&cfg)?;
-            let ids = client.replay(&selector).await?;
+            let shown = Progress::spinner("replay: moving dead jobs back to queued", &progress);
+            let replayed = client
+                .replay_reporting(&selector, |done, total| {
+                    if done == 0 {
+                        shown.phase("replay: published", Some(total as u64), 0);
+                    } else {
+                        shown.set(done as u64);
+                    }
+                })
+                .await;
+            shown.finish();
+            let ids = replayed?;
             for id in &ids {
                 println!("{id}");
             }
@@ -208,7 +275,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Migrate => migrate(&cfg).await,
+        Command::Migrate { progress } => migrate(&cfg, &progress).await,
         Command::Api {
             insecure_listen_any,
         } => serve_api(cfg, insecure_listen_any).await,
@@ -280,10 +347,38 @@ fn no_job(id: uuid::Uuid) -> CliError {
     CliError::new(ErrorClass::NotFound, format!("no job with id {id}"))
 }
 
-async fn migrate(cfg: &Config) -> anyhow::Result<()> {
-    store::migrate(&cfg.database_url)
-        .await
-        .context("migrating Postgres")?;
+async fn migrate(cfg: &Config, progress: &ProgressArgs) -> anyhow::Result<()> {
+    // A migration is SQL that Postgres runs as a whole, so there is no count within one: the
+    // display says which migration is running and for how long (long on a large table).
+    let shown = Progress::spinner("migrating", progress);
+    let began = std::time::Instant::now();
+    let mut applied = 0;
+    let migrated = store::migrate_reporting(&cfg.database_url, |step| {
+        applied = step.count;
+        shown.phase(
+            &format!(
+                "applying migration {}/{}: {:04}_{}",
+                step.index + 1,
+                step.count,
+                step.version,
+                step.description.replace(' ', "_")
+            ),
+            None,
+            0,
+        );
+    })
+    .await;
+    shown.finish();
+    migrated.context("migrating Postgres")?;
+    let schema = store::schema::expected_version();
+    if applied == 0 {
+        eprintln!("no migrations to apply: schema {schema} is current");
+    } else {
+        eprintln!(
+            "applied {applied} migration(s) in {}: schema {schema}",
+            crate::progress::human(began.elapsed())
+        );
+    }
     let conn = broker::connect(&cfg.amqp_url, "apiary migrate")
         .await
         .context("connecting to RabbitMQ")?;

@@ -60,6 +60,10 @@ pub enum EnqueueError {
     },
 }
 
+/// How many replayed jobs [`Client::replay`] publishes at once: each chunk is written in full
+/// and confirmed before the next.
+pub const REPLAY_CHUNK: usize = 1000;
+
 /// The result of enqueueing one job. See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Enqueued {
@@ -198,21 +202,48 @@ impl Client {
         &self,
         selector: &crate::store::dead_job::ReplaySelector,
     ) -> Result<Vec<JobId>, EnqueueError> {
+        self.replay_reporting(selector, |_, _| {}).await
+    }
+
+    /// [`Client::replay`], calling `published(done, total)` once the jobs are back in `queued`
+    /// (with `done` 0) and again after each confirmed chunk of [`REPLAY_CHUNK`] messages.
+    ///
+    /// The replay itself is one statement, all or nothing, as before: every selected job is
+    /// `queued` with its outbox row in one commit. Only the publish comes in chunks, each
+    /// confirmed before the next, so a large replay shows its progress and no single publish
+    /// outlives [`crate::broker::publish::CONFIRM_TIMEOUT`]. If a chunk fails, the error names
+    /// every replayed job, as it would have without chunks: the confirmed ones are on the
+    /// queue, and the outbox relay publishes the rest.
+    pub async fn replay_reporting(
+        &self,
+        selector: &crate::store::dead_job::ReplaySelector,
+        mut published: impl FnMut(usize, usize),
+    ) -> Result<Vec<JobId>, EnqueueError> {
         let jobs = self.inner.store.replay_dead(selector).await?;
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
         let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+        published(0, ids.len());
         // Queued before the publish: once replayed, the old letters are stale whether or not
         // this publish is confirmed. The workers' sweep removes them, one pass for many
         // replays; failing to queue leaves stale letters, not lost jobs.
         if let Err(e) = self.inner.store.queue_dead_sweep(&ids).await {
             tracing::warn!(error = %e, "replayed, but could not queue their dead letters for removal");
         }
-        if let Err(source) = self.inner.publisher.publish_jobs(&jobs).await {
-            return Err(EnqueueError::NotPublished { source, ids });
+        let mut done = 0;
+        for chunk in jobs.chunks(REPLAY_CHUNK) {
+            if let Err(source) = self.inner.publisher.publish_jobs(chunk).await {
+                return Err(EnqueueError::NotPublished { source, ids });
+            }
+            // Confirmed: their outbox rows can go now, whatever happens to the next chunk.
+            let _ = self
+                .inner
+                .confirmed
+                .send(chunk.iter().map(|j| j.id).collect());
+            done += chunk.len();
+            published(done, ids.len());
         }
-        let _ = self.inner.confirmed.send(ids.clone());
         tracing::info!(replayed = ids.len(), "replayed dead jobs");
         Ok(ids)
     }

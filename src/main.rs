@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
+use apiary::cli::Cli;
 use apiary::cli::errors::{self, Targets};
-use apiary::cli::{Cli, Command};
 use clap::{CommandFactory as _, FromArgMatches as _};
 
 #[tokio::main]
@@ -23,22 +23,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(class.code());
         }
     };
-    apiary::telemetry::init_with(cli.config.log_format, default_filter(&cli.command));
+    apiary::telemetry::init_with(cli.config.log_format, cli.command.default_log_filter());
     let targets = Targets::of(&cli.config);
     let format = cli.config.log_format;
     match apiary::cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => errors::explain(&e, &targets).await.print(format),
-    }
-}
-
-/// The log filter when `RUST_LOG` is unset. A command that runs once reports its own failure,
-/// so lapin's log lines about the same refused or lost connection would only repeat it; the
-/// long-running roles keep them, since they carry on after a broker outage. Postgres's notices
-/// ("relation ... already exists, skipping", on every `migrate`) say nothing to act on.
-fn default_filter(command: &Command) -> &'static str {
-    match command {
-        Command::Api { .. } | Command::Worker => "info,sqlx::postgres::notice=warn",
-        _ => "info,sqlx::postgres::notice=warn,lapin=off",
     }
 }

@@ -67,21 +67,32 @@ pub fn tier_for(remaining_ms: i64) -> Option<u64> {
         .find(|t| *t <= remaining)
 }
 
-/// Declares every queue, durable. Idempotent: declaring an existing queue with the same
-/// arguments is a no-op, so `migrate`, workers and producers may all call it.
-pub async fn declare(channel: &Channel, names: &QueueNames) -> Result<(), BrokerError> {
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .queue_declare(names.work.as_str().into(), durable, FieldTable::default())
-        .await
-        .context("declaring the work queue")?;
-    channel
-        .queue_declare(names.dead.as_str().into(), durable, FieldTable::default())
-        .await
-        .context("declaring the dead-letter queue")?;
+/// One queue as Apiary declares it: durable, with these arguments.
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    /// Its name.
+    pub name: String,
+    /// Its arguments (a delay tier's TTL and dead-letter target; none for the others).
+    pub args: FieldTable,
+    /// What we are doing when declaring it, for errors.
+    pub declaring: &'static str,
+}
+
+/// Every queue of a deployment with the arguments it is declared with: the work queue, the
+/// dead-letter queue, then the delay tiers, finest first.
+pub fn specs(names: &QueueNames) -> Vec<QueueSpec> {
+    let mut out = vec![
+        QueueSpec {
+            name: names.work.clone(),
+            args: FieldTable::default(),
+            declaring: "declaring the work queue",
+        },
+        QueueSpec {
+            name: names.dead.clone(),
+            args: FieldTable::default(),
+            declaring: "declaring the dead-letter queue",
+        },
+    ];
     for tier in DELAY_TIERS_MS {
         let mut args = FieldTable::default();
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier as i64));
@@ -93,10 +104,31 @@ pub async fn declare(channel: &Channel, names: &QueueNames) -> Result<(), Broker
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(names.work.as_str().into()),
         );
+        out.push(QueueSpec {
+            name: names.delay(tier),
+            args,
+            declaring: "declaring a delay queue",
+        });
+    }
+    out
+}
+
+/// The options every queue is declared with.
+pub fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Declares every queue, durable. Idempotent: declaring an existing queue with the same
+/// arguments is a no-op, so `migrate`, workers and producers may all call it.
+pub async fn declare(channel: &Channel, names: &QueueNames) -> Result<(), BrokerError> {
+    for spec in specs(names) {
         channel
-            .queue_declare(names.delay(tier).as_str().into(), durable, args)
+            .queue_declare(spec.name.as_str().into(), durable(), spec.args)
             .await
-            .context("declaring a delay queue")?;
+            .context(spec.declaring)?;
     }
     Ok(())
 }

@@ -301,7 +301,10 @@ fn classify(
     }
     if let Some(e) = cause.downcast_ref::<EnqueueError>() {
         match e {
-            EnqueueError::Invalid(_) | EnqueueError::Conflict(_) | EnqueueError::Refused(_) => {
+            EnqueueError::Invalid(_)
+            | EnqueueError::Conflict(_)
+            | EnqueueError::Refused(_)
+            | EnqueueError::Encode { .. } => {
                 return Some(Report::new(ErrorClass::Input, chain));
             }
             EnqueueError::NotPublished { source, .. } => {

@@ -13,6 +13,7 @@ pub mod list_jobs;
 pub mod outbox;
 pub mod prune;
 pub mod rescue_job;
+pub mod schema;
 pub mod stats;
 pub mod workers;
 
@@ -239,6 +240,14 @@ impl Store {
 /// Safe to run concurrently: a lost creation race is fine, and sqlx serialises migrations with
 /// an advisory lock.
 pub async fn migrate(url: &str) -> Result<(), StoreError> {
+    migrate_reporting(url, |_| {}).await
+}
+
+/// [`migrate`], calling `step` before each migration it applies (for a progress display).
+pub async fn migrate_reporting(
+    url: &str,
+    step: impl FnMut(schema::Step<'_>),
+) -> Result<(), StoreError> {
     let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::BadUrl(e.to_string()))?;
     let database = options.get_database().unwrap_or("postgres").to_string();
     let admin = options.clone().database("postgres");
@@ -275,8 +284,7 @@ pub async fn migrate(url: &str) -> Result<(), StoreError> {
         .connect()
         .await
         .context("connecting to the database")?;
-    MIGRATOR.run(&mut conn).await?;
-    Ok(())
+    schema::apply(&mut conn, step).await
 }
 
 #[cfg(test)]

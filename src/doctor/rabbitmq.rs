@@ -1,0 +1,228 @@
+//! The `rabbitmq` and `queues` checks.
+
+use std::str::FromStr;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+
+use super::{CONNECT_TIMEOUT, Finding, Level};
+use crate::broker::{self, BrokerError, QueueNames, topology};
+use crate::config::{Config, mask_url};
+
+/// The AMQP error code of a failed call, if the broker sent one (404 not found, 406
+/// precondition failed, 403 access refused).
+fn amqp_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(a) => Some(a.get_id()),
+        _ => None,
+    }
+}
+
+/// The broker's own words for a failed call.
+fn amqp_message(e: &lapin::Error) -> String {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(a) => a.get_message().to_string(),
+        _ => e.to_string(),
+    }
+}
+
+pub(super) async fn check_rabbitmq(cfg: &Config) -> Vec<Finding> {
+    let (at, vhost, user) = match lapin::uri::AMQPUri::from_str(&cfg.amqp_url) {
+        Ok(u) => (
+            format!("{}:{}", u.authority.host, u.authority.port),
+            u.vhost,
+            u.authority.userinfo.username,
+        ),
+        Err(e) => {
+            return vec![
+                Finding::bad(
+                    "rabbitmq",
+                    Level::Fail,
+                    format!("AMQP_URL does not parse: {}", mask_url(&e)),
+                    "set AMQP_URL to amqp://USER:PASSWORD@HOST:PORT/VHOST",
+                ),
+                Finding::skip("queues", "no broker"),
+            ];
+        }
+    };
+    let connected = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        broker::connect(&cfg.amqp_url, "apiary doctor"),
+    )
+    .await;
+    let conn = match connected {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            return vec![
+                rabbitmq_problem(&e, &at, &user, &vhost),
+                Finding::skip("queues", "RabbitMQ not reached"),
+            ];
+        }
+        Err(_) => {
+            return vec![
+                Finding::bad(
+                    "rabbitmq",
+                    Level::Fail,
+                    format!(
+                        "RabbitMQ at {at} (AMQP_URL) did not answer within {CONNECT_TIMEOUT:?}"
+                    ),
+                    "check that RabbitMQ runs there and that nothing blocks the port",
+                ),
+                Finding::skip("queues", "RabbitMQ not reached"),
+            ];
+        }
+    };
+    let mut out = vec![Finding::ok(
+        "rabbitmq",
+        format!("RabbitMQ answers at {at}, vhost \"{vhost}\""),
+    )];
+    out.extend(check_queues(&conn, &QueueNames::new(&cfg.queue)).await);
+    let _ = conn.close(200, "doctor done".into()).await;
+    out
+}
+
+fn rabbitmq_problem(e: &BrokerError, at: &str, user: &str, vhost: &str) -> Finding {
+    fn fail(detail: String, fix: impl Into<String>) -> Finding {
+        Finding::bad("rabbitmq", Level::Fail, detail, fix)
+    }
+    let BrokerError::Amqp { source, .. } = e else {
+        return fail(
+            format!("cannot connect to RabbitMQ at {at}: {e}"),
+            "check AMQP_URL and that RabbitMQ runs there",
+        );
+    };
+    match source.kind() {
+        lapin::ErrorKind::IOError(io) => fail(
+            format!("RabbitMQ at {at} (AMQP_URL) does not answer: {io}"),
+            "start RabbitMQ, or point AMQP_URL at the host and port where it runs",
+        ),
+        _ if amqp_code(source) == Some(403) || source.to_string().contains("ACCESS_REFUSED") => {
+            fail(
+                format!("RabbitMQ at {at} refused the login of user \"{user}\""),
+                "check the user, password and vhost in AMQP_URL (`rabbitmqctl list_users`, \
+                 `list_permissions`)",
+            )
+        }
+        // 530 NOT_ALLOWED at connection.open: no such vhost, or no permission on it.
+        _ if amqp_code(source) == Some(530) => fail(
+            format!(
+                "RabbitMQ at {at} does not let user \"{user}\" use vhost \"{vhost}\": {}",
+                amqp_message(source)
+            ),
+            format!(
+                "correct the vhost at the end of AMQP_URL (%2f is \"/\"), or create it and grant \
+                 access: `rabbitmqctl add_vhost {vhost}`, `rabbitmqctl set_permissions -p {vhost} \
+                 {user} \".*\" \".*\" \".*\"`"
+            ),
+        ),
+        _ => fail(
+            format!(
+                "cannot connect to RabbitMQ at {at}: {}",
+                mask_url(&source.to_string())
+            ),
+            "check AMQP_URL and that RabbitMQ runs there",
+        ),
+    }
+}
+
+/// Each queue: there (a passive declare), and with Apiary's arguments (a declare with them,
+/// which the broker refuses on a queue declared otherwise, naming the argument). A queue that
+/// exists with the same arguments is left as it was; doctor creates a queue only if one is
+/// deleted in the instant between its two declares, and then as `apiary migrate` would.
+async fn check_queues(conn: &lapin::Connection, names: &QueueNames) -> Vec<Finding> {
+    let specs = topology::specs(names);
+    let total = specs.len();
+    let mut missing = Vec::new();
+    let mut out = Vec::new();
+    for spec in specs {
+        // A refused declare closes its channel: one channel per queue.
+        let channel = match conn.create_channel().await {
+            Ok(c) => c,
+            Err(e) => {
+                out.push(Finding::bad(
+                    "queues",
+                    Level::Fail,
+                    format!("cannot open a channel: {e}"),
+                    "check the broker's channel_max and its log",
+                ));
+                return out;
+            }
+        };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let exists = channel
+            .queue_declare(spec.name.as_str().into(), passive, FieldTable::default())
+            .await;
+        match exists {
+            Ok(_) => {}
+            Err(e) if amqp_code(&e) == Some(404) => {
+                missing.push(spec.name);
+                continue;
+            }
+            Err(e) => {
+                out.push(Finding::bad(
+                    "queues",
+                    Level::Fail,
+                    format!("cannot look up queue {}: {}", spec.name, amqp_message(&e)),
+                    "check that the AMQP_URL user may configure queues in the vhost",
+                ));
+                continue;
+            }
+        }
+        match channel
+            .queue_declare(spec.name.as_str().into(), topology::durable(), spec.args)
+            .await
+        {
+            Ok(_) => {
+                let _ = channel.close(200, "checked".into()).await;
+            }
+            Err(e) if amqp_code(&e) == Some(406) => out.push(Finding::bad(
+                "queues",
+                Level::Fail,
+                format!(
+                    "queue {} has other arguments than Apiary declares: {}",
+                    spec.name,
+                    amqp_message(&e)
+                ),
+                format!(
+                    "move its messages elsewhere (a shovel), delete it \
+                     (`rabbitmqctl delete_queue {}`), and run `apiary migrate`",
+                    spec.name
+                ),
+            )),
+            Err(e) => out.push(Finding::bad(
+                "queues",
+                Level::Fail,
+                format!("cannot check queue {}: {}", spec.name, amqp_message(&e)),
+                "check that the AMQP_URL user may configure queues in the vhost",
+            )),
+        }
+    }
+    if !missing.is_empty() {
+        out.insert(
+            0,
+            Finding::bad(
+                "queues",
+                Level::Fail,
+                format!(
+                    "{} of {total} queues are not declared: {}",
+                    missing.len(),
+                    missing.join(", ")
+                ),
+                "run `apiary migrate` (with the same APIARY_QUEUE)",
+            ),
+        );
+    }
+    if out.is_empty() {
+        out.push(Finding::ok(
+            "queues",
+            format!(
+                "all {total} queues of \"{}\" exist with the expected arguments",
+                names.work
+            ),
+        ));
+    }
+    out
+}
