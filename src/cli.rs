@@ -370,6 +370,15 @@ async fn migrate(cfg: &Config, progress: &ProgressArgs) -> anyhow::Result<()> {
     .await;
     shown.finish();
     migrated.context("migrating Postgres")?;
+    // The summary comes last, so that a failure on RabbitMQ is the first thing said.
+    let conn = broker::connect(&cfg.amqp_url, "apiary migrate")
+        .await
+        .context("connecting to RabbitMQ")?;
+    let channel = conn.create_channel().await.context("opening a channel")?;
+    broker::topology::declare(&channel, &QueueNames::new(&cfg.queue))
+        .await
+        .context("declaring queues")?;
+    let _ = conn.close(200, "done".into()).await;
     let schema = store::schema::expected_version();
     if applied == 0 {
         eprintln!("no migrations to apply: schema {schema} is current");
@@ -379,14 +388,6 @@ async fn migrate(cfg: &Config, progress: &ProgressArgs) -> anyhow::Result<()> {
             crate::progress::human(began.elapsed())
         );
     }
-    let conn = broker::connect(&cfg.amqp_url, "apiary migrate")
-        .await
-        .context("connecting to RabbitMQ")?;
-    let channel = conn.create_channel().await.context("opening a channel")?;
-    broker::topology::declare(&channel, &QueueNames::new(&cfg.queue))
-        .await
-        .context("declaring queues")?;
-    let _ = conn.close(200, "done".into()).await;
     tracing::info!(queue = %cfg.queue, "database migrated and queues declared");
     Ok(())
 }

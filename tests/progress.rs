@@ -126,15 +126,15 @@ async fn a_migration_held_up_shows_which_one_and_for_how_long() {
         .find(|m| m.version == newest)
         .map(|m| format!("{newest:04}_{}", m.description.replace(' ', "_")))
         .expect("the newest migration");
-    // The database one migration behind, and its job table busy (as a large table under
-    // load would keep the migration waiting): the newest migration alters apiary_jobs.
+    // The database one migration behind, and its tables busy (as a large table under load
+    // would keep the migration waiting). The newest migration must be safe to apply again.
     sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
         .bind(newest)
         .execute(env.store.pool())
         .await
         .expect("forget the newest migration");
     let mut busy = env.store.pool().begin().await.expect("begin");
-    sqlx::query("LOCK TABLE apiary_jobs IN ACCESS EXCLUSIVE MODE")
+    sqlx::query("LOCK TABLE apiary_jobs, apiary_workers IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *busy)
         .await
         .expect("lock the job table");

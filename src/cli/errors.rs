@@ -307,16 +307,18 @@ fn classify(
             | EnqueueError::Encode { .. } => {
                 return Some(Report::new(ErrorClass::Input, chain));
             }
-            EnqueueError::NotPublished { source, .. } => {
+            EnqueueError::NotPublished { source, ids } => {
                 let r = broker(source, chain, targets)?;
-                return Some(Report::new(
-                    r.class,
-                    format!(
-                        "the job is recorded but not yet published (a worker publishes it once \
-                         RabbitMQ answers): {}",
-                        r.message
+                let what = match ids.len() {
+                    1 => "the job is recorded but not yet published (a worker publishes it once \
+                          RabbitMQ answers)"
+                        .to_string(),
+                    n => format!(
+                        "{n} jobs recorded but not yet published (a worker publishes them once \
+                         RabbitMQ answers)"
                     ),
-                ));
+                };
+                return Some(Report::new(r.class, format!("{what}: {}", r.message)));
             }
             EnqueueError::Store(s) => return store(s, chain, targets),
         }
