@@ -23,6 +23,8 @@ use crate::config::Config;
 use crate::job::NewJob;
 
 /// How the work arrives.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -35,6 +37,8 @@ pub enum Mode {
 }
 
 /// `apiary bench` options.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Jobs to run.
@@ -93,6 +97,8 @@ pub struct BenchArgs {
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
 /// What one run measured.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     /// The mode.
@@ -140,6 +146,8 @@ pub struct Report {
 }
 
 /// One sample of a `--duration` run.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {
     /// Seconds since publishing began.
@@ -159,6 +167,8 @@ pub struct Sample {
 }
 
 /// Whether a `--duration` run held steady: its last minute against its first.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Serialize)]
 pub struct Steadiness {
     /// Completions per second over the first minute.
@@ -186,6 +196,8 @@ pub struct Steadiness {
 }
 
 /// p50/p95/p99.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Percentiles {
     /// Median.

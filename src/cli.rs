@@ -34,6 +34,8 @@ pub static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 });
 
 /// Apiary: background jobs on RabbitMQ, deduplicated and recorded in Postgres.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Parser)]
 #[command(name = "apiary", version = VERSION.as_str(), about, long_about = None)]
 pub struct Cli {
@@ -46,6 +48,8 @@ pub struct Cli {
 }
 
 /// The subcommands.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the database if missing, apply migrations and declare the RabbitMQ queues.
@@ -139,6 +143,8 @@ impl Command {
 }
 
 /// `apiary dead ...`.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Subcommand)]
 pub enum DeadAction {
     /// List dead jobs, newest first, one JSON object per line.

@@ -621,6 +621,8 @@ async fn clean_outbox(store: Store, mut rx: mpsc::UnboundedReceiver<Vec<JobId>>)
 }
 
 /// Why a stats snapshot could not be read.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
     /// Postgres failed.
@@ -632,6 +634,8 @@ pub enum StatsError {
 }
 
 /// What `apiary status` prints and `GET /v1/stats` returns.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     /// The work queue.

@@ -27,6 +27,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// The range a duration setting must lie in, and the variable it comes from.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy)]
 pub struct DurationRange {
     /// The environment variable.
@@ -165,6 +167,8 @@ fn show(d: Duration) -> String {
 }
 
 /// The range a count setting must lie in, and the variable it comes from.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy)]
 pub struct CountRange {
     /// The environment variable.
@@ -532,6 +536,8 @@ pub struct Config {
 }
 
 /// Per-kind settings; `None` means the next level down (the handler's, then the global one).
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KindOptions {
     /// Attempts allowed when the job does not say.
@@ -595,6 +601,8 @@ impl KindOptions {
 }
 
 /// `APIARY_KINDS`, parsed: options by kind.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KindSettings(pub std::collections::HashMap<String, KindOptions>);
 
@@ -644,6 +652,8 @@ pub fn parse_kinds(s: &str) -> Result<KindSettings, String> {
 }
 
 /// How logs are written.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     /// One readable line per event.
@@ -654,6 +664,8 @@ pub enum LogFormat {
 
 /// A setting that cannot work: the message names the variable and what it must be, and never
 /// holds a password or a token.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(pub String);

@@ -168,6 +168,8 @@ pub struct Job {
 }
 
 /// [`JobStatus`] as read from a text column; a thin wrapper so `FromRow` can convert it.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct JobStatusText(pub JobStatus);
@@ -314,6 +316,8 @@ impl NewJob {
 pub const MAX_DELAY_MS: u64 = 365 * 24 * 3600 * 1000;
 
 /// A producer's input that cannot become a job; names the field and what is wrong with it.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
 pub struct InvalidJob {

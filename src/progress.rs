@@ -18,6 +18,8 @@ pub const INTERVAL_RANGE: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(3600));
 
 /// How progress is shown, for the commands that show it.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProgressArgs {
     /// When stderr is not a terminal, how often a progress line is printed (100ms to 1h). On a
@@ -51,6 +53,8 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 }
 
 /// Where progress is drawn.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
     /// A bar redrawn in place.
@@ -72,6 +76,8 @@ impl Output {
 
 /// A count of work done (or, without a total, a spinner with the time elapsed). Cheap to
 /// clone: clones count into the same display, so concurrent tasks can each add what they did.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Clone)]
 pub struct Progress {
     inner: Arc<Inner>,

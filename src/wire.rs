@@ -52,6 +52,8 @@ pub fn conflict_id(taken: JobId, body: &[u8]) -> JobId {
 
 /// A job as carried by a message. The payload stays raw JSON: the worker passes it to Postgres
 /// and to the handler without re-encoding it.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Serialize)]
 pub struct WireJob {
     /// The job's id.
@@ -72,6 +74,8 @@ pub struct WireJob {
 }
 
 /// Why a message is not a job. The worker records it, with the raw body, as a dead job.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]
 pub struct Poison {

@@ -26,6 +26,8 @@ use super::ApiError;
 pub const MIN_TOKEN_LEN: usize = 16;
 
 /// What a token allows.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
     /// `POST /v1/jobs`.
@@ -80,6 +82,8 @@ impl FromStr for Scope {
 /// The scopes a request was let through with: attached to it by [`require_scope`], read by
 /// handlers as an extractor. A request that never passed a guard is granted nothing, so a
 /// route wired without one answers as little as it can rather than everything.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Granted(u8);
 
@@ -117,6 +121,8 @@ struct Token {
 /// The configured bearer tokens (`APIARY_API_TOKENS`). Empty means no authentication.
 ///
 /// `Debug` prints how many tokens there are and their scopes, never the tokens themselves.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Clone, Default)]
 pub struct Tokens(Vec<Token>);
 
@@ -141,6 +147,8 @@ impl fmt::Debug for Tokens {
 }
 
 /// Why a request was not let through.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denied {
     /// No `Authorization` header.
@@ -314,6 +322,8 @@ pub fn parse_tokens(s: &str) -> Result<Tokens, String> {
 }
 
 /// What one route's [`require_scope`] layer carries: the tokens and the scope it needs.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Clone)]
 pub struct Guard {
     /// The configured tokens, shared with [`super::AppState`].

@@ -13,6 +13,8 @@ use crate::client::EnqueueError;
 use crate::store::StoreError;
 
 /// An API error.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// Malformed input: unparsable JSON, a malformed id or query.

@@ -7,16 +7,22 @@ use axum::extract::{FromRequest, FromRequestParts};
 use super::ApiError;
 
 /// A JSON body (`Content-Type: application/json`, within the body limit).
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct JsonBody<T>(pub T);
 
 /// The query string, deserialized.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, FromRequestParts)]
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct QueryParams<T>(pub T);
 
 /// The path parameters, deserialized.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct PathParams<T>(pub T);

@@ -23,6 +23,8 @@ pub const MAX_WAIT_SECONDS: f64 = 300.0;
 pub const MAX_LIMIT: i64 = 1000;
 
 /// `?wait=SECONDS`.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Deserialize)]
 pub struct GetParams {
     /// Wait up to this long for the job to finish.
@@ -107,6 +109,8 @@ fn parse_wait(s: &str) -> Result<Duration, ApiError> {
 }
 
 /// `GET /v1/jobs` filters.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Deserialize)]
 pub struct ListParams {
     /// Only this status.
@@ -122,6 +126,8 @@ pub struct ListParams {
 }
 
 /// A page of jobs.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Serialize)]
 pub struct JobPage {
     /// The jobs, newest first. Fewer than `limit` (even none) does not mean the last page:

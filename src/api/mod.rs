@@ -29,6 +29,8 @@ use waiters::Waiters;
 
 /// The API's bounds, each with its default; [`AppState::with_options`] takes them, so tests
 /// can make them small.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy)]
 pub struct ApiOptions {
     /// The most long polls (`?wait=`) waiting at once in this process (defaults to 10,000);
@@ -56,6 +58,8 @@ impl Default for ApiOptions {
 }
 
 /// What every handler shares.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Clone)]
 pub struct AppState {
     /// Enqueues and reads jobs.

@@ -36,6 +36,8 @@ const FIRST_ATTEMPT_WAIT: Duration = Duration::from_secs(5);
 const LOCK_WAIT: Duration = Duration::from_millis(100);
 
 /// The reconnector's backoff between failed attempts.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     /// The first wait (defaults to 100 ms).
@@ -54,6 +56,8 @@ impl Default for Backoff {
 }
 
 /// Readiness state of one API process.
+///
+/// See the crate's [guarantees](crate#guarantees).
 pub struct Readiness {
     /// The last ping: when, and whether it answered. The lock is held across a ping, so
     /// concurrent probes wait for it instead of pinging too.

@@ -15,6 +15,8 @@ use super::auth::{Granted, Scope};
 use crate::job::{Job, JobId, JobStatus};
 
 /// A job as one caller may see it.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum JobView {
@@ -48,6 +50,8 @@ impl JobView {
 /// `dedup_key` stays: the producer chose it to name the job, and a producer told "this key is
 /// taken" needs it to tell which of its jobs that is. Timestamps and counters say where the
 /// job stands and nothing of what it carries.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RedactedJob {
     /// The job's id.

@@ -19,6 +19,8 @@ pub const DEFAULT_MAX_WAITERS: usize = 10_000;
 
 /// Requests waiting for jobs to finish. A request registers before it reads the job, so a
 /// finish between its read and its wait still wakes it.
+///
+/// See the crate's [guarantees](crate#guarantees).
 pub struct Waiters {
     registry: Mutex<Registry>,
     /// At most this many registrations at once.
@@ -37,6 +39,8 @@ struct Registry {
 }
 
 /// A registration; dropping it unregisters.
+///
+/// See the crate's [guarantees](crate#guarantees).
 pub struct Registration<'a> {
     waiters: &'a Waiters,
     id: JobId,

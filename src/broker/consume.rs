@@ -16,6 +16,8 @@ use tokio::sync::mpsc;
 use super::{BrokerError, Context, QueueNames};
 
 /// How a delivery is settled.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settle {
     /// Done with it: remove it from the queue.
@@ -32,6 +34,8 @@ enum Cmd {
 
 /// The handle through which a channel's deliveries are tracked and settled. Cheap to clone.
 /// The consume loop tracks each delivery as it arrives; whoever finishes with it settles it.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Clone)]
 pub struct Acks {
     tx: mpsc::UnboundedSender<Cmd>,

@@ -26,6 +26,8 @@ pub const MAX_SWEEP_IDS: i64 = 10_000;
 
 /// Why a sweep failed. Nothing is lost either way: letters not yet acked go back to the queue
 /// when the channel closes, and ids not yet forgotten stay queued for the next sweep.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
     /// Postgres failed.

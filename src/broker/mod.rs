@@ -12,6 +12,8 @@ pub use publish::Publisher;
 pub use topology::QueueNames;
 
 /// Errors from RabbitMQ, with what we were doing.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     /// An AMQP operation failed.
@@ -35,6 +37,8 @@ pub enum BrokerError {
 }
 
 /// Adds context to a lapin result.
+///
+/// See the crate's [guarantees](crate#guarantees).
 pub trait Context<T> {
     /// Wraps the error with what we were doing.
     fn context(self, what: &'static str) -> Result<T, BrokerError>;

@@ -18,6 +18,8 @@ use crate::wire::{RECORDED_HEADER, WireJob};
 pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One message to publish.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     /// The queue (through the default exchange).
@@ -89,6 +91,8 @@ enum Source {
 
 /// Publishes with confirms on one channel. Cheap to share behind an `Arc`; concurrent callers
 /// pipeline on the same channel.
+///
+/// See the crate's [guarantees](crate#guarantees).
 pub struct Publisher {
     source: Mutex<Source>,
     channel: Mutex<Option<Channel>>,

@@ -18,6 +18,8 @@ use super::{BrokerError, Context};
 pub const DELAY_TIERS_MS: [u64; 7] = [100, 1_000, 5_000, 25_000, 120_000, 600_000, 3_600_000];
 
 /// The broker names of one deployment.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueNames {
     /// The work queue.
@@ -68,6 +70,8 @@ pub fn tier_for(remaining_ms: i64) -> Option<u64> {
 }
 
 /// One queue as Apiary declares it: durable, with these arguments.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone)]
 pub struct QueueSpec {
     /// Its name.
@@ -134,6 +138,8 @@ pub async fn declare(channel: &Channel, names: &QueueNames) -> Result<(), Broker
 }
 
 /// Messages ready in each of a deployment's queues, as the broker counts them.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueDepths {
     /// Ready in the work queue.

@@ -27,6 +27,8 @@ use crate::worker::WorkerError;
 
 /// What kind of failure ended a command; each has its own exit code, listed in `apiary --help`
 /// ([`EXIT_CODES`]) and the README.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
     /// Anything not below (exit 1): a failure with no better class, or `status --check`
@@ -91,6 +93,8 @@ Exit codes:
 
 /// A failure the command itself decides, with its class: a job id that does not exist, a
 /// payload that is not JSON.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct CliError {
@@ -111,6 +115,8 @@ impl CliError {
 }
 
 /// Where a command was pointed: to say which server, from which variable, failed.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone)]
 pub struct Targets {
     /// `DATABASE_URL`.
@@ -158,6 +164,8 @@ impl Targets {
 }
 
 /// A failed command, as it is reported: its class and the one line that says it.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     /// The class, hence the exit code.

@@ -7,6 +7,8 @@ use chrono::{DateTime, Utc};
 use super::{Finding, Level, SKEW_FAIL, SKEW_WARN};
 
 /// This host's clock against Postgres's.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Skew {
     /// Postgres's clock minus this host's, at the midpoint of the round trip.

@@ -8,6 +8,8 @@ use super::{BrokerTimeout, DoctorArgs, Finding, Level};
 use crate::config::Config;
 
 /// Where the broker's consumer timeout was learnt.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimeoutSource {
     /// `APIARY_BROKER_CONSUMER_TIMEOUT`.

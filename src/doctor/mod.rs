@@ -45,6 +45,8 @@ pub const SKEW_FAIL: Duration = Duration::from_secs(60);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `apiary doctor` options.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, clap::Args)]
 pub struct DoctorArgs {
     /// The broker's `consumer_timeout` (`30m`, or `off` when disabled), for a broker whose
@@ -59,6 +61,8 @@ pub struct DoctorArgs {
 }
 
 /// The broker's consumer timeout.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerTimeout {
     /// Deliveries unacknowledged this long close their channel.
@@ -75,6 +79,8 @@ fn parse_broker_timeout(s: &str) -> Result<BrokerTimeout, String> {
 }
 
 /// How a check came out.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     /// Fine.
@@ -100,6 +106,8 @@ impl fmt::Display for Level {
 }
 
 /// One check's outcome.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     /// The check: `postgres`, `schema`, `queues`, ...
@@ -147,6 +155,8 @@ impl Finding {
 }
 
 /// Every check's outcome, in order.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     /// The findings.

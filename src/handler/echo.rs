@@ -5,6 +5,8 @@ use serde_json::value::RawValue;
 use super::{Handler, HandlerError, JobContext};
 
 /// Returns its payload unchanged.
+///
+/// See the crate's [guarantees](crate#guarantees).
 pub struct Echo;
 
 impl Handler for Echo {

@@ -10,6 +10,8 @@ use serde_json::{Value, json};
 use super::{Handler, HandlerError, JobContext};
 
 /// Fails on purpose.
+///
+/// See the crate's [guarantees](crate#guarantees).
 pub struct Fail;
 
 #[derive(Deserialize)]

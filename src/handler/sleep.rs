@@ -7,6 +7,8 @@ use serde_json::{Value, json};
 use super::{Handler, HandlerError, JobContext};
 
 /// Sleeps for the payload's `ms`.
+///
+/// See the crate's [guarantees](crate#guarantees).
 pub struct Sleep;
 
 #[derive(Deserialize)]

@@ -10,6 +10,8 @@ use serde_json::{Value, json};
 use super::{Handler, HandlerError, JobContext};
 
 /// Adds to a counter in the job's transaction.
+///
+/// See the crate's [guarantees](crate#guarantees).
 pub struct Tally;
 
 #[derive(Deserialize)]

@@ -6,6 +6,8 @@ use super::{Context, DONE_CHANNEL, Store, StoreError};
 use crate::job::{JobId, JobStatus};
 
 /// What a cancel request did.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
     /// It had not started: it is `cancelled` now.

@@ -34,6 +34,8 @@ pub(crate) fn same_job(row: &str, msg: &str) -> String {
 }
 
 /// One delivery to claim.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy)]
 pub struct ClaimInput<'a> {
     /// The job the message carries.
@@ -47,6 +49,8 @@ pub struct ClaimInput<'a> {
 }
 
 /// What a claim found for one delivery.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Claim {
     /// This worker now holds the job; run attempt `attempt` of `max_attempts`.
@@ -92,6 +96,8 @@ pub enum Claim {
 }
 
 /// The claims of a batch, in input order, and Postgres's clock when they were made.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone)]
 pub struct Claims {
     /// One per input.

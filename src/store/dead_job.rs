@@ -133,6 +133,8 @@ impl Store {
 }
 
 /// What to do with a message that is not due yet.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Waiting {
     /// Send it on to the next delay tier.
@@ -148,6 +150,8 @@ pub enum Waiting {
 }
 
 /// Which dead jobs to replay.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplaySelector {
     /// One job.
@@ -214,6 +218,8 @@ pub const DEAD_SWEEP_LOCK: i64 = 0x6170_6961_7279_0d5e; // "apiary" + sweep
 
 /// A sweep in progress: holds [`DEAD_SWEEP_LOCK`] in its transaction until
 /// [`DeadSweep::finish`] commits or the value is dropped (which rolls back and releases it).
+///
+/// See the crate's [guarantees](crate#guarantees).
 pub struct DeadSweep {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
     /// The ids queued for sweeping whose job was not `dead` when the sweep began.

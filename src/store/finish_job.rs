@@ -21,6 +21,8 @@ use super::{Context, DONE_CHANNEL, Store, StoreError};
 use crate::job::{JobId, JobStatus};
 
 /// How one attempt ended.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone)]
 pub enum Outcome {
     /// The handler returned this result.
@@ -55,6 +57,8 @@ impl Outcome {
 }
 
 /// One attempt to finish: which job, which attempt, how it ended.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone)]
 pub struct Finish {
     /// The job.
@@ -68,6 +72,8 @@ pub struct Finish {
 }
 
 /// What finishing one attempt wrote.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Finished {
     /// The job.
@@ -188,6 +194,8 @@ pub async fn finish_jobs<'c>(
 }
 
 /// What the heartbeat learned about one attempt this worker runs.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
     /// The job.

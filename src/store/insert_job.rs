@@ -12,6 +12,8 @@ use super::{Context, Store, StoreError};
 use crate::job::JobId;
 
 /// A job ready to record: every default already applied.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone)]
 pub struct JobRow {
     /// Its id.
@@ -29,6 +31,8 @@ pub struct JobRow {
 }
 
 /// What recording one job did.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inserted {
     /// A new job, recorded at this instant; it must now be published.
@@ -41,6 +45,8 @@ pub enum Inserted {
 }
 
 /// What [`Store::insert_jobs`] did with a batch.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InsertOutcome {
     /// The batch was written: one answer per row, in order.

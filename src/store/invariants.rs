@@ -26,6 +26,8 @@ use super::{Context, Store, StoreError};
 use crate::job::JobId;
 
 /// One broken invariant.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Violation {
     /// Which invariant (its number and short name, as in the module docs).
@@ -37,6 +39,8 @@ pub struct Violation {
 }
 
 /// What the caller knows about the broker.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quiet {
     /// Work may be in flight: only Postgres-side checks, and the dead-letter count.

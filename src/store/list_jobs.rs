@@ -44,6 +44,8 @@ const JOB_BYTES: &str = "(400 + octet_length(j.kind) + octet_length(j.payload::t
      + coalesce(octet_length(j.raw_body), 0))::bigint";
 
 /// Filters and bounds for [`Store::list_jobs`]; every filter is optional.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone)]
 pub struct JobFilter {
     /// Only jobs in this status.
@@ -78,6 +80,8 @@ impl Default for JobFilter {
 }
 
 /// One page of [`Store::list_jobs`].
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobPage {
     /// The jobs, newest first.

@@ -31,6 +31,8 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 pub const DONE_CHANNEL: &str = "apiary_jobs_done";
 
 /// Errors from Postgres, with what we were doing.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A query failed.
@@ -161,6 +163,8 @@ impl<T> Context<T> for Result<T, sqlx::Error> {
 }
 
 /// A handle on the job store: a connection pool, cheap to clone.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,

@@ -117,6 +117,8 @@ impl Store {
 }
 
 /// What an outbox row asks to publish.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone)]
 pub enum OutboxItem {
     /// A job, to the work queue (or its delay tier).
@@ -169,6 +171,8 @@ impl OutboxRow {
 }
 
 /// Why a relay pass failed.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError<E> {
     /// Postgres failed.

@@ -28,6 +28,8 @@ pub const PRUNE_BATCH: i64 = 5_000;
 pub const PRUNE_BUDGET: Duration = Duration::from_secs(2);
 
 /// What one [`Store::prune_step`] did.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pruned {
     /// Jobs deleted.

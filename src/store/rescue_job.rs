@@ -15,6 +15,8 @@ use crate::job::JobId;
 /// Which running jobs a rescue pass looks at. Running jobs are not indexed (an index on
 /// status or lease would make every claim and finish a non-HOT update), so the cheap passes
 /// are narrow and the full one runs rarely, on one worker at a time.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy)]
 pub enum RescueScope<'a> {
     /// Detached (long) jobs: their message is gone, so only the rescue brings them back.

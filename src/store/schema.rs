@@ -14,6 +14,8 @@ pub fn expected_version() -> i64 {
 }
 
 /// A migration as a database recorded it in `_sqlx_migrations`.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppliedMigration {
     /// Its number.
@@ -50,6 +52,8 @@ pub async fn read_applied(
 }
 
 /// A database's schema against this binary's migrations.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SchemaState {
     /// Every migration applied, none unknown: the database is at [`expected_version`].
@@ -133,6 +137,8 @@ fn compare_with(
 }
 
 /// One migration about to be applied, for a progress display.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Copy)]
 pub struct Step<'a> {
     /// Its place among the pending ones, from 0.

@@ -8,6 +8,8 @@ use uuid::Uuid;
 use super::{Context, Store, StoreError};
 
 /// One worker's row.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct WorkerRow {
     /// The worker's id (the `worker_id` on the jobs it claims).

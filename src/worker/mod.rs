@@ -42,6 +42,8 @@ use completer::Completion;
 use outage::Outage;
 
 /// Why a worker could not run.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// Postgres failed at start-up (for example, an old schema).
@@ -53,6 +55,8 @@ pub enum WorkerError {
 }
 
 /// What a worker did, reported when it stops.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
     /// Attempts finished (any outcome but handed back).
@@ -484,6 +488,8 @@ impl Worker {
 }
 
 /// Whether a worker is taking work, for `/readyz`.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Clone)]
 pub struct Readiness(Arc<Shared>);
 

@@ -5,6 +5,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 /// Tracks whether one dependency is down, and since when.
+///
+/// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug)]
 pub struct Outage {
     what: &'static str,
