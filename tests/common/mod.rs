@@ -19,6 +19,9 @@ use uuid::Uuid;
 pub const PG_ROOT: &str = "postgres://postgres@127.0.0.1:5432";
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// The connection pool of each worker and client in a test (`APIARY_DB_POOL`).
+pub const TEST_DB_POOL: u32 = 6;
+
 /// One test's private world: a database and a queue name.
 pub struct TestEnv {
     pub name: String,
@@ -39,6 +42,8 @@ impl TestEnv {
         cfg.retry_cap = Duration::from_secs(1);
         cfg.lease = Duration::from_secs(3);
         cfg.outbox_grace = Duration::from_secs(1);
+        // Small pools: test binaries run side by side on a Postgres with 100 connections.
+        cfg.db_pool = TEST_DB_POOL;
         apiary::store::migrate(&cfg.database_url)
             .await
             .expect("migrate");
@@ -50,7 +55,7 @@ impl TestEnv {
             .await
             .expect("declare");
         let _ = conn.close(200, "setup done".into()).await;
-        let store = Store::connect_lazy(&cfg.database_url, 8).expect("pool");
+        let store = Store::connect_lazy(&cfg.database_url, 4).expect("pool");
         TestEnv { name, cfg, store }
     }
 
@@ -92,6 +97,7 @@ impl TestEnv {
             ("APIARY_RETRY_CAP".into(), "1s".into()),
             ("APIARY_LEASE".into(), "3s".into()),
             ("APIARY_OUTBOX_GRACE".into(), "1s".into()),
+            ("APIARY_DB_POOL".into(), TEST_DB_POOL.to_string()),
             ("APIARY_WORKER_HTTP_ADDR".into(), "127.0.0.1:0".into()),
             (
                 "RUST_LOG".into(),
