@@ -173,14 +173,24 @@ async fn a_dead_job_replays_with_a_fresh_budget_and_keeps_its_id_and_history() {
     assert_eq!(job.attempts, 1, "fresh attempt budget");
     assert_eq!(job.result, Some(json!({"v": 1})));
     assert_eq!(job.errors.as_array().map(Vec::len), Some(1), "history kept");
-    // The workers' sweep removes its dead letter, within one sweep interval.
+    // The workers' sweep removes its dead letter, within one sweep interval. Wait on the
+    // sweep's own record, not by peeking: a letter a peek holds is one the sweep cannot see.
     env.wait_until("its dead letter to be swept", T, || async {
-        common::peek_dead_letters(&env.names().dead)
-            .await
-            .is_empty()
-            .then_some(())
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM apiary_dead_sweep WHERE job_id = $1")
+                .bind(id)
+                .fetch_one(env.store.pool())
+                .await
+                .expect("sweep queue");
+        (pending == 0).then_some(())
     })
     .await;
+    assert!(
+        common::peek_dead_letters(&env.names().dead)
+            .await
+            .is_empty(),
+        "the swept letter is gone"
+    );
     // Only dead or failed jobs can be retried.
     let (status, body) = post(&app, &format!("/v1/jobs/{id}/retry")).await;
     assert_eq!(status, 409, "{body}");
