@@ -105,6 +105,12 @@ pub struct TypedJob<A> {
     pub run_at: Option<DateTime<Utc>>,
     /// Run no earlier than this long from now (an alternative to `run_at`).
     pub delay: Option<Duration>,
+    /// The queue; the kind's queue, else `default`, when absent.
+    pub queue: Option<String>,
+    /// 0 to 9, higher first; the kind's priority, else 0, when absent.
+    pub priority: Option<u8>,
+    /// Jobs sharing it run at most the kind's `max_per_key` at a time.
+    pub concurrency_key: Option<String>,
 }
 
 impl<A: JobArgs> TypedJob<A> {
@@ -119,6 +125,9 @@ impl<A: JobArgs> TypedJob<A> {
             max_attempts: None,
             run_at: None,
             delay: None,
+            queue: None,
+            priority: None,
+            concurrency_key: None,
         }
     }
 
@@ -149,6 +158,24 @@ impl<A: JobArgs> TypedJob<A> {
     /// Schedules the job `delay` from now.
     pub fn with_delay(mut self, delay: Duration) -> Self {
         self.delay = Some(delay);
+        self
+    }
+
+    /// Sends the job to `queue` instead of its kind's queue.
+    pub fn with_queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// Sets the priority, 0 to 9 (higher first).
+    pub fn with_priority(mut self, priority: u8) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+
+    /// Sets the concurrency key.
+    pub fn with_concurrency_key(mut self, key: impl Into<String>) -> Self {
+        self.concurrency_key = Some(key.into());
         self
     }
 }
@@ -195,6 +222,9 @@ impl<A: JobArgs> IntoNewJob for TypedJob<A> {
             delay_ms: self
                 .delay
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            queue: self.queue,
+            priority: self.priority,
+            concurrency_key: self.concurrency_key,
         })
     }
 }

@@ -87,6 +87,15 @@ pub enum Command {
         /// Run no earlier than this many milliseconds from now.
         #[arg(long)]
         delay_ms: Option<u64>,
+        /// The queue (`[a-z0-9_.-]{1,64}`); the kind's queue, else `default`.
+        #[arg(long = "queue", value_name = "QUEUE")]
+        job_queue: Option<String>,
+        /// 0 to 9, higher first; the kind's priority, else 0.
+        #[arg(long)]
+        priority: Option<u8>,
+        /// Jobs sharing this key run at most the kind's `max_per_key` at a time.
+        #[arg(long)]
+        concurrency_key: Option<String>,
     },
     /// Show queue depths, live workers, and jobs by status in the last hour.
     Status {
@@ -299,6 +308,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             max_attempts,
             run_at,
             delay_ms,
+            job_queue,
+            priority,
+            concurrency_key,
         } => {
             let payload: Value = serde_json::from_str(&payload).map_err(|e| {
                 CliError::new(
@@ -316,6 +328,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_attempts,
                 run_at,
                 delay_ms,
+                queue: job_queue,
+                priority,
+                concurrency_key,
             };
             let enqueued = match client.enqueue(job).await {
                 Ok(e) => e,
@@ -381,9 +396,11 @@ async fn migrate(cfg: &Config, progress: &ProgressArgs) -> anyhow::Result<()> {
         .await
         .context("connecting to RabbitMQ")?;
     let channel = conn.create_channel().await.context("opening a channel")?;
-    broker::topology::declare(&channel, &QueueNames::new(&cfg.queue))
-        .await
-        .context("declaring queues")?;
+    for queue in cfg.configured_queues() {
+        broker::topology::declare(&conn, &channel, &QueueNames::for_queue(&cfg.queue, &queue))
+            .await
+            .context("declaring queues")?;
+    }
     let _ = conn.close(200, "done".into()).await;
     let schema = store::schema::expected_version();
     if applied == 0 {

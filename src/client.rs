@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 pub use crate::args::IntoNewJob;
-use crate::broker::{BrokerError, Publisher, QueueNames};
+use crate::broker::{BrokerError, Publisher};
 use crate::config::Config;
 use crate::job::{InvalidJob, Job, JobId, JobStatus, JobStatusText, NewJob};
 use crate::store::insert_job::{InsertOutcome, Inserted, JobRow};
@@ -92,6 +92,8 @@ struct Inner {
     confirmed: mpsc::UnboundedSender<Vec<JobId>>,
     max_attempts: i32,
     kinds: crate::config::KindSettings,
+    /// Options of handlers this process registered, below `APIARY_KINDS`.
+    registered: std::collections::HashMap<String, crate::config::KindOptions>,
     max_payload_bytes: usize,
     lease: Duration,
 }
@@ -108,11 +110,7 @@ impl Client {
     pub fn new(cfg: &Config) -> Result<Client, StoreError> {
         let store = Store::connect_lazy(&cfg.database_url, cfg.db_pool)?;
         let name = format!("apiary client pid {}", std::process::id());
-        let publisher = Arc::new(Publisher::new(
-            &cfg.amqp_url,
-            &name,
-            QueueNames::new(&cfg.queue),
-        ));
+        let publisher = Arc::new(Publisher::new(&cfg.amqp_url, &name, &cfg.queue));
         Ok(Client::from_parts(store, publisher, cfg))
     }
 
@@ -126,6 +124,7 @@ impl Client {
             confirmed,
             max_attempts: cfg.max_attempts,
             kinds: cfg.kinds.clone(),
+            registered: std::collections::HashMap::new(),
             lease: cfg.lease,
             max_payload_bytes: cfg.max_payload_bytes,
         });
@@ -253,7 +252,11 @@ impl Client {
     /// broker side need [`Client::check_quiescent`].
     pub async fn check(&self) -> Result<Vec<crate::store::invariants::Violation>, StatsError> {
         let channel = self.inner.publisher.open_channel().await?;
-        let depths = crate::broker::topology::depths(&channel, self.inner.publisher.names()).await;
+        let depths = crate::broker::topology::depths(
+            &channel,
+            &self.inner.publisher.names(crate::job::DEFAULT_QUEUE),
+        )
+        .await;
         let _ = channel.close(200, "check done".into()).await;
         let depths = depths?;
         let quiet = crate::store::invariants::Quiet::Live {
@@ -269,7 +272,11 @@ impl Client {
         &self,
     ) -> Result<Vec<crate::store::invariants::Violation>, StatsError> {
         let channel = self.inner.publisher.open_channel().await?;
-        let depths = crate::broker::topology::depths(&channel, self.inner.publisher.names()).await;
+        let depths = crate::broker::topology::depths(
+            &channel,
+            &self.inner.publisher.names(crate::job::DEFAULT_QUEUE),
+        )
+        .await;
         let _ = channel.close(200, "check done".into()).await;
         let depths = depths?;
         let quiet = crate::store::invariants::Quiet::Quiescent {
@@ -284,14 +291,23 @@ impl Client {
     pub async fn stats(&self) -> Result<Stats, StatsError> {
         let lease = self.inner.lease;
         let channel = self.inner.publisher.open_channel().await?;
-        let depths = crate::broker::topology::depths(&channel, self.inner.publisher.names()).await;
+        let depths = crate::broker::topology::depths(
+            &channel,
+            &self.inner.publisher.names(crate::job::DEFAULT_QUEUE),
+        )
+        .await;
         let _ = channel.close(200, "stats read".into()).await;
         let depths = depths?;
         let workers = self.inner.store.live_workers(lease * 3).await?;
         let in_flight = workers.iter().map(|w| i64::from(w.in_flight)).sum();
         let throughput = workers.iter().map(|w| w.rate).sum();
         Ok(Stats {
-            queue: self.inner.publisher.names().work.clone(),
+            queue: self
+                .inner
+                .publisher
+                .names(crate::job::DEFAULT_QUEUE)
+                .work
+                .clone(),
             depths,
             in_flight,
             throughput_per_second: throughput,
@@ -348,6 +364,12 @@ impl Client {
 }
 
 impl Inner {
+    /// The options for `kind`: `APIARY_KINDS`, then the handler's registration.
+    fn kind_options(&self, kind: &str) -> crate::config::KindOptions {
+        let registered = self.registered.get(kind).cloned().unwrap_or_default();
+        self.kinds.get(kind).or(registered)
+    }
+
     /// Validates and shapes jobs into rows, every default applied. Nothing is written.
     fn rows(&self, jobs: &[NewJob]) -> Result<Vec<JobRow>, EnqueueError> {
         let now = Utc::now();
@@ -356,6 +378,7 @@ impl Inner {
             job.validate(self.max_payload_bytes)?;
             let payload = serde_json::value::to_raw_value(&job.payload)
                 .map_err(|e| InvalidJob::new("payload", e.to_string()))?;
+            let options = self.kind_options(&job.kind);
             rows.push(JobRow {
                 id: job.id.unwrap_or_else(Uuid::now_v7),
                 kind: job.kind.clone(),
@@ -363,9 +386,17 @@ impl Inner {
                 dedup_key: job.dedup_key.clone(),
                 max_attempts: job
                     .max_attempts
-                    .or(self.kinds.get(&job.kind).max_attempts)
+                    .or(options.max_attempts)
                     .unwrap_or(self.max_attempts),
                 run_at: job.due_at(now),
+                queue: job
+                    .queue
+                    .clone()
+                    .or(options.queue)
+                    .unwrap_or_else(|| crate::job::DEFAULT_QUEUE.to_string()),
+                prefix: self.publisher.prefix().to_string(),
+                priority: job.priority.or(options.priority).unwrap_or(0),
+                concurrency_key: job.concurrency_key.clone(),
             });
         }
         Ok(rows)
@@ -578,6 +609,10 @@ fn wire_of(row: &JobRow) -> WireJob {
         dedup_key: row.dedup_key.clone(),
         max_attempts: Some(row.max_attempts),
         run_at: row.run_at,
+        queue: Some(row.queue.clone()),
+        priority: Some(row.priority),
+        concurrency_key: row.concurrency_key.clone(),
+        prefix: Some(row.prefix.clone()),
     }
 }
 
@@ -601,6 +636,9 @@ fn new_record(job: NewJob, row: JobRow, created_at: chrono::DateTime<Utc>) -> Jo
         created_at,
         started_at: None,
         finished_at: None,
+        queue: row.queue,
+        priority: i16::from(row.priority),
+        concurrency_key: row.concurrency_key,
     }
 }
 

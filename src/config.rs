@@ -382,6 +382,10 @@ fn check_url(
     })
 }
 
+/// The longest deployment prefix (`APIARY_QUEUE`): with `:<queue>:delay:<ms>` after it, a
+/// broker name stays within RabbitMQ's 255 bytes.
+pub const MAX_PREFIX_BYTES: usize = 170;
+
 /// Apiary's settings. Each field names its environment variable and default. The leases,
 /// retries and drain they tune serve the crate's [guarantees](crate#guarantees).
 ///
@@ -408,10 +412,11 @@ pub struct Config {
     )]
     pub amqp_url: String,
 
-    /// The work queue. Every other broker name derives from it (`<queue>.dead`,
-    /// `<queue>.delay.<tier>`), so deployments sharing a broker stay apart.
+    /// The deployment's prefix, and the broker name of its `default` queue. Every other
+    /// broker name derives from it (`<prefix>.dead`, `<prefix>.delay.<tier>`, `<prefix>:<queue>`
+    /// for a named queue), so deployments sharing a broker stay apart.
     #[arg(
-        long,
+        long = "prefix",
         env = "APIARY_QUEUE",
         default_value = "apiary.jobs",
         global = true
@@ -450,7 +455,13 @@ pub struct Config {
     )]
     pub worker_http_addr: SocketAddr,
 
-    /// Jobs one worker process runs at once (1 to 10000).
+    /// The queues `apiary worker` consumes, each with how many of its jobs run at once:
+    /// `default:64,emails:16,reports:2`. A slow queue never takes the slots of a fast one.
+    /// Empty: the `default` queue, with `APIARY_CONCURRENCY`.
+    #[arg(long, env = "APIARY_QUEUES", default_value = "", value_parser = parse_queues, global = true)]
+    pub queues: QueueSettings,
+
+    /// Jobs one worker process runs at once, when `APIARY_QUEUES` is not set (1 to 10000).
     #[arg(long, env = "APIARY_CONCURRENCY", default_value_t = 256, value_parser = |s: &str| CONCURRENCY.parse::<usize>(s), global = true)]
     pub concurrency: usize,
 
@@ -535,11 +546,39 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// `APIARY_QUEUES`, parsed: the queues a worker consumes, in order, with their concurrency.
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueSettings(pub Vec<(String, usize)>);
+
+/// Parses `queue:concurrency,...`. Errors start with `APIARY_QUEUES:` and name the queue.
+pub fn parse_queues(s: &str) -> Result<QueueSettings, String> {
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, n) = part.split_once(':').ok_or_else(|| {
+            format!("APIARY_QUEUES: {part:?}: expected queue:concurrency, such as emails:16")
+        })?;
+        let name = name.trim();
+        crate::job::validate_queue(name).map_err(|e| format!("APIARY_QUEUES: {name:?}: {e}"))?;
+        let n = CONCURRENCY.parse_as(&format!("APIARY_QUEUES: {name} concurrency"), n.trim())?;
+        if out.iter().any(|(q, _)| q == name) {
+            return Err(format!("APIARY_QUEUES: {name} is listed twice"));
+        }
+        out.push((name.to_string(), n));
+    }
+    Ok(QueueSettings(out))
+}
+
 /// Per-kind settings; `None` means the next level down (the handler's, then the global one).
 ///
 /// See the crate's [guarantees](crate#guarantees).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KindOptions {
+    /// The queue the kind's jobs go to when the producer does not name one.
+    pub queue: Option<String>,
+    /// The priority of the kind's jobs when the producer does not give one (0 to 9).
+    pub priority: Option<u8>,
     /// Attempts allowed when the job does not say.
     pub max_attempts: Option<i32>,
     /// Longest one attempt may run.
@@ -556,6 +595,8 @@ impl KindOptions {
     /// These options, with unset fields taken from `below`.
     pub fn or(self, below: KindOptions) -> KindOptions {
         KindOptions {
+            queue: self.queue.or(below.queue),
+            priority: self.priority.or(below.priority),
             max_attempts: self.max_attempts.or(below.max_attempts),
             timeout: self.timeout.or(below.timeout),
             retry_base: self.retry_base.or(below.retry_base),
@@ -609,7 +650,7 @@ pub struct KindSettings(pub std::collections::HashMap<String, KindOptions>);
 impl KindSettings {
     /// The options set for `kind` (all `None` if none).
     pub fn get(&self, kind: &str) -> KindOptions {
-        self.0.get(kind).copied().unwrap_or_default()
+        self.0.get(kind).cloned().unwrap_or_default()
     }
 }
 
@@ -631,6 +672,19 @@ pub fn parse_kinds(s: &str) -> Result<KindSettings, String> {
                 .ok_or_else(|| format!("APIARY_KINDS: {kind}: {kv:?}: expected key=value"))?;
             let v = v.trim();
             match k.trim() {
+                "queue" => {
+                    crate::job::validate_queue(v)
+                        .map_err(|e| format!("APIARY_KINDS: {kind} queue: {}", e.reason))?;
+                    o.queue = Some(v.to_string());
+                }
+                "priority" => {
+                    let p: i64 = v.parse().map_err(|_| {
+                        format!("APIARY_KINDS: {kind} priority is {v:?}; it must be 0 to 9")
+                    })?;
+                    crate::job::validate_priority(p)
+                        .map_err(|e| format!("APIARY_KINDS: {kind} priority: {}", e.reason))?;
+                    o.priority = u8::try_from(p).ok();
+                }
                 "max_attempts" => {
                     o.max_attempts = Some(MAX_ATTEMPTS.parse_as(&named("max_attempts"), v)?)
                 }
@@ -640,7 +694,7 @@ pub fn parse_kinds(s: &str) -> Result<KindSettings, String> {
                 "retention" => o.retention = Some(RETENTION.parse_as(&named("retention"), v)?),
                 other => {
                     return Err(format!(
-                        "APIARY_KINDS: {kind}: unknown setting {other:?} (expected max_attempts, timeout, retry_base, retry_cap or retention)"
+                        "APIARY_KINDS: {kind}: unknown setting {other:?} (expected queue, priority, max_attempts, timeout, retry_base, retry_cap or retention)"
                     ));
                 }
             }
@@ -743,10 +797,18 @@ impl Config {
         check_url("AMQP_URL", &self.amqp_url, &["amqp", "amqps"], |u| {
             lapin::uri::AMQPUri::from_str(u).map(drop)
         })?;
-        if self.queue.is_empty() || self.queue.len() > 200 {
+        if self.queue.is_empty() || self.queue.len() > MAX_PREFIX_BYTES {
             return Err(ConfigError(format!(
-                "APIARY_QUEUE is {} bytes long; it must be 1 to 200",
+                "APIARY_QUEUE is {} bytes long; it must be 1 to {MAX_PREFIX_BYTES}",
                 self.queue.len()
+            )));
+        }
+        if self.queue.contains(':') {
+            // Named queues' broker names are `<prefix>:<queue>`: a colon in the prefix could
+            // make two deployments' names meet.
+            return Err(ConfigError(format!(
+                "APIARY_QUEUE is {:?}; it must not contain ':'",
+                self.queue
             )));
         }
         if self.queue.starts_with("amq.") {
@@ -791,6 +853,33 @@ impl Config {
             options.validate(kind)?;
         }
         Ok(self)
+    }
+
+    /// The queues a worker consumes with their concurrency: `APIARY_QUEUES`, or the
+    /// `default` queue with `APIARY_CONCURRENCY`.
+    pub fn worker_queues(&self) -> Vec<(String, usize)> {
+        if self.queues.0.is_empty() {
+            vec![(crate::job::DEFAULT_QUEUE.to_string(), self.concurrency)]
+        } else {
+            self.queues.0.clone()
+        }
+    }
+
+    /// Every queue the configuration names, `default` first: the ones `apiary migrate`
+    /// declares (`APIARY_QUEUES`, and the queues of `APIARY_KINDS`).
+    pub fn configured_queues(&self) -> Vec<String> {
+        let mut out = vec![crate::job::DEFAULT_QUEUE.to_string()];
+        let mut more: Vec<String> = self
+            .queues
+            .0
+            .iter()
+            .map(|(q, _)| q.clone())
+            .chain(self.kinds.0.values().filter_map(|o| o.queue.clone()))
+            .collect();
+        more.sort();
+        more.dedup();
+        out.extend(more.into_iter().filter(|q| q != crate::job::DEFAULT_QUEUE));
+        out
     }
 
     /// The prefetch actually used.
@@ -847,7 +936,7 @@ mod tests {
 
     fn defaults() -> Config {
         use clap::Parser;
-        EnvOnly::try_parse_from(["apiary", "--queue", "q"])
+        EnvOnly::try_parse_from(["apiary", "--prefix", "q"])
             .expect("parses")
             .config
     }

@@ -165,6 +165,12 @@ pub struct Job {
     pub started_at: Option<DateTime<Utc>>,
     /// When the job reached a final status.
     pub finished_at: Option<DateTime<Utc>>,
+    /// The queue it belongs to.
+    pub queue: String,
+    /// 0 to 9, higher first.
+    pub priority: i16,
+    /// Its concurrency key, if any.
+    pub concurrency_key: Option<String>,
 }
 
 /// [`JobStatus`] as read from a text column; a thin wrapper so `FromRow` can convert it.
@@ -223,6 +229,17 @@ pub struct NewJob {
     /// Run no earlier than this many milliseconds from now (an alternative to `run_at`).
     #[serde(default)]
     pub delay_ms: Option<u64>,
+    /// The queue, `[a-z0-9_.-]{1,64}`; the kind's queue (`APIARY_KINDS`, its handler's
+    /// options), else `default`, when absent.
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// 0 to 9, higher first; the kind's priority, else 0, when absent.
+    #[serde(default)]
+    pub priority: Option<u8>,
+    /// Jobs with the same key run at most the kind's `max_per_key` at a time across every
+    /// worker.
+    #[serde(default)]
+    pub concurrency_key: Option<String>,
 }
 
 impl NewJob {
@@ -236,6 +253,9 @@ impl NewJob {
             max_attempts: None,
             run_at: None,
             delay_ms: None,
+            queue: None,
+            priority: None,
+            concurrency_key: None,
         }
     }
 
@@ -263,6 +283,24 @@ impl NewJob {
         self
     }
 
+    /// Sends the job to `queue` instead of its kind's queue.
+    pub fn with_queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// Sets the priority, 0 to 9 (higher first).
+    pub fn with_priority(mut self, priority: u8) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+
+    /// Sets the concurrency key: jobs sharing it run at most `max_per_key` at a time.
+    pub fn with_concurrency_key(mut self, key: impl Into<String>) -> Self {
+        self.concurrency_key = Some(key.into());
+        self
+    }
+
     /// Checks the fields a producer controls; the error names the field.
     pub fn validate(&self, max_payload_bytes: usize) -> Result<(), InvalidJob> {
         validate_kind(&self.kind)?;
@@ -271,6 +309,15 @@ impl NewJob {
         }
         if let Some(n) = self.max_attempts {
             validate_max_attempts(n)?;
+        }
+        if let Some(q) = &self.queue {
+            validate_queue(q)?;
+        }
+        if let Some(p) = self.priority {
+            validate_priority(i64::from(p))?;
+        }
+        if let Some(key) = &self.concurrency_key {
+            validate_concurrency_key(key)?;
         }
         if self.run_at.is_some() && self.delay_ms.is_some() {
             return Err(InvalidJob::new(
@@ -339,25 +386,57 @@ impl InvalidJob {
 
 /// Checks a kind: `[a-z0-9_.-]{1,64}`.
 pub fn validate_kind(kind: &str) -> Result<(), InvalidJob> {
-    if kind.is_empty() {
-        return Err(InvalidJob::new("kind", "must not be empty"));
+    validate_name("kind", kind)
+}
+
+fn validate_name(field: &'static str, name: &str) -> Result<(), InvalidJob> {
+    if name.is_empty() {
+        return Err(InvalidJob::new(field, "must not be empty"));
     }
-    if kind.len() > MAX_KIND_LEN {
+    if name.len() > MAX_KIND_LEN {
         return Err(InvalidJob::new(
-            "kind",
-            format!("is {} bytes; at most {MAX_KIND_LEN} allowed", kind.len()),
+            field,
+            format!("is {} bytes; at most {MAX_KIND_LEN} allowed", name.len()),
         ));
     }
-    if let Some(c) = kind
+    if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-')))
     {
         return Err(InvalidJob::new(
-            "kind",
+            field,
             format!("has {c:?}; only a-z, 0-9, '_', '.' and '-' are allowed"),
         ));
     }
     Ok(())
+}
+
+/// The queue a job goes to when neither its producer nor its kind names one.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// The highest priority; 0 is the lowest and the default.
+pub const MAX_PRIORITY: u8 = 9;
+
+/// Checks a queue name: `[a-z0-9_.-]{1,64}`, the same rule as a kind.
+pub fn validate_queue(queue: &str) -> Result<(), InvalidJob> {
+    validate_name("queue", queue)
+}
+
+/// Checks a priority: 0 to 9.
+pub fn validate_priority(p: i64) -> Result<(), InvalidJob> {
+    if !(0..=i64::from(MAX_PRIORITY)).contains(&p) {
+        return Err(InvalidJob::new(
+            "priority",
+            format!("is {p}; must be between 0 and {MAX_PRIORITY}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a concurrency key: the same rule as a dedup key (non-empty, at most 256 bytes, no
+/// NUL).
+pub fn validate_concurrency_key(key: &str) -> Result<(), InvalidJob> {
+    validate_dedup_key(key).map_err(|e| InvalidJob::new("concurrency_key", e.reason))
 }
 
 /// Checks a dedup key: non-empty, at most 256 bytes, no NUL (Postgres text cannot hold it).

@@ -71,6 +71,22 @@ pub struct WireJob {
     /// Not before this instant: a scheduled job or a retry waiting out its backoff.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run_at: Option<DateTime<Utc>>,
+    /// The queue the job belongs to; when absent, the queue the message was delivered on. A
+    /// message that names another queue than the one it arrived on is refused (dead-lettered
+    /// with the reason), never run in the wrong line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// 0 to 9, higher first. RabbitMQ orders by the message's AMQP `priority` property; this
+    /// field is what Apiary records and sets on every message it publishes for the job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    /// Jobs sharing it run at most the kind's `max_per_key` at a time across every worker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
+    /// The deployment (`APIARY_QUEUE`) the job was recorded in, for routing its messages;
+    /// never on the wire. `None`: the deployment of whoever publishes it.
+    #[serde(skip)]
+    pub prefix: Option<String>,
 }
 
 /// Why a message is not a job. The worker records it, with the raw body, as a dead job.
@@ -103,6 +119,12 @@ struct Fields<'a> {
     max_attempts: Option<&'a RawValue>,
     #[serde(borrow, default)]
     run_at: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    queue: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    priority: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    concurrency_key: Option<&'a RawValue>,
 }
 
 impl WireJob {
@@ -217,6 +239,43 @@ impl WireJob {
         if let Some(at) = run_at {
             job::validate_run_at(at, Utc::now()).map_err(|e| with_kind(e.to_string()))?;
         }
+        let queue: Option<String> = match fields.queue {
+            None => None,
+            Some(raw) if raw.get() == "null" => None,
+            Some(raw) => Some(serde_json::from_str(raw.get()).map_err(|_| {
+                with_kind(format!("queue: expected a string, got {}", clip(raw.get())))
+            })?),
+        };
+        if let Some(q) = &queue {
+            job::validate_queue(q).map_err(|e| with_kind(e.to_string()))?;
+        }
+        let priority: Option<u8> = match fields.priority {
+            None => None,
+            Some(raw) if raw.get() == "null" => None,
+            Some(raw) => {
+                let n: i64 = serde_json::from_str(raw.get()).map_err(|_| {
+                    with_kind(format!(
+                        "priority: expected an integer from 0 to 9, got {}",
+                        clip(raw.get())
+                    ))
+                })?;
+                job::validate_priority(n).map_err(|e| with_kind(e.to_string()))?;
+                u8::try_from(n).ok()
+            }
+        };
+        let concurrency_key: Option<String> = match fields.concurrency_key {
+            None => None,
+            Some(raw) if raw.get() == "null" => None,
+            Some(raw) => Some(serde_json::from_str(raw.get()).map_err(|_| {
+                with_kind(format!(
+                    "concurrency_key: expected a string, got {}",
+                    clip(raw.get())
+                ))
+            })?),
+        };
+        if let Some(key) = &concurrency_key {
+            job::validate_concurrency_key(key).map_err(|e| with_kind(e.to_string()))?;
+        }
         let payload = match fields.payload {
             Some(raw) => raw.to_owned(),
             None => RawValue::from_string("null".into()).map_err(|e| with_kind(e.to_string()))?,
@@ -236,7 +295,16 @@ impl WireJob {
             dedup_key,
             max_attempts,
             run_at,
+            queue,
+            priority,
+            concurrency_key,
+            prefix: None,
         })
+    }
+
+    /// The queue this job belongs to: its own, or `default`.
+    pub fn queue_name(&self) -> &str {
+        self.queue.as_deref().unwrap_or(job::DEFAULT_QUEUE)
     }
 }
 

@@ -25,16 +25,19 @@ async fn dead_job(env: &TestEnv, id: Uuid) {
 
 /// Publishes one letter per id, in order, as a worker does; `None` is a letter without a job id.
 async fn letters(env: &TestEnv, ids: &[Option<Uuid>]) {
-    let publisher = Publisher::new(AMQP, "dead sweep test", env.names());
+    let publisher = Publisher::new(AMQP, "dead sweep test", &env.cfg.queue);
+    let names = std::sync::Arc::new(env.names());
     let out: Vec<Outgoing> = ids
         .iter()
         .map(|id| match id {
-            Some(id) => Outgoing::dead(&env.names(), *id, b"{}".to_vec(), "boom"),
+            Some(id) => Outgoing::dead(names.clone(), *id, b"{}".to_vec(), "boom"),
             None => Outgoing {
                 queue: env.names().dead,
                 body: b"not a job".to_vec(),
                 id: Uuid::nil(),
                 headers: None,
+                priority: 0,
+                names: names.clone(),
             },
         })
         .collect();

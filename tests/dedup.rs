@@ -184,6 +184,10 @@ async fn a_redelivery_after_commit_does_not_run_the_handler_again() {
         dedup_key: None,
         max_attempts: Some(job.max_attempts),
         run_at: None,
+        queue: None,
+        priority: None,
+        concurrency_key: None,
+        prefix: None,
     };
     let claims = env
         .store
@@ -192,6 +196,7 @@ async fn a_redelivery_after_commit_does_not_run_the_handler_again() {
                 job: &wire,
                 budget: 5,
                 recorded: true,
+                prefix: &env.cfg.queue,
             }],
             dead_worker,
             Duration::from_secs(30),

@@ -575,6 +575,7 @@ async fn finishing_a_detached_job_with_a_retry_queues_its_message_in_the_outbox(
                 job: &wire,
                 budget: 3,
                 recorded: false,
+                prefix: &env.cfg.queue,
             }],
             worker,
             Duration::from_secs(30),

@@ -28,6 +28,10 @@ fn wire(id: Uuid, kind: &str, payload: &str) -> WireJob {
         dedup_key: None,
         max_attempts: None,
         run_at: None,
+        queue: None,
+        priority: None,
+        concurrency_key: None,
+        prefix: None,
     }
 }
 
@@ -36,6 +40,8 @@ fn input(job: &WireJob) -> ClaimInput<'_> {
         job,
         budget: 3,
         recorded: true,
+        // Recorded jobs route by their own row; this names only raw ones.
+        prefix: "apiary.holes",
     }
 }
 
@@ -343,6 +349,7 @@ async fn a_pruned_jobs_late_message_is_never_recorded_again() {
             job: &raw_later,
             budget: 7,
             recorded: false,
+            prefix: &env.cfg.queue,
         }])
         .await
         .expect("check");
@@ -542,6 +549,7 @@ async fn payloads_and_results_keep_nul_and_their_exact_text() {
         job: &job,
         budget: 3,
         recorded: false,
+        prefix: &env.cfg.queue,
     };
     let c = env
         .store
@@ -578,6 +586,7 @@ async fn payloads_and_results_keep_nul_and_their_exact_text() {
         job: &failing,
         budget: 3,
         recorded: false,
+        prefix: &env.cfg.queue,
     };
     env.store
         .claim_jobs(&[raw], worker, LEASE)

@@ -294,6 +294,10 @@ impl Model {
             dedup_key: keyed.then(|| format!("key-{id}")),
             max_attempts: Some(budget),
             run_at: None,
+            queue: None,
+            priority: None,
+            concurrency_key: None,
+            prefix: None,
         };
         let impostor = WireJob {
             kind: "impostor".into(),
@@ -628,6 +632,10 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
                 dedup_key: m.wire.dedup_key.clone(),
                 max_attempts: m.budget,
                 run_at: None,
+                queue: "default".into(),
+                prefix: env.cfg.queue.clone(),
+                priority: 0,
+                concurrency_key: None,
             };
             let got = store.insert_jobs(&[row], false).await.map_err(fail)?;
             let answer = format!("{got:?}");
@@ -656,6 +664,7 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
                 job: msg,
                 budget: m.budget,
                 recorded: true,
+                prefix: &env.cfg.queue,
             };
             let inputs = if twice { vec![input; 2] } else { vec![input] };
             let got = store
@@ -1094,6 +1103,7 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
                     job: msg,
                     budget: m.budget,
                     recorded: true,
+                    prefix: &env.cfg.queue,
                 }])
                 .await
                 .map_err(fail)?;
@@ -1486,6 +1496,7 @@ fn wire_of(m: &Model) -> ClaimInput<'_> {
         job: &m.wire,
         budget: m.budget,
         recorded: true,
+        prefix: "apiary.state",
     }
 }
 
@@ -1499,6 +1510,10 @@ async fn recorded_job(env: &TestEnv, budget: i32) -> Model {
         dedup_key: None,
         max_attempts: budget,
         run_at: None,
+        queue: "default".into(),
+        prefix: env.cfg.queue.clone(),
+        priority: 0,
+        concurrency_key: None,
     };
     env.store.insert_jobs(&[row], false).await.expect("insert");
     m

@@ -78,6 +78,10 @@ pub struct RedactedJob {
     pub started_at: Option<DateTime<Utc>>,
     /// When the job reached a final status.
     pub finished_at: Option<DateTime<Utc>>,
+    /// The queue it belongs to.
+    pub queue: String,
+    /// 0 to 9, higher first.
+    pub priority: i16,
     /// Always true: the contents were left out because the token lacks `read`.
     pub redacted: bool,
 }
@@ -97,6 +101,8 @@ impl From<Job> for RedactedJob {
             created_at: job.created_at,
             started_at: job.started_at,
             finished_at: job.finished_at,
+            queue: job.queue,
+            priority: job.priority,
             redacted: true,
         }
     }
@@ -127,6 +133,9 @@ mod tests {
             created_at: Utc::now(),
             started_at: Some(Utc::now()),
             finished_at: Some(Utc::now()),
+            queue: "default".into(),
+            priority: 0,
+            concurrency_key: None,
         }
     }
 

@@ -8,12 +8,9 @@
 
 use std::collections::BTreeSet;
 
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::mpsc;
-
-use super::{BrokerError, Context, QueueNames};
 
 /// How a delivery is settled.
 ///
@@ -157,32 +154,4 @@ async fn settle(
             }
         }
     }
-}
-
-/// Opens a consuming channel on `conn` with `prefetch` unacknowledged deliveries at most.
-pub async fn open(
-    conn: &Connection,
-    names: &QueueNames,
-    prefetch: u16,
-    tag: &str,
-) -> Result<(Channel, Consumer), BrokerError> {
-    let channel = conn
-        .create_channel()
-        .await
-        .context("opening a consume channel")?;
-    super::topology::declare(&channel, names).await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .context("setting prefetch")?;
-    let consumer = channel
-        .basic_consume(
-            names.work.as_str().into(),
-            tag.into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .context("starting to consume")?;
-    Ok((channel, consumer))
 }

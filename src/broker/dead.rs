@@ -97,7 +97,7 @@ pub async fn sweep_replayed(
     // its job was dead, so a job not dead now was replayed since and its letters are stale.
     // Read before, a job dying again meanwhile would lose the new letter it just got.
     let queued = sweep.queued.clone();
-    let gone: HashSet<JobId> = match sweep.not_dead(&queued).await {
+    let gone: HashSet<JobId> = match sweep.not_dead(&queued, &names.queue).await {
         Ok(ids) => ids.into_iter().collect(),
         Err(e) => {
             // Hand every letter back now: the channel may live on (a worker's), and held

@@ -8,6 +8,9 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Mutex;
 
+use std::collections::HashSet;
+use std::sync::Arc;
+
 use super::{BrokerError, Context, QueueNames, topology};
 use crate::job::JobId;
 use crate::wire::{RECORDED_HEADER, WireJob};
@@ -30,22 +33,28 @@ pub struct Outgoing {
     pub id: JobId,
     /// Extra headers, such as a dead letter's reason.
     pub headers: Option<FieldTable>,
+    /// The AMQP `priority` property, 0 to 9.
+    pub priority: u8,
+    /// The Apiary queue whose broker queues `queue` belongs to: declared on first use.
+    pub names: Arc<QueueNames>,
 }
 
 impl Outgoing {
-    /// A job message for a recorded job, routed to the work queue or, if it is not due yet,
-    /// to a delay tier. It carries [`RECORDED_HEADER`], so a copy that outlives its job's row
-    /// (pruned) is recognised and never recorded again.
-    pub fn job(names: &QueueNames, job: &WireJob) -> Outgoing {
+    /// A job message for a recorded job, routed by the job's own queue and deployment (the
+    /// job's `prefix`, or `prefix` for a job recorded before deployments were) to the work
+    /// queue or, if it is not due yet, to a delay tier. It carries [`RECORDED_HEADER`], so a
+    /// copy that outlives its job's row (pruned) is recognised and never recorded again.
+    pub fn job(prefix: &str, job: &WireJob) -> Outgoing {
+        let names = QueueNames::shared(job.prefix.as_deref().unwrap_or(prefix), job.queue_name());
         let queue = match job.run_at {
             Some(at) => names.next_hop((at - Utc::now()).num_milliseconds()),
             None => names.work.clone(),
         };
-        Outgoing::recorded_to(queue, job)
+        Outgoing::recorded_to(names, queue, job)
     }
 
-    /// A job message for a recorded job, to `queue`.
-    pub fn recorded_to(queue: String, job: &WireJob) -> Outgoing {
+    /// A job message for a recorded job, to `queue`, one of `names`.
+    pub fn recorded_to(names: Arc<QueueNames>, queue: String, job: &WireJob) -> Outgoing {
         let mut headers = FieldTable::default();
         headers.insert(RECORDED_HEADER.into(), AMQPValue::Boolean(true));
         Outgoing {
@@ -53,13 +62,15 @@ impl Outgoing {
             body: job.to_body(),
             id: job.id,
             headers: Some(headers),
+            priority: job.priority.unwrap_or(0),
+            names,
         }
     }
 
     /// A dead letter: the original body with the reason and job id in headers. The reason is
     /// cut to [`crate::store::MAX_ERROR_BYTES`]: a header frame larger than the broker's
     /// `frame_max` would make RabbitMQ close the whole connection.
-    pub fn dead(names: &QueueNames, id: JobId, body: Vec<u8>, reason: &str) -> Outgoing {
+    pub fn dead(names: Arc<QueueNames>, id: JobId, body: Vec<u8>, reason: &str) -> Outgoing {
         let mut headers = FieldTable::default();
         headers.insert(
             "x-apiary-reason".into(),
@@ -74,6 +85,8 @@ impl Outgoing {
             body,
             id,
             headers: Some(headers),
+            priority: 0,
+            names,
         }
     }
 }
@@ -86,7 +99,7 @@ enum Source {
         name: String,
         conn: Option<Box<Connection>>,
     },
-    Lent,
+    Lent(Arc<Connection>),
 }
 
 /// Publishes with confirms on one channel. Cheap to share behind an `Arc`; concurrent callers
@@ -96,14 +109,17 @@ enum Source {
 pub struct Publisher {
     source: Mutex<Source>,
     channel: Mutex<Option<Channel>>,
-    names: QueueNames,
+    /// The deployment's prefix (`APIARY_QUEUE`): routes jobs that do not carry their own.
+    prefix: String,
+    /// Work queues declared on the current channel, so each is declared once per channel.
+    declared: Mutex<HashSet<String>>,
 }
 
 impl Publisher {
     /// A publisher with its own connection to `url`, opened at first use and reopened after a
     /// failure. `declare` the topology on first connect so producers may publish before any
     /// worker started.
-    pub fn new(url: &str, name: &str, names: QueueNames) -> Publisher {
+    pub fn new(url: &str, name: &str, prefix: &str) -> Publisher {
         Publisher {
             source: Mutex::new(Source::Own {
                 url: url.to_string(),
@@ -111,13 +127,14 @@ impl Publisher {
                 conn: None,
             }),
             channel: Mutex::new(None),
-            names,
+            prefix: prefix.to_string(),
+            declared: Mutex::new(HashSet::new()),
         }
     }
 
     /// A publisher on a channel of an existing connection (a worker's session). It does not
     /// reconnect: the session does.
-    pub async fn on(conn: &Connection, names: QueueNames) -> Result<Publisher, BrokerError> {
+    pub async fn on(conn: Arc<Connection>, prefix: &str) -> Result<Publisher, BrokerError> {
         let channel = conn
             .create_channel()
             .await
@@ -127,15 +144,21 @@ impl Publisher {
             .await
             .context("enabling confirms")?;
         Ok(Publisher {
-            source: Mutex::new(Source::Lent),
+            source: Mutex::new(Source::Lent(conn)),
             channel: Mutex::new(Some(channel)),
-            names,
+            prefix: prefix.to_string(),
+            declared: Mutex::new(HashSet::new()),
         })
     }
 
-    /// The queue names this publisher routes to.
-    pub fn names(&self) -> &QueueNames {
-        &self.names
+    /// The deployment's prefix this publisher routes by.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The broker names of `queue` in this publisher's deployment.
+    pub fn names(&self, queue: &str) -> Arc<QueueNames> {
+        QueueNames::shared(&self.prefix, queue)
     }
 
     /// The open channel, opening a connection first if this publisher owns one.
@@ -163,9 +186,34 @@ impl Publisher {
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
             .context("enabling confirms")?;
-        topology::declare(&ch, &self.names).await?;
+        self.declared.lock().await.clear();
         *slot = Some(ch.clone());
         Ok(ch)
+    }
+
+    /// Declares, once per channel, the queues of every Apiary queue `messages` go to: a
+    /// producer may publish before any worker or `apiary migrate` declared them.
+    async fn declare_for(&self, messages: &[Outgoing]) -> Result<(), BrokerError> {
+        let mut declared = self.declared.lock().await;
+        for m in messages {
+            if declared.contains(&m.names.work) {
+                continue;
+            }
+            let source = self.source.lock().await;
+            let conn: &Connection = match &*source {
+                Source::Own { conn: Some(c), .. } => c,
+                Source::Lent(c) => c,
+                Source::Own { conn: None, .. } => return Err(BrokerError::Disconnected),
+            };
+            let ch = conn
+                .create_channel()
+                .await
+                .context("opening a channel to declare queues")?;
+            topology::declare(conn, &ch, &m.names).await?;
+            let _ = ch.close(200, "declared".into()).await;
+            declared.insert(m.names.work.clone());
+        }
+        Ok(())
     }
 
     /// A fresh channel on this publisher's own connection, for one-off work such as sweeping
@@ -195,9 +243,12 @@ impl Publisher {
             .is_some_and(|c| c.status().connected())
     }
 
-    /// Publishes jobs, each to the work queue or its first delay tier.
+    /// Publishes jobs, each to its queue's work queue or first delay tier.
     pub async fn publish_jobs(&self, jobs: &[WireJob]) -> Result<(), BrokerError> {
-        let out: Vec<Outgoing> = jobs.iter().map(|j| Outgoing::job(&self.names, j)).collect();
+        let out: Vec<Outgoing> = jobs
+            .iter()
+            .map(|j| Outgoing::job(&self.prefix, j))
+            .collect();
         self.publish(&out).await
     }
 
@@ -207,6 +258,7 @@ impl Publisher {
             return Ok(());
         }
         let channel = self.channel().await?;
+        self.declare_for(messages).await?;
         let result =
             match tokio::time::timeout(CONFIRM_TIMEOUT, publish_on(&channel, messages)).await {
                 Ok(r) => r,
@@ -228,7 +280,8 @@ async fn publish_on(channel: &Channel, messages: &[Outgoing]) -> Result<(), Brok
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type(json.clone())
-            .with_message_id(m.id.to_string().into());
+            .with_message_id(m.id.to_string().into())
+            .with_priority(m.priority);
         if let Some(h) = &m.headers {
             props = props.with_headers(h.clone());
         }

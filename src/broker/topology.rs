@@ -1,11 +1,24 @@
-//! The queues, all derived from one name so deployments sharing a broker stay apart:
+//! The broker queues of one Apiary queue, all derived from the deployment's prefix
+//! (`APIARY_QUEUE`) and the queue's name, so deployments sharing a broker stay apart. For the
+//! `default` queue the names are those of the single queue of earlier versions, so raw
+//! producers and jobs already waiting keep working:
 //!
-//! - `<queue>`: the work queue; producers publish here through the default exchange.
-//! - `<queue>.delay.<ms>`: delay tiers. Each has a fixed message TTL and dead-letters expired
-//!   messages back into the work queue, so a wait is durable in the broker and never in a
-//!   worker's memory. Fixed per-queue TTLs keep expiry in arrival order, and tiers keep a long
-//!   wait from blocking a short one behind it.
-//! - `<queue>.dead`: dead letters, with the reason in the `x-apiary-reason` header.
+//! | | `default` | any other queue `<q>` |
+//! |---|---|---|
+//! | work queue (producers publish here) | `<prefix>` | `<prefix>:<q>` |
+//! | delay tier of `<ms>` | `<prefix>.delay.<ms>` | `<prefix>:<q>:delay:<ms>` |
+//! | dead letters | `<prefix>.dead` | `<prefix>:<q>:dead` |
+//!
+//! A queue name cannot hold `:`, so no queue's names can collide with another's.
+//!
+//! - The work queue is declared with `x-max-priority` ([`MAX_PRIORITY`]): RabbitMQ delivers
+//!   higher priorities first. A work queue declared by an older version without it is used as
+//!   it is (priorities are then ignored for it; `apiary doctor` says so).
+//! - Delay tiers each have a fixed message TTL and dead-letter expired messages back into the
+//!   work queue, so a wait is durable in the broker and never in a worker's memory. Fixed
+//!   per-queue TTLs keep expiry in arrival order, and tiers keep a long wait from blocking a
+//!   short one behind it. A message keeps its priority through them.
+//! - Dead letters carry the reason in the `x-apiary-reason` header.
 
 use lapin::Channel;
 use lapin::options::QueueDeclareOptions;
@@ -17,29 +30,78 @@ use super::{BrokerError, Context};
 /// overshoot it, then another, until it is due.
 pub const DELAY_TIERS_MS: [u64; 7] = [100, 1_000, 5_000, 25_000, 120_000, 600_000, 3_600_000];
 
-/// The broker names of one deployment.
+/// The highest message priority a work queue is declared with (`x-max-priority`): jobs carry
+/// 0 to 9.
+pub const MAX_PRIORITY: u8 = crate::job::MAX_PRIORITY;
+
+/// The broker names of one Apiary queue of one deployment.
 ///
 /// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueNames {
+    /// The Apiary queue's name (`default`, `emails`, ...).
+    pub queue: String,
     /// The work queue.
     pub work: String,
     /// The dead-letter queue.
     pub dead: String,
+    /// What a delay tier's name starts with; the tier's milliseconds follow.
+    delay_prefix: String,
 }
 
 impl QueueNames {
-    /// The names derived from the work queue's name.
-    pub fn new(queue: &str) -> Self {
-        QueueNames {
-            work: queue.to_string(),
-            dead: format!("{queue}.dead"),
+    /// The names of the `default` queue of the deployment whose prefix is `prefix`: the
+    /// names of earlier versions' single queue.
+    pub fn new(prefix: &str) -> Self {
+        QueueNames::for_queue(prefix, crate::job::DEFAULT_QUEUE)
+    }
+
+    /// The names of `queue` in the deployment whose prefix is `prefix`.
+    pub fn for_queue(prefix: &str, queue: &str) -> Self {
+        if queue == crate::job::DEFAULT_QUEUE {
+            QueueNames {
+                queue: queue.to_string(),
+                work: prefix.to_string(),
+                dead: format!("{prefix}.dead"),
+                delay_prefix: format!("{prefix}.delay."),
+            }
+        } else {
+            QueueNames {
+                queue: queue.to_string(),
+                work: format!("{prefix}:{queue}"),
+                dead: format!("{prefix}:{queue}:dead"),
+                delay_prefix: format!("{prefix}:{queue}:delay:"),
+            }
         }
+    }
+
+    /// The names of `queue` in `prefix`'s deployment, shared: every message carries its
+    /// queue's names, and one copy per queue serves them all.
+    pub fn shared(prefix: &str, queue: &str) -> std::sync::Arc<QueueNames> {
+        use std::collections::HashMap;
+        use std::sync::{Arc, Mutex, OnceLock};
+        type Cache = Mutex<HashMap<(String, String), Arc<QueueNames>>>;
+        static CACHE: OnceLock<Cache> = OnceLock::new();
+        // Bounded: queue names come from producers, so an endless variety must not grow it.
+        const MAX: usize = 4096;
+        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        let Ok(mut map) = cache.lock() else {
+            return Arc::new(QueueNames::for_queue(prefix, queue));
+        };
+        if let Some(n) = map.get(&(prefix.to_string(), queue.to_string())) {
+            return n.clone();
+        }
+        if map.len() >= MAX {
+            map.clear();
+        }
+        let n = Arc::new(QueueNames::for_queue(prefix, queue));
+        map.insert((prefix.to_string(), queue.to_string()), n.clone());
+        n
     }
 
     /// The delay queue of a tier.
     pub fn delay(&self, tier_ms: u64) -> String {
-        format!("{}.delay.{tier_ms}", self.work)
+        format!("{}{tier_ms}", self.delay_prefix)
     }
 
     /// Every queue name, for declaring and deleting.
@@ -76,7 +138,8 @@ pub fn tier_for(remaining_ms: i64) -> Option<u64> {
 pub struct QueueSpec {
     /// Its name.
     pub name: String,
-    /// Its arguments (a delay tier's TTL and dead-letter target; none for the others).
+    /// Its arguments (the work queue's priority levels, a delay tier's TTL and dead-letter
+    /// target; none for the dead-letter queue).
     pub args: FieldTable,
     /// What we are doing when declaring it, for errors.
     pub declaring: &'static str,
@@ -88,7 +151,7 @@ pub fn specs(names: &QueueNames) -> Vec<QueueSpec> {
     let mut out = vec![
         QueueSpec {
             name: names.work.clone(),
-            args: FieldTable::default(),
+            args: work_args(),
             declaring: "declaring the work queue",
         },
         QueueSpec {
@@ -125,16 +188,89 @@ pub fn durable() -> QueueDeclareOptions {
     }
 }
 
-/// Declares every queue, durable. Idempotent: declaring an existing queue with the same
-/// arguments is a no-op, so `migrate`, workers and producers may all call it.
-pub async fn declare(channel: &Channel, names: &QueueNames) -> Result<(), BrokerError> {
+/// The work queue's arguments: priority levels 0 to [`MAX_PRIORITY`].
+pub fn work_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-max-priority".into(),
+        AMQPValue::ShortShortUInt(MAX_PRIORITY),
+    );
+    args
+}
+
+/// How a work queue turned out when declared.
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declared {
+    /// With priority levels.
+    WithPriorities,
+    /// It already existed without them (declared by a version before queues had
+    /// priorities): it is used as it is, and priorities are ignored for it.
+    WithoutPriorities,
+}
+
+/// Declares every queue of `names`, durable. Idempotent: declaring an existing queue with the
+/// same arguments is a no-op, so `migrate`, workers and producers may all call it.
+///
+/// A work queue that already exists without priority levels makes RabbitMQ refuse the
+/// declaration and close the channel (406 PRECONDITION_FAILED; a queue's arguments cannot be
+/// changed). That is looked up on a throwaway channel of `conn` first, so `channel` stays open.
+pub async fn declare(
+    conn: &lapin::Connection,
+    channel: &Channel,
+    names: &QueueNames,
+) -> Result<Declared, BrokerError> {
+    let declared = declare_work(conn, names).await?;
     for spec in specs(names) {
+        let args = if spec.name == names.work && declared == Declared::WithoutPriorities {
+            FieldTable::default()
+        } else {
+            spec.args
+        };
         channel
-            .queue_declare(spec.name.as_str().into(), durable(), spec.args)
+            .queue_declare(spec.name.as_str().into(), durable(), args)
             .await
             .context(spec.declaring)?;
     }
-    Ok(())
+    Ok(declared)
+}
+
+/// Declares the work queue with priorities on a channel of its own, falling back to the
+/// queue as it exists when RabbitMQ refuses the arguments.
+async fn declare_work(
+    conn: &lapin::Connection,
+    names: &QueueNames,
+) -> Result<Declared, BrokerError> {
+    let probe = conn
+        .create_channel()
+        .await
+        .context("opening a channel to declare a work queue")?;
+    let result = probe
+        .queue_declare(names.work.as_str().into(), durable(), work_args())
+        .await;
+    match result {
+        Ok(_) => {
+            let _ = probe.close(200, "declared".into()).await;
+            Ok(Declared::WithPriorities)
+        }
+        Err(e) if is_precondition_failed(&e) => {
+            tracing::warn!(
+                queue = %names.work,
+                "the work queue exists without priority levels (declared by an earlier Apiary); using it as it is, so priorities are ignored for it"
+            );
+            Ok(Declared::WithoutPriorities)
+        }
+        Err(e) => Err(e).context("declaring the work queue"),
+    }
+}
+
+/// Whether RabbitMQ refused a declaration because the queue exists with other arguments.
+pub fn is_precondition_failed(e: &lapin::Error) -> bool {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => amqp.get_id() == 406,
+        _ => false,
+    }
 }
 
 /// Messages ready in each of a deployment's queues, as the broker counts them.
@@ -150,6 +286,16 @@ pub struct QueueDepths {
     pub delayed: u32,
     /// In the dead-letter queue.
     pub dead: u32,
+}
+
+impl QueueDepths {
+    /// Adds another queue's depths to these.
+    pub fn add(&mut self, other: &QueueDepths) {
+        self.ready += other.ready;
+        self.consumers += other.consumers;
+        self.delayed += other.delayed;
+        self.dead += other.dead;
+    }
 }
 
 /// Reads the depths with passive declares (which also fail if a queue is missing).

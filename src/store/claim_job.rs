@@ -46,6 +46,34 @@ pub struct ClaimInput<'a> {
     /// ([`crate::wire::RECORDED_HEADER`]): then a missing row means the job was pruned, and it
     /// is never recorded again.
     pub recorded: bool,
+    /// The deployment (`APIARY_QUEUE`) of the worker that received it: recorded with a raw
+    /// job, so its later messages route to this deployment's queues.
+    pub prefix: &'a str,
+}
+
+/// The routing columns of a batch of inputs, for the statements that record raw messages.
+pub(crate) struct Routing<'a> {
+    pub(crate) queues: Vec<&'a str>,
+    pub(crate) prefixes: Vec<&'a str>,
+    pub(crate) priorities: Vec<i16>,
+    pub(crate) concurrency_keys: Vec<Option<&'a str>>,
+}
+
+impl<'a> Routing<'a> {
+    pub(crate) fn of(inputs: &[ClaimInput<'a>]) -> Routing<'a> {
+        Routing {
+            queues: inputs.iter().map(|i| i.job.queue_name()).collect(),
+            prefixes: inputs.iter().map(|i| i.prefix).collect(),
+            priorities: inputs
+                .iter()
+                .map(|i| i16::from(i.job.priority.unwrap_or(0)))
+                .collect(),
+            concurrency_keys: inputs
+                .iter()
+                .map(|i| i.job.concurrency_key.as_deref())
+                .collect(),
+        }
+    }
 }
 
 /// What a claim found for one delivery.
@@ -139,6 +167,7 @@ impl Store {
         let keys: Vec<Option<&str>> = inputs.iter().map(|i| i.job.dedup_key.as_deref()).collect();
         let budgets: Vec<i32> = inputs.iter().map(|i| i.budget).collect();
         let recorded: Vec<bool> = inputs.iter().map(|i| i.recorded).collect();
+        let routing = Routing::of(inputs);
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
 
         // The UPDATE takes existing jobs that may run now; its WHERE is the guard. Under READ
@@ -150,8 +179,10 @@ impl Store {
         // published for a recorded job is never inserted: if its row is gone, it was pruned.
         let claimed: Vec<(Uuid, i32, i32, DateTime<Utc>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "WITH input AS (
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::bool[])
-                     AS t(id, kind, payload, dedup_key, max_attempts, recorded)
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::bool[],
+                                      $10::text[], $11::text[], $12::int2[], $13::text[])
+                     AS t(id, kind, payload, dedup_key, max_attempts, recorded, queue, prefix, priority,
+                          concurrency_key)
              ), upd AS (
                  UPDATE apiary_jobs j
                     SET status = 'running', attempts = j.attempts + 1, started_at = now(),
@@ -167,9 +198,11 @@ impl Store {
                  RETURNING j.id, j.attempts, j.max_attempts
              ), ins AS (
                  INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, status, attempts,
-                                          started_at, lease_until, worker_id)
+                                          started_at, lease_until, worker_id, queue, prefix, priority,
+                                          concurrency_key)
                  SELECT i.id, i.kind, i.payload::json, i.dedup_key, i.max_attempts, 'running', 1,
-                        now(), now() + $8 * interval '1 millisecond', $7
+                        now(), now() + $8 * interval '1 millisecond', $7, i.queue, i.prefix, i.priority,
+                        i.concurrency_key
                    FROM input i
                   WHERE NOT i.recorded AND NOT EXISTS (SELECT 1 FROM apiary_jobs j WHERE j.id = i.id)
                  ON CONFLICT DO NOTHING
@@ -188,6 +221,10 @@ impl Store {
         .bind(worker)
         .bind(lease_ms)
         .bind(DUE_TOLERANCE_MS)
+        .bind(&routing.queues)
+        .bind(&routing.prefixes)
+        .bind(&routing.priorities)
+        .bind(&routing.concurrency_keys)
         .fetch_all(self.pool())
         .await
         .context("claiming jobs")?;
@@ -302,7 +339,7 @@ impl Store {
                  Publish it with a new id (or with none, and Apiary derives one)",
                 job.id
             );
-            let id = self.record_conflict(job, &reason).await?;
+            let id = self.record_conflict(job, input.prefix, &reason).await?;
             return Ok(Claim::Conflict(id));
         }
         let status: JobStatus = status.parse().unwrap_or(JobStatus::Running);
@@ -382,8 +419,9 @@ impl Store {
     ) -> Result<Option<JobId>, StoreError> {
         sqlx::query_scalar(
             "WITH dup AS (
-                 INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, status, duplicate_of, finished_at)
-                 SELECT $1, $2, $3::json, $4, $5, 'duplicate', o.id, now()
+                 INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, status, duplicate_of, finished_at,
+                                          queue, priority, concurrency_key)
+                 SELECT $1, $2, $3::json, $4, $5, 'duplicate', o.id, now(), $7, $8, $9
                    FROM apiary_jobs o
                   WHERE o.kind = $2 AND o.dedup_key = $4 AND o.duplicate_of IS NULL
                  ON CONFLICT DO NOTHING
@@ -397,6 +435,9 @@ impl Store {
         .bind(&job.dedup_key)
         .bind(job.max_attempts.unwrap_or(1))
         .bind(DONE_CHANNEL)
+        .bind(job.queue_name())
+        .bind(i16::from(job.priority.unwrap_or(0)))
+        .bind(&job.concurrency_key)
         .fetch_optional(self.pool())
         .await
         .context("recording a duplicate")
@@ -405,11 +446,17 @@ impl Store {
     /// Records a message whose id belongs to a different job, under an id of its own derived
     /// from it: dead, with `reason`, its content kept in `raw_body` (so it is not replayable:
     /// it is not the job it claims to be). Returns that id; its dead letter is queued.
-    async fn record_conflict(&self, job: &WireJob, reason: &str) -> Result<JobId, StoreError> {
+    async fn record_conflict(
+        &self,
+        job: &WireJob,
+        prefix: &str,
+        reason: &str,
+    ) -> Result<JobId, StoreError> {
         let body = job.to_body();
         let id = crate::wire::conflict_id(job.id, &body);
         let raw = String::from_utf8_lossy(&body).into_owned();
-        self.record_dead_message(id, Some(&job.kind), &raw, reason)
+        let route = (job.queue_name(), prefix);
+        self.record_dead_message(id, Some(&job.kind), route, &raw, reason)
             .await?;
         Ok(id)
     }
@@ -421,16 +468,17 @@ impl Store {
         &self,
         id: JobId,
         kind: Option<&str>,
+        (queue, prefix): (&str, &str),
         raw: &str,
         reason: &str,
     ) -> Result<bool, StoreError> {
         let inserted: Option<Uuid> = sqlx::query_scalar(
             "WITH ins AS (
                  INSERT INTO apiary_jobs (id, kind, payload, max_attempts, status, attempts, error, errors,
-                                          raw_body, finished_at)
+                                          raw_body, finished_at, queue, prefix)
                  VALUES ($1, $2, 'null', 1, 'dead', 0, $3,
                          jsonb_build_array(jsonb_build_object('attempt', 0, 'error', $3::text, 'at', now())),
-                         $4, now())
+                         $4, now(), $6, $7)
                  ON CONFLICT DO NOTHING
                  RETURNING id
              )
@@ -441,6 +489,8 @@ impl Store {
         .bind(crate::store::storable_text(reason))
         .bind(crate::store::storable_text(raw))
         .bind(DONE_CHANNEL)
+        .bind(queue)
+        .bind(prefix)
         .fetch_optional(self.pool())
         .await
         .context("recording a dead message")?;

@@ -18,6 +18,7 @@ impl Store {
         &self,
         id: JobId,
         kind: Option<&str>,
+        route: (&str, &str),
         body: &[u8],
         reason: &str,
         max_bytes: usize,
@@ -25,7 +26,10 @@ impl Store {
         let raw = String::from_utf8_lossy(&body[..body.len().min(max_bytes)]).into_owned();
         let raw = super::storable_text(&raw).into_owned();
         let reason = super::clip_error(reason);
-        if self.record_dead_message(id, kind, &raw, &reason).await? {
+        if self
+            .record_dead_message(id, kind, route, &raw, &reason)
+            .await?
+        {
             return Ok(id);
         }
         let same: Option<bool> = sqlx::query_scalar(
@@ -44,7 +48,8 @@ impl Store {
         let reason = super::clip_error(&format!(
             "{reason} (its id {id} belongs to another job, which this message did not touch)"
         ));
-        self.record_dead_message(other, kind, &raw, &reason).await?;
+        self.record_dead_message(other, kind, route, &raw, &reason)
+            .await?;
         Ok(other)
     }
 
@@ -65,15 +70,19 @@ impl Store {
         let recorded: Vec<bool> = inputs.iter().map(|i| i.recorded).collect();
         let run_ats: Vec<Option<chrono::DateTime<chrono::Utc>>> =
             inputs.iter().map(|i| i.job.run_at).collect();
+        let routing = crate::store::claim_job::Routing::of(inputs);
         #[allow(clippy::type_complexity)]
         let rows: Vec<(i64, Option<String>, Option<bool>, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "WITH input AS (
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::bool[],
-                                      $7::timestamptz[])
-                     WITH ORDINALITY AS t(id, kind, payload, dedup_key, max_attempts, recorded, run_at, ord)
+                                      $7::timestamptz[], $8::text[], $9::text[], $10::int2[], $11::text[])
+                     WITH ORDINALITY AS t(id, kind, payload, dedup_key, max_attempts, recorded, run_at,
+                                          queue, prefix, priority, concurrency_key, ord)
              ), ins AS (
-                 INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, run_at)
-                 SELECT id, kind, payload::json, dedup_key, max_attempts, run_at FROM input i
+                 INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, run_at, queue, prefix,
+                                          priority, concurrency_key)
+                 SELECT id, kind, payload::json, dedup_key, max_attempts, run_at, queue, prefix, priority,
+                        concurrency_key FROM input i
                   WHERE NOT i.recorded AND NOT EXISTS (SELECT 1 FROM apiary_jobs j WHERE j.id = i.id)
                  ON CONFLICT DO NOTHING
                  RETURNING id
@@ -91,6 +100,10 @@ impl Store {
         .bind(&budgets)
         .bind(&recorded)
         .bind(&run_ats)
+        .bind(&routing.queues)
+        .bind(&routing.prefixes)
+        .bind(&routing.priorities)
+        .bind(&routing.concurrency_keys)
         .fetch_all(self.pool())
         .await
         .context("checking waiting jobs")?;
@@ -175,15 +188,27 @@ impl Store {
             ReplaySelector::Kind(k) => (None, Some(k.as_str()), false),
             ReplaySelector::All => (None, None, true),
         };
-        #[allow(clippy::type_complexity)]
-        let rows: Vec<(uuid::Uuid, String, Json<Box<serde_json::value::RawValue>>, Option<String>, i32)> = sqlx::query_as(
+        #[derive(sqlx::FromRow)]
+        struct Replayed {
+            id: uuid::Uuid,
+            kind: String,
+            payload: Json<Box<serde_json::value::RawValue>>,
+            dedup_key: Option<String>,
+            max_attempts: i32,
+            queue: String,
+            prefix: Option<String>,
+            priority: i16,
+            concurrency_key: Option<String>,
+        }
+        let rows: Vec<Replayed> = sqlx::query_as(
             "WITH replayed AS (
                  UPDATE apiary_jobs
                     SET status = 'queued', attempts = 0, result = NULL, finished_at = NULL, started_at = NULL,
                         next_attempt_at = NULL, run_at = NULL, cancel_requested = false
                   WHERE status IN ('dead', 'failed') AND raw_body IS NULL
                     AND ($3 OR id = $1 OR kind = $2)
-                 RETURNING id, kind, payload, dedup_key, max_attempts
+                 RETURNING id, kind, payload, dedup_key, max_attempts, queue, prefix, priority,
+                           concurrency_key
              ), outbox AS (
                  INSERT INTO apiary_outbox (job_id) SELECT id FROM replayed
                  ON CONFLICT (job_id) DO UPDATE SET dead_reason = NULL, created_at = now()
@@ -198,16 +223,18 @@ impl Store {
         .context("replaying dead jobs")?;
         Ok(rows
             .into_iter()
-            .map(
-                |(id, kind, payload, dedup_key, max_attempts)| crate::wire::WireJob {
-                    id,
-                    kind,
-                    payload: payload.0,
-                    dedup_key,
-                    max_attempts: Some(max_attempts),
-                    run_at: None,
-                },
-            )
+            .map(|r| crate::wire::WireJob {
+                id: r.id,
+                kind: r.kind,
+                payload: r.payload.0,
+                dedup_key: r.dedup_key,
+                max_attempts: Some(r.max_attempts),
+                run_at: None,
+                queue: Some(r.queue),
+                priority: u8::try_from(r.priority).ok(),
+                concurrency_key: r.concurrency_key,
+                prefix: r.prefix,
+            })
             .collect())
     }
 }
@@ -291,13 +318,17 @@ impl DeadSweep {
     /// Of `ids`, those whose job is no longer `dead` (or no longer exists): their letters
     /// stand for nothing and may go. A job that died again after its replay keeps its
     /// letters: one of them is its current one, and they look alike.
-    pub async fn not_dead(&mut self, ids: &[JobId]) -> Result<Vec<JobId>, StoreError> {
+    ///
+    /// Only jobs of `queue` (or pruned ones): a pass over one queue's dead letters says
+    /// nothing of another's.
+    pub async fn not_dead(&mut self, ids: &[JobId], queue: &str) -> Result<Vec<JobId>, StoreError> {
         sqlx::query_scalar(
             "SELECT q.id FROM unnest($1::uuid[]) AS q(id)
                LEFT JOIN apiary_jobs j ON j.id = q.id
-              WHERE j.status IS DISTINCT FROM 'dead'",
+              WHERE j.status IS DISTINCT FROM 'dead' AND (j.queue IS NULL OR j.queue = $2)",
         )
         .bind(ids)
+        .bind(queue)
         .fetch_all(&mut *self.tx)
         .await
         .context("reading the status of replayed jobs")

@@ -28,6 +28,14 @@ pub struct JobRow {
     pub max_attempts: i32,
     /// When it is due, if scheduled.
     pub run_at: Option<DateTime<Utc>>,
+    /// Its queue.
+    pub queue: String,
+    /// The deployment (`APIARY_QUEUE`) recording it.
+    pub prefix: String,
+    /// 0 to 9.
+    pub priority: u8,
+    /// Its concurrency key.
+    pub concurrency_key: Option<String>,
 }
 
 /// What recording one job did.
@@ -133,7 +141,15 @@ async fn insert_rows(
     let mut keys = Vec::with_capacity(rows.len());
     let mut budgets = Vec::with_capacity(rows.len());
     let mut run_ats = Vec::with_capacity(rows.len());
+    let mut queues = Vec::with_capacity(rows.len());
+    let mut prefixes = Vec::with_capacity(rows.len());
+    let mut priorities = Vec::with_capacity(rows.len());
+    let mut ckeys = Vec::with_capacity(rows.len());
     for r in rows {
+        queues.push(r.queue.as_str());
+        prefixes.push(r.prefix.as_str());
+        priorities.push(i16::from(r.priority));
+        ckeys.push(r.concurrency_key.as_deref());
         ids.push(r.id);
         kinds.push(r.kind.as_str());
         payloads.push(r.payload.get());
@@ -143,11 +159,15 @@ async fn insert_rows(
     }
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH input AS (
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[])
-                 WITH ORDINALITY AS t(id, kind, payload, dedup_key, max_attempts, run_at, ord)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[],
+                                  $7::text[], $8::text[], $9::int2[], $10::text[])
+                 WITH ORDINALITY AS t(id, kind, payload, dedup_key, max_attempts, run_at, queue, prefix,
+                                      priority, concurrency_key, ord)
          ), ins AS (
-             INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, run_at)
-             SELECT id, kind, payload::json, dedup_key, max_attempts, run_at FROM input ORDER BY ord
+             INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, run_at, queue, prefix,
+                                      priority, concurrency_key)
+             SELECT id, kind, payload::json, dedup_key, max_attempts, run_at, queue, prefix, priority,
+                    concurrency_key FROM input ORDER BY ord
              ON CONFLICT DO NOTHING
              RETURNING id, created_at
          ), outbox AS (
@@ -168,6 +188,10 @@ async fn insert_rows(
     .bind(&keys)
     .bind(&budgets)
     .bind(&run_ats)
+    .bind(&queues)
+    .bind(&prefixes)
+    .bind(&priorities)
+    .bind(&ckeys)
     .fetch_all(&mut *tx)
     .await
     .context("inserting jobs")

@@ -12,6 +12,7 @@ pub mod invariants;
 pub mod list_jobs;
 pub mod outbox;
 pub mod prune;
+pub mod queues;
 pub mod rescue_job;
 pub mod schema;
 pub mod stats;

@@ -71,7 +71,8 @@ impl Store {
             .map_err(RelayError::Store)?;
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT j.id, j.kind, j.payload, j.dedup_key, j.max_attempts,
-                    coalesce(j.next_attempt_at, j.run_at) AS run_at, j.raw_body, o.dead_reason
+                    coalesce(j.next_attempt_at, j.run_at) AS run_at, j.raw_body, o.dead_reason,
+                    j.queue, j.prefix, j.priority, j.concurrency_key
                FROM apiary_outbox o JOIN apiary_jobs j ON j.id = o.job_id
               WHERE o.created_at < now() - $1 * interval '1 millisecond'
                 AND ($3::uuid[] IS NULL OR o.job_id = ANY($3))
@@ -123,10 +124,14 @@ impl Store {
 pub enum OutboxItem {
     /// A job, to the work queue (or its delay tier).
     Job(WireJob),
-    /// A dead letter, to the dead-letter queue.
+    /// A dead letter, to the dead-letter queue of the job's queue.
     DeadLetter {
         /// The dead job.
         id: JobId,
+        /// The job's queue.
+        queue: String,
+        /// The job's deployment; `None` for rows from before queues were recorded.
+        prefix: Option<String>,
         /// The letter's body: the job message, or a poison message's raw body.
         body: Vec<u8>,
         /// Why it is dead.
@@ -144,6 +149,10 @@ struct OutboxRow {
     run_at: Option<DateTime<Utc>>,
     raw_body: Option<String>,
     dead_reason: Option<String>,
+    queue: String,
+    prefix: Option<String>,
+    priority: i16,
+    concurrency_key: Option<String>,
 }
 
 impl OutboxRow {
@@ -155,11 +164,17 @@ impl OutboxRow {
             dedup_key: self.dedup_key,
             max_attempts: Some(self.max_attempts),
             run_at: self.run_at,
+            queue: Some(self.queue),
+            priority: u8::try_from(self.priority).ok(),
+            concurrency_key: self.concurrency_key,
+            prefix: self.prefix,
         };
         match self.dead_reason {
             None => OutboxItem::Job(job),
             Some(reason) => OutboxItem::DeadLetter {
                 id: job.id,
+                queue: job.queue_name().to_string(),
+                prefix: job.prefix.clone(),
                 body: self
                     .raw_body
                     .map(String::into_bytes)

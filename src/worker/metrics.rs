@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
-use super::Shared;
+use super::shared::Shared;
 
 /// One kind's handles (or those of `other`).
 pub(crate) struct KindMetrics {
@@ -137,7 +137,12 @@ impl WorkerMetrics {
     pub(crate) fn refresh_gauges(&self, shared: &Shared) {
         let in_flight = shared.running.lock().map(|r| r.len()).unwrap_or(0);
         self.in_flight.set(in_flight as f64);
-        self.free_slots.set(shared.slots.available_permits() as f64);
+        let free: usize = shared
+            .lanes
+            .iter()
+            .map(|l| l.slots.available_permits())
+            .sum();
+        self.free_slots.set(free as f64);
         if let Ok(d) = shared.depths.lock() {
             self.queue_ready.set(f64::from(d.ready));
             self.queue_delayed.set(f64::from(d.delayed));

@@ -11,7 +11,8 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
-use super::{Readiness, Shared};
+use super::Readiness;
+use super::shared::Shared;
 
 /// Serves the probes until `stop` fires. A bind failure is logged, not fatal: the worker's
 /// job is the queue, and a port clash must not stop it.

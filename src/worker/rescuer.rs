@@ -17,8 +17,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
-use crate::broker::publish::Outgoing;
+use super::shared::Shared;
 use crate::job::JobId;
 use crate::store::rescue_job::{FULL_RESCUE_INTERVAL, RESCUE_INTERVAL, RescueScope};
 
@@ -46,7 +45,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             shared.clone(),
             stop.clone(),
             Duration::from_secs(1),
-            |s| Box::pin(async move { relay_outbox(&s).await }),
+            |s| Box::pin(async move { super::relay::relay_outbox(&s).await }),
         )),
         tokio::spawn(every(shared.clone(), stop.clone(), RESCUE_INTERVAL, |s| {
             Box::pin(async move { rescue(&s).await })
@@ -64,6 +63,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             |s| Box::pin(async move { sweep_dead_letters(&s).await }),
         )),
         tokio::spawn(prune_loop(shared.clone(), stop.clone())),
+        tokio::spawn(super::lanes::watch_pauses(shared.clone(), stop.clone())),
     ];
     for t in tasks {
         let _ = t.await;
@@ -139,30 +139,6 @@ async fn renew_leases(shared: &Shared) {
     }
 }
 
-async fn relay_outbox(shared: &Shared) {
-    let Some(publisher) = shared.publisher().await else {
-        return;
-    };
-    let relayed = shared
-        .store
-        .relay_outbox(shared.cfg.outbox_grace, 500, None, |items| async move {
-            let out: Vec<Outgoing> = items
-                .iter()
-                .map(|i| super::outgoing(&shared.names, i))
-                .collect();
-            publisher.publish(&out).await
-        })
-        .await;
-    match relayed {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            relayed = n,
-            "republished jobs whose sender stopped before the broker confirmed"
-        ),
-        Err(e) => tracing::debug!(error = %e, "outbox relay pass failed; the next one retries"),
-    }
-}
-
 /// Puts back detached jobs whose lease expired, and the jobs of workers whose heartbeat
 /// stopped.
 async fn rescue(shared: &Shared) {
@@ -219,7 +195,7 @@ async fn announce(shared: &Shared, ids: Vec<JobId>) {
         jobs = ids.len(),
         "rescued jobs whose lease expired (their worker stopped or stalled)"
     );
-    super::flush_outbox(shared, &ids).await;
+    super::relay::flush_outbox(shared, &ids).await;
 }
 
 /// Puts this worker in the registry, retrying until it is there or the worker is told to
@@ -310,11 +286,16 @@ async fn read_depths(shared: &Shared) {
     let Some(ch) = shared.stats_channel.read().await.clone() else {
         return;
     };
-    let read = crate::broker::topology::depths(&ch, &shared.names);
-    if let Ok(Ok(d)) = tokio::time::timeout(Duration::from_secs(5), read).await
-        && let Ok(mut depths) = shared.depths.lock()
-    {
-        *depths = d;
+    let mut sum = crate::broker::topology::QueueDepths::default();
+    for lane in &shared.lanes {
+        let read = crate::broker::topology::depths(&ch, &lane.names);
+        match tokio::time::timeout(Duration::from_secs(5), read).await {
+            Ok(Ok(d)) => sum.add(&d),
+            _ => return,
+        }
+    }
+    if let Ok(mut depths) = shared.depths.lock() {
+        *depths = sum;
     }
 }
 
@@ -324,10 +305,13 @@ async fn sweep_dead_letters(shared: &Shared) {
     let Some(channel) = shared.stats_channel.read().await.clone() else {
         return;
     };
-    if let Err(e) =
-        crate::broker::dead::sweep_replayed(&shared.store, &channel, &shared.names).await
-    {
-        tracing::debug!(error = %e, "dead-letter sweep failed; the next one tries again");
+    for lane in &shared.lanes {
+        if let Err(e) =
+            crate::broker::dead::sweep_replayed(&shared.store, &channel, &lane.names).await
+        {
+            tracing::debug!(error = %e, queue = %lane.queue(), "dead-letter sweep failed; the next one tries again");
+            return;
+        }
     }
 }
 

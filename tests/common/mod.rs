@@ -27,6 +27,8 @@ pub struct TestEnv {
     pub name: String,
     pub cfg: Config,
     pub store: Store,
+    /// Named queues this test uses besides `default`: their broker queues go with the test.
+    pub queues: Vec<String>,
 }
 
 impl TestEnv {
@@ -51,16 +53,52 @@ impl TestEnv {
             .await
             .expect("rabbitmq");
         let ch = conn.create_channel().await.expect("channel");
-        broker::topology::declare(&ch, &QueueNames::new(&cfg.queue))
+        broker::topology::declare(&conn, &ch, &QueueNames::new(&cfg.queue))
             .await
             .expect("declare");
         let _ = conn.close(200, "setup done".into()).await;
         let store = Store::connect_lazy(&cfg.database_url, 4).expect("pool");
-        TestEnv { name, cfg, store }
+        TestEnv {
+            name,
+            cfg,
+            store,
+            queues: Vec::new(),
+        }
+    }
+
+    /// A world whose workers consume `queues` (`APIARY_QUEUES`, `name:concurrency`), the
+    /// first of which may be `default`.
+    pub async fn with_queues(queues: &[(&str, usize)]) -> TestEnv {
+        let mut env = TestEnv::new().await;
+        env.cfg.queues = apiary::config::QueueSettings(
+            queues.iter().map(|(q, n)| (q.to_string(), *n)).collect(),
+        );
+        env.queues = queues
+            .iter()
+            .map(|(q, _)| q.to_string())
+            .filter(|q| q != "default")
+            .collect();
+        env
     }
 
     pub fn names(&self) -> QueueNames {
         QueueNames::new(&self.cfg.queue)
+    }
+
+    /// The broker names of `queue` in this world.
+    pub fn names_of(&self, queue: &str) -> QueueNames {
+        QueueNames::for_queue(&self.cfg.queue, queue)
+    }
+
+    /// `APIARY_QUEUES` for a spawned process, from this world's queues.
+    pub fn queues_var(&self) -> String {
+        self.cfg
+            .queues
+            .0
+            .iter()
+            .map(|(q, n)| format!("{q}:{n}"))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     pub fn client(&self) -> Client {
@@ -255,7 +293,36 @@ pub async fn publish_raw_to(queue: &str, bodies: &[(Option<String>, Vec<u8>)]) {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         remove_world(&self.name, &self.names());
+        for q in &self.queues {
+            remove_queues(&self.names_of(q));
+        }
     }
+}
+
+/// Deletes `names`' broker queues.
+pub fn remove_queues(names: &QueueNames) {
+    let queues = names.all();
+    let cleanup = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            if let Ok(conn) = Connection::connect(AMQP, Default::default()).await
+                && let Ok(ch) = conn.create_channel().await
+            {
+                for q in queues {
+                    let _ = ch
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                let _ = conn.close(200, "".into()).await;
+            }
+        });
+    });
+    let _ = cleanup.join();
 }
 
 /// Drops the database `name` and deletes `names`' queues, whatever made them: a [`TestEnv`]

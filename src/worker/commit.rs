@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{DeliveryRef, Failed, Shared};
+use super::shared::{DeliveryRef, Failed, Shared};
 use crate::broker::consume::Settle;
 use crate::job::JobStatus;
 use crate::store::finish_job::{Finish, Outcome};
@@ -58,7 +58,7 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
         // lapse with the lease (nothing renews them now), and the redelivery claims them
         // again; holding them unacked would strand them until the channel closed.
         for c in &batch {
-            super::executor::forget(shared, c.finish.id, c.finish.attempt);
+            super::run::forget(shared, c.finish.id, c.finish.attempt);
             c.delivery.settle(Settle::Requeue);
         }
         return;
@@ -67,7 +67,7 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
     // The outcomes are written: from here on these attempts are not this worker's to renew (a
     // heartbeat now would take a committed retry for a lost claim).
     for c in &batch {
-        super::executor::forget(shared, c.finish.id, c.finish.attempt);
+        super::run::forget(shared, c.finish.id, c.finish.attempt);
     }
 
     // Retries, long jobs handed back and dead jobs each got an outbox row in the commit: send
@@ -82,7 +82,7 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
             _ => None,
         })
         .collect();
-    super::flush_outbox(shared, &to_send).await;
+    super::relay::flush_outbox(shared, &to_send).await;
 
     let now_ms = chrono::Utc::now().timestamp_millis();
     let mut finished = 0;
@@ -126,7 +126,7 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
                     _ => {}
                 }
                 if matches!(st, JobStatus::Succeeded | JobStatus::Dead)
-                    && let Some(at) = super::executor::enqueued_ms(&c.job)
+                    && let Some(at) = super::run::enqueued_ms(&c.job)
                 {
                     km.end_to_end.record((now_ms - at).max(0) as f64 / 1000.0);
                 }

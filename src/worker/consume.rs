@@ -1,0 +1,241 @@
+//! ④ Consuming one queue: a lane's consumer, from the broker to its claimer. Each burst of
+//! deliveries already received is decoded and passed on at once; a message that is not a job
+//! is buried (recorded dead with its reason, dead-lettered, acked) and never requeued.
+//!
+//! The consumer is registered only while the lane may take work. A pause cancels it and
+//! hands back what it holds unstarted; a resume registers it again; the drain cancels it for
+//! good. Cancelling first matters: a delivery handed back while the consumer is registered
+//! would be sent straight back to it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Consumer};
+use tokio_util::sync::CancellationToken;
+
+use super::claim::Incoming;
+use super::lanes::Lane;
+use super::shared::{DeliveryRef, Shared, hand_back};
+use crate::broker::consume::Acks;
+use crate::broker::{BrokerError, Context as _};
+use crate::wire::{RECORDED_HEADER, WireJob};
+
+/// The consumer tag of this worker: its id, so `rabbitmqctl list_consumers` names it.
+pub(crate) fn consumer_tag(shared: &Shared) -> String {
+    format!("apiary-{}", shared.id)
+}
+
+/// Consumes `lane` on `channel` until the drain begins (returns `None`), `session_lost` fires
+/// (another lane's channel broke; returns `None`), or this channel breaks (returns the error).
+pub(crate) async fn consume_lane(
+    shared: &Arc<Shared>,
+    lane: &Arc<Lane>,
+    channel: &Channel,
+    acks: &Acks,
+    session_lost: &CancellationToken,
+) -> Option<BrokerError> {
+    let mut paused = lane.paused.subscribe();
+    loop {
+        // Wait while paused: nothing is registered, so the broker keeps the messages.
+        while *paused.borrow_and_update() {
+            tokio::select! {
+                () = shared.stop_taking.cancelled() => return None,
+                () = session_lost.cancelled() => return None,
+                r = paused.changed() => if r.is_err() { return None },
+            }
+        }
+        let consumer = channel
+            .basic_consume(
+                lane.names.work.as_str().into(),
+                consumer_tag(shared).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("starting to consume");
+        let mut consumer = match consumer {
+            Ok(c) => c,
+            Err(e) => return Some(e),
+        };
+        lane.consuming.store(true, Ordering::Relaxed);
+        let why = deliver(shared, lane, &mut consumer, acks, session_lost, &mut paused).await;
+        match why {
+            Stop::Lost(e) => {
+                lane.consuming.store(false, Ordering::Relaxed);
+                return Some(e);
+            }
+            Stop::SessionLost => {
+                lane.consuming.store(false, Ordering::Relaxed);
+                return None;
+            }
+            Stop::Drain | Stop::Pause => {
+                let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+                if tokio::time::timeout(Duration::from_secs(5), cancel)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(queue = %lane.queue(), "the broker did not confirm the consumer's cancellation in time");
+                }
+                hand_back_buffered(shared, acks, &mut consumer);
+                lane.consuming.store(false, Ordering::Relaxed);
+                if matches!(why, Stop::Drain) {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+enum Stop {
+    Drain,
+    Pause,
+    SessionLost,
+    Lost(BrokerError),
+}
+
+/// Passes deliveries on until something stops the consumer.
+async fn deliver(
+    shared: &Arc<Shared>,
+    lane: &Arc<Lane>,
+    consumer: &mut Consumer,
+    acks: &Acks,
+    session_lost: &CancellationToken,
+    paused: &mut tokio::sync::watch::Receiver<bool>,
+) -> Stop {
+    let max = shared.cfg.batch;
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = shared.stop_taking.cancelled() => return Stop::Drain,
+            () = session_lost.cancelled() => return Stop::SessionLost,
+            r = paused.changed() => {
+                if r.is_err() || *paused.borrow_and_update() {
+                    return Stop::Pause;
+                }
+                continue;
+            }
+            d = consumer.next() => d,
+        };
+        let mut batch = Vec::with_capacity(8);
+        match first {
+            Some(Ok(d)) => batch.push(d),
+            Some(Err(e)) => {
+                return Stop::Lost(BrokerError::Amqp {
+                    context: "consuming",
+                    source: e,
+                });
+            }
+            None => return Stop::Lost(BrokerError::Disconnected),
+        }
+        // Take whatever else has already arrived, without waiting: batches grow with load and
+        // a lone job is never held back for company.
+        while batch.len() < max {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => batch.push(d),
+                _ => break,
+            }
+        }
+        let now = Instant::now();
+        for d in batch {
+            // Tracked before anything can settle it, so multiple-acks never cover it unseen.
+            acks.track(d.delivery_tag);
+            let delivery = DeliveryRef {
+                tag: d.delivery_tag,
+                acks: acks.clone(),
+            };
+            let message_id = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_string());
+            let recorded = d.properties.headers().as_ref().is_some_and(|h| {
+                matches!(
+                    h.inner().get(RECORDED_HEADER),
+                    Some(AMQPValue::Boolean(true))
+                )
+            });
+            let decoded =
+                WireJob::decode(&d.data, message_id.as_deref(), shared.cfg.max_payload_bytes)
+                    .and_then(|job| in_its_queue(&shared.cfg.queue, lane, job));
+            match decoded {
+                Ok(mut job) => {
+                    // Recorded with the queue it arrived on; the priority the broker ordered it
+                    // by, if the body does not say.
+                    job.queue.get_or_insert_with(|| lane.queue().to_string());
+                    if job.priority.is_none() {
+                        job.priority = d
+                            .properties
+                            .priority()
+                            .map(|p| p.min(crate::job::MAX_PRIORITY));
+                    }
+                    // The claimer outlives every session; a failed send means it has stopped,
+                    // and the delivery goes back with the channel.
+                    let _ = lane.claim_tx.send(Incoming {
+                        job: Arc::new(job),
+                        lane: lane.clone(),
+                        redelivered: d.redelivered,
+                        recorded,
+                        delivery,
+                        arrived: now,
+                        again: 0,
+                        busy_waits: 0,
+                    });
+                }
+                Err(poison) => {
+                    let shared2 = shared.clone();
+                    let names = lane.names.clone();
+                    let queue = lane.queue().to_string();
+                    shared.tasks.spawn(async move {
+                        super::dead::bury_poison(
+                            &shared2,
+                            &names,
+                            &queue,
+                            &d.data,
+                            poison.id,
+                            poison.kind,
+                            &poison.reason,
+                            delivery,
+                        )
+                        .await
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A message that names a queue other than the one it arrived on is refused: running it here
+/// would take the slots, the limits and the pause of the wrong queue.
+fn in_its_queue(prefix: &str, lane: &Lane, job: WireJob) -> Result<WireJob, crate::wire::Poison> {
+    match job.queue.as_deref() {
+        Some(q) if q != lane.queue() => Err(crate::wire::Poison {
+            id: job.id,
+            kind: Some(job.kind.clone()),
+            reason: format!(
+                "queue: the message names queue {q:?} but was published to the broker queue {:?} of queue {:?}; publish it to {:?}",
+                lane.names.work,
+                lane.queue(),
+                crate::broker::QueueNames::for_queue(prefix, q).work
+            ),
+        }),
+        _ => Ok(job),
+    }
+}
+
+/// Requeues everything the consumer had already received but not yet given us.
+pub(crate) fn hand_back_buffered(shared: &Shared, acks: &Acks, consumer: &mut Consumer) {
+    while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
+        acks.track(d.delivery_tag);
+        hand_back(
+            shared,
+            [DeliveryRef {
+                tag: d.delivery_tag,
+                acks: acks.clone(),
+            }],
+        );
+    }
+}

@@ -1,0 +1,105 @@
+//! The queues a worker consumes (`APIARY_QUEUES`), one lane each: its broker names, its own
+//! handler slots (so a slow queue never takes the slots of a fast one), its own claimer, and
+//! whether an operator has paused it. A paused lane cancels its consumer, so its messages
+//! wait in RabbitMQ, untouched and uncharged, until it is resumed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use super::claim::Incoming;
+use super::shared::Shared;
+use crate::broker::QueueNames;
+
+/// How often a worker reads which of its queues are paused: the bound on how long a pause
+/// takes to reach every worker.
+pub(crate) const PAUSE_POLL: Duration = Duration::from_millis(500);
+
+/// One queue this worker consumes.
+pub(crate) struct Lane {
+    /// Its broker names.
+    pub(crate) names: Arc<QueueNames>,
+    /// Jobs of this queue this worker runs at once.
+    pub(crate) concurrency: usize,
+    /// Unacknowledged deliveries the lane's consumer holds.
+    pub(crate) prefetch: u16,
+    /// Handler slots: `concurrency` permits.
+    pub(crate) slots: Arc<Semaphore>,
+    /// Deliveries to claim, to this lane's claimer.
+    pub(crate) claim_tx: mpsc::UnboundedSender<Incoming>,
+    /// Whether the queue is paused, as last read from Postgres.
+    pub(crate) paused: watch::Sender<bool>,
+    /// Whether the lane's consumer is registered with the broker right now. Deliveries held
+    /// by a paused lane go back only once it is not, so they go to no one until the resume.
+    pub(crate) consuming: AtomicBool,
+}
+
+impl Lane {
+    /// A lane for `queue` of the deployment `prefix`, and the receiver its claimer reads.
+    pub(crate) fn new(
+        prefix: &str,
+        queue: &str,
+        concurrency: usize,
+        prefetch: u16,
+    ) -> (Arc<Lane>, mpsc::UnboundedReceiver<Incoming>) {
+        let (claim_tx, claim_rx) = mpsc::unbounded_channel();
+        let lane = Lane {
+            names: QueueNames::shared(prefix, queue),
+            concurrency,
+            prefetch,
+            slots: Arc::new(Semaphore::new(concurrency)),
+            claim_tx,
+            paused: watch::Sender::new(false),
+            consuming: AtomicBool::new(false),
+        };
+        (Arc::new(lane), claim_rx)
+    }
+
+    /// The Apiary queue's name.
+    pub(crate) fn queue(&self) -> &str {
+        &self.names.queue
+    }
+
+    /// Whether an operator has paused the queue.
+    pub(crate) fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Whether the consumer is registered.
+    pub(crate) fn is_consuming(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed)
+    }
+}
+
+/// Reads which lanes are paused, every [`PAUSE_POLL`], until `stop` fires. A lane whose state
+/// changed is told through its watch; its consume loop acts on it.
+pub(crate) async fn watch_pauses(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(PAUSE_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let queues: Vec<String> = shared.lanes.iter().map(|l| l.queue().to_string()).collect();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let read = shared.lease_store.paused_queues(&shared.cfg.queue, &queues);
+        let paused = match tokio::time::timeout(Duration::from_secs(5), read).await {
+            Ok(Ok(p)) => p,
+            // Postgres unreachable: keep the last state (the other duties report the outage).
+            _ => continue,
+        };
+        for lane in &shared.lanes {
+            let now = paused.iter().any(|q| q == lane.queue());
+            lane.paused.send_if_modified(|p| {
+                if *p == now {
+                    return false;
+                }
+                *p = now;
+                tracing::info!(queue = %lane.queue(), paused = now, "queue {}", if now { "paused: starting nothing from it" } else { "resumed" });
+                true
+            });
+        }
+    }
+}
