@@ -579,6 +579,12 @@ pub struct KindOptions {
     pub queue: Option<String>,
     /// The priority of the kind's jobs when the producer does not give one (0 to 9).
     pub priority: Option<u8>,
+    /// At most this many of the kind's jobs start in any window of the rate's period, across
+    /// every worker together (`rate=100/s`, `rate=10/m`).
+    pub rate: Option<Rate>,
+    /// At most this many of the kind's jobs with the same `concurrency_key` run at once
+    /// across every worker (`max_per_key=1`: one at a time per key).
+    pub max_per_key: Option<u32>,
     /// Attempts allowed when the job does not say.
     pub max_attempts: Option<i32>,
     /// Longest one attempt may run.
@@ -597,6 +603,8 @@ impl KindOptions {
         KindOptions {
             queue: self.queue.or(below.queue),
             priority: self.priority.or(below.priority),
+            rate: self.rate.or(below.rate),
+            max_per_key: self.max_per_key.or(below.max_per_key),
             max_attempts: self.max_attempts.or(below.max_attempts),
             timeout: self.timeout.or(below.timeout),
             retry_base: self.retry_base.or(below.retry_base),
@@ -641,6 +649,42 @@ impl KindOptions {
     }
 }
 
+/// The largest `max_per_key`.
+pub const MAX_PER_KEY: u32 = 10_000;
+
+/// A rate limit: at most `count` starts in any window of `period`.
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Starts allowed per period (1 to 100,000).
+    pub count: u32,
+    /// The window.
+    pub period: Duration,
+}
+
+impl Rate {
+    /// Parses `N/s`, `N/m`, `N/h`, or `N/<duration>` such as `5/10s`.
+    pub fn parse(s: &str) -> Result<Rate, String> {
+        let bad = || format!("{s:?} is not a rate; write it like 100/s, 10/m, 500/h or 5/10s");
+        let (n, per) = s.trim().split_once('/').ok_or_else(bad)?;
+        let count: u32 = n.trim().parse().map_err(|_| bad())?;
+        if !(1..=100_000).contains(&count) {
+            return Err(format!("{s:?}: the count must be 1 to 100000"));
+        }
+        let period = match per.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            other => humantime::parse_duration(other).map_err(|_| bad())?,
+        };
+        if period < Duration::from_millis(10) || period > Duration::from_secs(86_400) {
+            return Err(format!("{s:?}: the period must be 10ms to 1d"));
+        }
+        Ok(Rate { count, period })
+    }
+}
+
 /// `APIARY_KINDS`, parsed: options by kind.
 ///
 /// See the crate's [guarantees](crate#guarantees).
@@ -677,6 +721,17 @@ pub fn parse_kinds(s: &str) -> Result<KindSettings, String> {
                         .map_err(|e| format!("APIARY_KINDS: {kind} queue: {}", e.reason))?;
                     o.queue = Some(v.to_string());
                 }
+                "rate" => {
+                    o.rate = Some(
+                        Rate::parse(v).map_err(|e| format!("APIARY_KINDS: {kind} rate: {e}"))?,
+                    )
+                }
+                "max_per_key" => {
+                    let n: u32 = v.parse().ok().filter(|n| (1..=MAX_PER_KEY).contains(n)).ok_or_else(|| {
+                        format!("APIARY_KINDS: {kind} max_per_key is {v:?}; it must be a whole number between 1 and {MAX_PER_KEY}")
+                    })?;
+                    o.max_per_key = Some(n);
+                }
                 "priority" => {
                     let p: i64 = v.parse().map_err(|_| {
                         format!("APIARY_KINDS: {kind} priority is {v:?}; it must be 0 to 9")
@@ -694,7 +749,7 @@ pub fn parse_kinds(s: &str) -> Result<KindSettings, String> {
                 "retention" => o.retention = Some(RETENTION.parse_as(&named("retention"), v)?),
                 other => {
                     return Err(format!(
-                        "APIARY_KINDS: {kind}: unknown setting {other:?} (expected queue, priority, max_attempts, timeout, retry_base, retry_cap or retention)"
+                        "APIARY_KINDS: {kind}: unknown setting {other:?} (expected queue, priority, rate, max_per_key, max_attempts, timeout, retry_base, retry_cap or retention)"
                     ));
                 }
             }

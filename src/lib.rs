@@ -11,11 +11,12 @@
 //! 2. **Record** it in Postgres with an outbox entry ([`store::insert_job`]).
 //! 3. **Publish** it with a publisher confirm ([`broker::publish`]); the outbox relay
 //!    ([`worker::rescuer`]) covers a producer that dies in between.
-//! 4. **Consume and claim** ([`broker::consume`], [`worker::executor`], [`store::claim_job`]):
+//! 4. **Consume and claim** ([`broker::consume`], `worker/consume.rs` and `worker/claim.rs`,
+//!    [`store::claim_job`], [`store::limits`] for kinds with limits):
 //!    a guarded statement makes each job run at most once at a time and never again once
 //!    finished.
 //! 5. **Run the handler** ([`handler`]) under a timeout and a panic guard.
-//! 6. **Commit the result, then ack** ([`worker::completer`], [`store::finish_job`]): in
+//! 6. **Commit the result, then ack** (`worker/commit.rs`, [`store::finish_job`]): in
 //!    batches, fenced by the claim, with the handler's own writes in the same transaction.
 //! 7. **Poll the result** ([`api::jobs`]), by id or dedup key, or long-poll until it finishes.
 //!

@@ -161,74 +161,17 @@ impl Store {
         worker: Uuid,
         lease: std::time::Duration,
     ) -> Result<Claims, StoreError> {
-        let ids: Vec<Uuid> = inputs.iter().map(|i| i.job.id).collect();
-        let kinds: Vec<&str> = inputs.iter().map(|i| i.job.kind.as_str()).collect();
-        let payloads: Vec<&str> = inputs.iter().map(|i| i.job.payload.get()).collect();
-        let keys: Vec<Option<&str>> = inputs.iter().map(|i| i.job.dedup_key.as_deref()).collect();
-        let budgets: Vec<i32> = inputs.iter().map(|i| i.budget).collect();
-        let recorded: Vec<bool> = inputs.iter().map(|i| i.recorded).collect();
-        let routing = Routing::of(inputs);
-        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let claimed = claim_statement(self.pool(), inputs, worker, lease).await?;
+        self.resolve_claims(inputs, claimed).await
+    }
 
-        // The UPDATE takes existing jobs that may run now; its WHERE is the guard. Under READ
-        // COMMITTED a concurrent claim of the same row waits for the other transaction and then
-        // re-checks the WHERE against the new version, which is `running`: it claims nothing.
-        // The content test makes a message claim only the job it really is. The INSERT
-        // records jobs never seen before (published raw); ON CONFLICT DO NOTHING makes a racing
-        // insert, or a dedup key that is already taken, claim nothing. A message Apiary
-        // published for a recorded job is never inserted: if its row is gone, it was pruned.
-        let claimed: Vec<(Uuid, i32, i32, DateTime<Utc>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "WITH input AS (
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::bool[],
-                                      $10::text[], $11::text[], $12::int2[], $13::text[])
-                     AS t(id, kind, payload, dedup_key, max_attempts, recorded, queue, prefix, priority,
-                          concurrency_key)
-             ), upd AS (
-                 UPDATE apiary_jobs j
-                    SET status = 'running', attempts = j.attempts + 1, started_at = now(),
-                        lease_until = now() + $8 * interval '1 millisecond', worker_id = $7,
-                        next_attempt_at = NULL, detached = false
-                   FROM input i
-                  WHERE j.id = i.id AND {same}
-                    AND NOT j.cancel_requested
-                    AND j.attempts < j.max_attempts
-                    AND (j.status IN ('queued', 'retrying')
-                         OR (j.status = 'running' AND j.lease_until < now()))
-                    AND coalesce(j.next_attempt_at, j.run_at, '-infinity') <= now() + $9 * interval '1 millisecond'
-                 RETURNING j.id, j.attempts, j.max_attempts
-             ), ins AS (
-                 INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, status, attempts,
-                                          started_at, lease_until, worker_id, queue, prefix, priority,
-                                          concurrency_key)
-                 SELECT i.id, i.kind, i.payload::json, i.dedup_key, i.max_attempts, 'running', 1,
-                        now(), now() + $8 * interval '1 millisecond', $7, i.queue, i.prefix, i.priority,
-                        i.concurrency_key
-                   FROM input i
-                  WHERE NOT i.recorded AND NOT EXISTS (SELECT 1 FROM apiary_jobs j WHERE j.id = i.id)
-                 ON CONFLICT DO NOTHING
-                 RETURNING id, attempts, max_attempts
-             )
-             SELECT c.id, c.attempts, c.max_attempts, now()
-               FROM (SELECT * FROM upd UNION ALL SELECT * FROM ins) c",
-            same = same_job("j", "i")
-        )))
-        .bind(&ids)
-        .bind(&kinds)
-        .bind(&payloads)
-        .bind(&keys)
-        .bind(&budgets)
-        .bind(&recorded)
-        .bind(worker)
-        .bind(lease_ms)
-        .bind(DUE_TOLERANCE_MS)
-        .bind(&routing.queues)
-        .bind(&routing.prefixes)
-        .bind(&routing.priorities)
-        .bind(&routing.concurrency_keys)
-        .fetch_all(self.pool())
-        .await
-        .context("claiming jobs")?;
-
+    /// Turns what the claim statement took into one [`Claim`] per input, explaining the
+    /// inputs it did not take.
+    pub(crate) async fn resolve_claims(
+        &self,
+        inputs: &[ClaimInput<'_>],
+        claimed: Vec<(Uuid, i32, i32, DateTime<Utc>)>,
+    ) -> Result<Claims, StoreError> {
         let mut db_now = claimed.first().map(|c| c.3);
         let by_id: std::collections::HashMap<Uuid, (i32, i32)> = claimed
             .into_iter()
@@ -561,4 +504,82 @@ impl Store {
             (Some(_), _) => Claim::Exhausted,
         })
     }
+}
+
+/// The claim statement itself, on `executor`: the pool, or the transaction of a limited
+/// claim (whose starts must commit with it). Returns `(id, attempt, max_attempts, now())` of
+/// each job it took.
+pub(crate) async fn claim_statement<'c, E: sqlx::PgExecutor<'c>>(
+    executor: E,
+    inputs: &[ClaimInput<'_>],
+    worker: Uuid,
+    lease: std::time::Duration,
+) -> Result<Vec<(Uuid, i32, i32, DateTime<Utc>)>, StoreError> {
+    let ids: Vec<Uuid> = inputs.iter().map(|i| i.job.id).collect();
+    let kinds: Vec<&str> = inputs.iter().map(|i| i.job.kind.as_str()).collect();
+    let payloads: Vec<&str> = inputs.iter().map(|i| i.job.payload.get()).collect();
+    let keys: Vec<Option<&str>> = inputs.iter().map(|i| i.job.dedup_key.as_deref()).collect();
+    let budgets: Vec<i32> = inputs.iter().map(|i| i.budget).collect();
+    let recorded: Vec<bool> = inputs.iter().map(|i| i.recorded).collect();
+    let routing = Routing::of(inputs);
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+
+    // The UPDATE takes existing jobs that may run now; its WHERE is the guard. Under READ
+    // COMMITTED a concurrent claim of the same row waits for the other transaction and then
+    // re-checks the WHERE against the new version, which is `running`: it claims nothing.
+    // The content test makes a message claim only the job it really is. The INSERT
+    // records jobs never seen before (published raw); ON CONFLICT DO NOTHING makes a racing
+    // insert, or a dedup key that is already taken, claim nothing. A message Apiary
+    // published for a recorded job is never inserted: if its row is gone, it was pruned.
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::bool[],
+                                      $10::text[], $11::text[], $12::int2[], $13::text[])
+                     AS t(id, kind, payload, dedup_key, max_attempts, recorded, queue, prefix, priority,
+                          concurrency_key)
+             ), upd AS (
+                 UPDATE apiary_jobs j
+                    SET status = 'running', attempts = j.attempts + 1, started_at = now(),
+                        lease_until = now() + $8 * interval '1 millisecond', worker_id = $7,
+                        next_attempt_at = NULL, detached = false
+                   FROM input i
+                  WHERE j.id = i.id AND {same}
+                    AND NOT j.cancel_requested
+                    AND j.attempts < j.max_attempts
+                    AND (j.status IN ('queued', 'retrying')
+                         OR (j.status = 'running' AND j.lease_until < now()))
+                    AND coalesce(j.next_attempt_at, j.run_at, '-infinity') <= now() + $9 * interval '1 millisecond'
+                 RETURNING j.id, j.attempts, j.max_attempts
+             ), ins AS (
+                 INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, status, attempts,
+                                          started_at, lease_until, worker_id, queue, prefix, priority,
+                                          concurrency_key)
+                 SELECT i.id, i.kind, i.payload::json, i.dedup_key, i.max_attempts, 'running', 1,
+                        now(), now() + $8 * interval '1 millisecond', $7, i.queue, i.prefix, i.priority,
+                        i.concurrency_key
+                   FROM input i
+                  WHERE NOT i.recorded AND NOT EXISTS (SELECT 1 FROM apiary_jobs j WHERE j.id = i.id)
+                 ON CONFLICT DO NOTHING
+                 RETURNING id, attempts, max_attempts
+             )
+             SELECT c.id, c.attempts, c.max_attempts, now()
+               FROM (SELECT * FROM upd UNION ALL SELECT * FROM ins) c",
+            same = same_job("j", "i")
+        )))
+        .bind(&ids)
+        .bind(&kinds)
+        .bind(&payloads)
+        .bind(&keys)
+        .bind(&budgets)
+        .bind(&recorded)
+        .bind(worker)
+        .bind(lease_ms)
+        .bind(DUE_TOLERANCE_MS)
+        .bind(&routing.queues)
+        .bind(&routing.prefixes)
+        .bind(&routing.priorities)
+        .bind(&routing.concurrency_keys)
+        .fetch_all(executor)
+        .await
+        .context("claiming jobs")
 }

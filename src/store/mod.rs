@@ -9,6 +9,7 @@ pub mod finish_job;
 pub mod get_job;
 pub mod insert_job;
 pub mod invariants;
+pub mod limits;
 pub mod list_jobs;
 pub mod outbox;
 pub mod prune;

@@ -164,7 +164,7 @@ pub(crate) async fn claimer(
 }
 
 /// The claim input of a delivery: its budget if it is a raw job recorded now.
-fn claim_input<'a>(shared: &'a Shared, inc: &'a Incoming) -> ClaimInput<'a> {
+pub(crate) fn claim_input<'a>(shared: &'a Shared, inc: &'a Incoming) -> ClaimInput<'a> {
     let job = inc.job.as_ref();
     ClaimInput {
         job,
@@ -179,6 +179,37 @@ fn claim_input<'a>(shared: &'a Shared, inc: &'a Incoming) -> ClaimInput<'a> {
 
 /// Claims jobs that each hold a handler slot, and dispatches each by what the claim found.
 async fn claim_now(shared: &Arc<Shared>, batch: Vec<Incoming>, permits: Vec<OwnedSemaphorePermit>) {
+    // Limits cost nothing to kinds without them: the check is one lookup in an empty map.
+    if !shared.limited.is_empty()
+        && batch
+            .iter()
+            .any(|i| shared.limited.contains_key(&i.job.kind))
+    {
+        let mut plain = (Vec::new(), Vec::new());
+        let mut gated = (Vec::new(), Vec::new());
+        for (inc, permit) in batch.into_iter().zip(permits) {
+            let to = if shared.limited.contains_key(&inc.job.kind) {
+                &mut gated
+            } else {
+                &mut plain
+            };
+            to.0.push(inc);
+            to.1.push(permit);
+        }
+        if !plain.0.is_empty() {
+            claim_plain(shared, plain.0, plain.1).await;
+        }
+        return super::limits::claim_gated(shared, gated.0, gated.1).await;
+    }
+    claim_plain(shared, batch, permits).await
+}
+
+/// Claims a batch of jobs without limits.
+async fn claim_plain(
+    shared: &Arc<Shared>,
+    batch: Vec<Incoming>,
+    permits: Vec<OwnedSemaphorePermit>,
+) {
     let refs: Vec<&Incoming> = batch.iter().collect();
     let Some(claims) = claim_isolating(shared, &refs).await else {
         return hand_back(shared, batch.into_iter().map(|i| i.delivery));
@@ -188,26 +219,44 @@ async fn claim_now(shared: &Arc<Shared>, batch: Vec<Incoming>, permits: Vec<Owne
             Ok(claim) => dispatch(shared, inc, claim, permit),
             Err(refusal) => {
                 drop(permit);
-                let shared2 = shared.clone();
-                shared.tasks.spawn(async move {
-                    let reason = format!("Postgres cannot store this job: {refusal}");
-                    let body = inc.job.to_body();
-                    let names = inc.lane.names.clone();
-                    bury_poison(
-                        &shared2,
-                        &names,
-                        inc.lane.queue(),
-                        &body,
-                        inc.job.id,
-                        None,
-                        &reason,
-                        inc.delivery,
-                    )
-                    .await
-                });
+                bury_refused(shared, inc, refusal);
             }
         }
     }
+}
+
+/// Buries jobs whose claim Postgres refused for their data, with its reason.
+pub(crate) async fn claim_refused(
+    shared: &Arc<Shared>,
+    batch: Vec<Incoming>,
+    permits: Vec<OwnedSemaphorePermit>,
+    e: crate::store::StoreError,
+) {
+    drop(permits);
+    let refusal = e.refusal().unwrap_or_else(|| e.to_string());
+    for inc in batch {
+        bury_refused(shared, inc, refusal.clone());
+    }
+}
+
+fn bury_refused(shared: &Arc<Shared>, inc: Incoming, refusal: String) {
+    let shared2 = shared.clone();
+    shared.tasks.spawn(async move {
+        let reason = format!("Postgres cannot store this job: {refusal}");
+        let body = inc.job.to_body();
+        let names = inc.lane.names.clone();
+        bury_poison(
+            &shared2,
+            &names,
+            inc.lane.queue(),
+            &body,
+            inc.job.id,
+            None,
+            &reason,
+            inc.delivery,
+        )
+        .await
+    });
 }
 
 /// Claims `batch`; if Postgres refuses the statement because of one job's data, claims the
@@ -245,7 +294,12 @@ async fn claim_isolating(
 
 /// Acts on a claim. `permit` is the job's handler slot: kept by a job that runs, released at
 /// once otherwise.
-fn dispatch(shared: &Arc<Shared>, mut inc: Incoming, claim: Claim, permit: OwnedSemaphorePermit) {
+pub(crate) fn dispatch(
+    shared: &Arc<Shared>,
+    mut inc: Incoming,
+    claim: Claim,
+    permit: OwnedSemaphorePermit,
+) {
     // A job that runs keeps its slot; any other answer frees it at once.
     let runs = matches!(claim, Claim::Claimed { .. })
         || matches!(claim, Claim::Busy { worker, .. } if worker == shared.id);
@@ -352,7 +406,7 @@ async fn claim_later(shared: &Arc<Shared>, inc: Incoming, wait: Duration) {
 
 /// Looks up messages that are not due yet, then sends each on to its next delay tier, or
 /// acks it if its job has ended, was pruned, or is a duplicate.
-async fn hop_waiting(shared: &Arc<Shared>, batch: Vec<Incoming>) {
+pub(crate) async fn hop_waiting(shared: &Arc<Shared>, batch: Vec<Incoming>) {
     let inputs: Vec<ClaimInput<'_>> = batch.iter().map(|i| claim_input(shared, i)).collect();
     let looked = shared
         .with_store(|| shared.store.check_waiting(&inputs))

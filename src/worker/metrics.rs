@@ -42,6 +42,8 @@ pub(crate) struct WorkerMetrics {
     queue_delayed: Gauge,
     queue_dead: Gauge,
     oldest_waiting: Gauge,
+    /// Jobs a rate or concurrency limit held back (each hold counts once).
+    pub(crate) held: metrics::Counter,
     /// When the newest delivery was enqueued (ms since the epoch), for the age of the head
     /// of the queue.
     pub(crate) last_enqueued_ms: std::sync::atomic::AtomicI64,
@@ -105,6 +107,7 @@ impl WorkerMetrics {
             }),
             in_flight: gauge!("apiary_worker_jobs_in_flight"),
             free_slots: gauge!("apiary_worker_free_slots"),
+            held: metrics::counter!("apiary_jobs_held_total"),
             queue_ready: gauge!("apiary_queue_ready_messages"),
             queue_delayed: gauge!("apiary_queue_delayed_messages"),
             queue_dead: gauge!("apiary_queue_dead_messages"),

@@ -1,15 +1,15 @@
 //! The worker pool: one process's queues, bounded concurrency per queue, and a two-phase
 //! stop. This module only wires the roles together; one delivery's path reads in file order:
 //!
-//! 1. [`session`]: connect, declare each queue, open a channel per lane;
-//! 2. [`consume`]: a lane's consumer receives, decodes, passes on (or buries poison, [`dead`]);
-//! 3. [`claim`]: a lane's claimer claims in batches within the lane's slots;
-//! 4. [`run`]: the handler runs and its outcome is decided;
-//! 5. [`commit`]: outcomes commit in batches, then their messages are published, then acked;
-//! 6. [`relay`]: what a commit promised to publish, and what a dead sender left in the outbox.
+//! 1. `session.rs`: connect, declare each queue, open a channel per lane;
+//! 2. `consume.rs`: a lane's consumer receives, decodes, passes on (or buries poison, `dead.rs`);
+//! 3. `claim.rs`: a lane's claimer claims in batches within the lane's slots;
+//! 4. `run.rs`: the handler runs and its outcome is decided;
+//! 5. `commit.rs`: outcomes commit in batches, then their messages are published, then acked;
+//! 6. `relay.rs`: what a commit promised to publish, and what a dead sender left in the outbox.
 //!
-//! Beside that path: [`lanes`] (the queues this worker consumes, and pauses), [`rescuer`]
-//! (leases, rescues, registry, pruning), [`drain`] (the stop), [`shared`] (what they share).
+//! Beside that path: `lanes.rs` (the queues this worker consumes, and pauses), `rescuer.rs`
+//! (leases, rescues, registry, pruning), `drain.rs` (the stop), `shared.rs` (what they share).
 
 mod claim;
 pub(crate) mod commit;
@@ -17,6 +17,7 @@ mod consume;
 mod dead;
 mod drain;
 pub(crate) mod lanes;
+mod limits;
 pub(crate) mod metrics;
 pub mod outage;
 mod probe;
@@ -107,8 +108,21 @@ impl Worker {
             lanes.push(lane);
             claim_rxs.push(rx);
         }
+        let limited = known_kinds
+            .iter()
+            .filter_map(|k| {
+                let registered = registry
+                    .get(k)
+                    .map(|e| e.options.clone())
+                    .unwrap_or_default();
+                let o = cfg.kinds.get(k).or(registered);
+                (o.rate.is_some() || o.max_per_key.is_some())
+                    .then(|| (k.clone(), (o.rate, o.max_per_key)))
+            })
+            .collect();
         let shared = Arc::new(Shared {
             lanes,
+            limited,
             cfg,
             store,
             registry,

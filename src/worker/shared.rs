@@ -79,6 +79,9 @@ pub(crate) struct Shared {
     pub(crate) id: Uuid,
     /// The queues this worker consumes, each with its own slots and claimer.
     pub(crate) lanes: Vec<Arc<Lane>>,
+    /// The kinds with a rate limit or a concurrency limit, and those limits. Jobs of other
+    /// kinds are claimed without looking at limits at all.
+    pub(crate) limited: HashMap<String, (Option<crate::config::Rate>, Option<u32>)>,
     /// A small pool of its own for lease renewals, so a heartbeat never waits for a
     /// connection behind claims, finishes and handlers' transactions.
     pub(crate) lease_store: Store,
