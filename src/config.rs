@@ -997,6 +997,62 @@ mod tests {
     }
 
     #[test]
+    fn queues_and_limits_parse_and_name_what_is_wrong() {
+        let q = parse_queues("default:64, emails:16,reports:2").expect("parses");
+        assert_eq!(
+            q.0,
+            vec![
+                ("default".to_string(), 64),
+                ("emails".to_string(), 16),
+                ("reports".to_string(), 2)
+            ]
+        );
+        assert!(parse_queues("Emails:4").unwrap_err().contains("\"Emails\""));
+        assert!(
+            parse_queues("emails")
+                .unwrap_err()
+                .contains("queue:concurrency")
+        );
+        assert!(parse_queues("a:1,a:2").unwrap_err().contains("twice"));
+        assert!(parse_queues("a:0").unwrap_err().contains("a concurrency"));
+        let k =
+            parse_kinds("mail:queue=emails,priority=7,rate=100/s,max_per_key=1;poll:rate=5/10s")
+                .expect("parses");
+        let mail = k.get("mail");
+        assert_eq!(mail.queue.as_deref(), Some("emails"));
+        assert_eq!(mail.priority, Some(7));
+        assert_eq!(
+            mail.rate,
+            Some(Rate {
+                count: 100,
+                period: Duration::from_secs(1)
+            })
+        );
+        assert_eq!(mail.max_per_key, Some(1));
+        assert_eq!(
+            k.get("poll").rate.map(|r| r.period),
+            Some(Duration::from_secs(10))
+        );
+        assert!(
+            parse_kinds("m:priority=10")
+                .unwrap_err()
+                .contains("priority")
+        );
+        assert!(parse_kinds("m:rate=fast").unwrap_err().contains("rate"));
+        assert!(
+            parse_kinds("m:rate=0/s")
+                .unwrap_err()
+                .contains("1 to 100000")
+        );
+        assert!(
+            parse_kinds("m:max_per_key=0")
+                .unwrap_err()
+                .contains("max_per_key")
+        );
+        assert!(parse_kinds("m:queue=A").unwrap_err().contains("queue"));
+    }
+
+    #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
         assert_eq!(parse_duration("150ms"), Ok(Duration::from_millis(150)));
@@ -1142,11 +1198,15 @@ mod tests {
             ),
             (
                 |c| c.queue = String::new(),
-                "APIARY_QUEUE is 0 bytes long; it must be 1 to 200",
+                "APIARY_QUEUE is 0 bytes long; it must be 1 to 170",
             ),
             (
                 |c| c.queue = "amq.jobs".into(),
                 "APIARY_QUEUE is \"amq.jobs\"; names starting with amq. are reserved",
+            ),
+            (
+                |c| c.queue = "apiary:jobs".into(),
+                "APIARY_QUEUE is \"apiary:jobs\"; it must not contain ':'",
             ),
             (
                 |c| c.database_url = "mysql://u:sekret-pw@h/db".into(),
