@@ -461,6 +461,11 @@ pub struct Config {
     #[arg(long, env = "APIARY_QUEUES", default_value = "", value_parser = parse_queues, global = true)]
     pub queues: QueueSettings,
 
+    /// Per-queue settings: `reports:rate=5/s;emails:rate=100/m`. A queue's `rate` counts
+    /// the starts of all its jobs, whatever their kind, across every worker.
+    #[arg(long, env = "APIARY_QUEUE_OPTIONS", default_value = "", value_parser = parse_queue_options, global = true)]
+    pub queue_options: QueueOptionSettings,
+
     /// Jobs one worker process runs at once, when `APIARY_QUEUES` is not set (1 to 10000).
     #[arg(long, env = "APIARY_CONCURRENCY", default_value_t = 256, value_parser = |s: &str| CONCURRENCY.parse::<usize>(s), global = true)]
     pub concurrency: usize,
@@ -568,6 +573,56 @@ pub fn parse_queues(s: &str) -> Result<QueueSettings, String> {
         out.push((name.to_string(), n));
     }
     Ok(QueueSettings(out))
+}
+
+/// Settings of one queue (`APIARY_QUEUE_OPTIONS`).
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueOptions {
+    /// At most this many of the queue's jobs start in any window of the period, across every
+    /// worker.
+    pub rate: Option<Rate>,
+}
+
+/// `APIARY_QUEUE_OPTIONS`, parsed: options by queue.
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueOptionSettings(pub std::collections::HashMap<String, QueueOptions>);
+
+/// Parses `queue:key=value,...;queue:...`. Errors start with `APIARY_QUEUE_OPTIONS:`.
+pub fn parse_queue_options(s: &str) -> Result<QueueOptionSettings, String> {
+    let mut out = std::collections::HashMap::new();
+    for part in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let (queue, opts) = part.split_once(':').ok_or_else(|| {
+            format!("APIARY_QUEUE_OPTIONS: {part:?}: expected queue:key=value,...")
+        })?;
+        let queue = queue.trim();
+        crate::job::validate_queue(queue)
+            .map_err(|e| format!("APIARY_QUEUE_OPTIONS: {queue:?}: {e}"))?;
+        let mut o = QueueOptions::default();
+        for kv in opts.split(',').map(str::trim).filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(|| {
+                format!("APIARY_QUEUE_OPTIONS: {queue}: {kv:?}: expected key=value")
+            })?;
+            match k.trim() {
+                "rate" => {
+                    o.rate = Some(
+                        Rate::parse(v)
+                            .map_err(|e| format!("APIARY_QUEUE_OPTIONS: {queue} rate: {e}"))?,
+                    )
+                }
+                other => {
+                    return Err(format!(
+                        "APIARY_QUEUE_OPTIONS: {queue}: unknown setting {other:?} (expected rate)"
+                    ));
+                }
+            }
+        }
+        out.insert(queue.to_string(), o);
+    }
+    Ok(QueueOptionSettings(out))
 }
 
 /// Per-kind settings; `None` means the next level down (the handler's, then the global one).

@@ -214,7 +214,7 @@ async fn per_kind_settings_out_of_range_are_refused() {
 
 #[tokio::test]
 async fn addresses_urls_and_names_that_cannot_work_are_refused_by_every_role() {
-    let long_queue = "q".repeat(201);
+    let long_queue = "q".repeat(171);
     refused(
         &[
             (
@@ -245,7 +245,7 @@ async fn addresses_urls_and_names_that_cannot_work_are_refused_by_every_role() {
             (
                 "APIARY_QUEUE",
                 long_queue.as_str(),
-                "APIARY_QUEUE is 201 bytes long; it must be 1 to 200",
+                "APIARY_QUEUE is 171 bytes long; it must be 1 to 170",
             ),
             (
                 "APIARY_LOG_FORMAT",

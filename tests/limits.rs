@@ -145,3 +145,46 @@ async fn a_kind_without_limits_beside_a_limited_one_is_not_held() {
     .expect("count");
     assert_eq!(waiting, 4, "held jobs stay queued with no attempt charged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_rate_counts_every_kind_in_the_queue_together() {
+    let env = TestEnv::with_queues(&[("emails", 8)]).await;
+    let queues = env.queues_var();
+    let extra = [
+        ("APIARY_QUEUES", queues.as_str()),
+        ("APIARY_QUEUE_OPTIONS", "emails:rate=10/s"),
+    ];
+    let workers: Vec<_> = (0..2).map(|_| env.spawn(&["worker"], &extra)).collect();
+    let client = env.client();
+    let jobs: Vec<NewJob> = (0..40)
+        .map(|i| {
+            let kind = if i % 2 == 0 { "echo" } else { "sleep" };
+            NewJob::new(kind, json!({ "ms": 1, "i": i })).with_queue("emails")
+        })
+        .collect();
+    client.enqueue_many(jobs).await.expect("enqueue");
+    let rows = all_succeeded(&env, 40, Duration::from_secs(60)).await;
+    let starts: Vec<DateTime<Utc>> = rows.iter().map(|r| r.0).collect();
+    let worst = starts
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let end = *s + chrono::Duration::seconds(1);
+            starts[i..].iter().take_while(|t| **t < end).count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        worst <= 10,
+        "a one-second window held {worst} starts of the queue"
+    );
+    assert!(
+        worst >= 7,
+        "the queue's rate was never approached ({worst})"
+    );
+    assert!(
+        rows.iter().all(|r| r.2 == 1),
+        "a held job was charged an attempt"
+    );
+    drop(workers);
+}

@@ -134,10 +134,20 @@ async fn a_migration_held_up_shows_which_one_and_for_how_long() {
         .await
         .expect("forget the newest migration");
     let mut busy = env.store.pool().begin().await.expect("begin");
-    sqlx::query("LOCK TABLE apiary_jobs, apiary_workers IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *busy)
-        .await
-        .expect("lock the job table");
+    // Every table of Apiary's, whichever the newest migration touches.
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'apiary%'",
+    )
+    .fetch_all(&mut *busy)
+    .await
+    .expect("list tables");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        tables.join(", ")
+    )))
+    .execute(&mut *busy)
+    .await
+    .expect("lock the tables");
 
     let mut migrate = env.spawn(
         &["migrate"],

@@ -26,8 +26,9 @@ use crate::config::Rate;
 /// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gate {
-    /// A rate limit and the scope it counts in (`kind:<kind>`).
-    pub rate: Option<(String, Rate)>,
+    /// Rate limits and the scope each counts in (the job's kind's, its queue's): the job
+    /// starts only when none of them is full.
+    pub rates: Vec<(String, Rate)>,
     /// A concurrency limit: the job's key and how many of its kind may run with it at once.
     pub key: Option<(String, u32)>,
 }
@@ -64,7 +65,7 @@ impl Store {
             .context("starting a limited claim")?;
         let mut locks: Vec<String> = Vec::new();
         for (input, gate) in inputs.iter().zip(gates) {
-            if let Some((scope, _)) = &gate.rate {
+            for (scope, _) in &gate.rates {
                 locks.push(format!("rate:{scope}"));
             }
             if let Some((key, _)) = &gate.key {
@@ -81,10 +82,18 @@ impl Store {
         .execute(&mut *tx)
         .await
         .context("taking the limits' locks")?;
+        // The limits' clock: read once the locks are held, so it runs forward in lock order
+        // (`now()` is when the transaction began, before any wait for a lock). Counts, the
+        // starts recorded, and the claimed jobs' `started_at` all use it.
+        let t: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&mut *tx)
+            .await
+            .context("reading the clock")?;
 
         // The counts, in a statement of their own: its snapshot is taken after every lock was
         // granted, so it sees every start and claim committed by the previous holder.
-        let mut rates: Vec<(String, Rate)> = gates.iter().filter_map(|g| g.rate.clone()).collect();
+        let mut rates: Vec<(String, Rate)> =
+            gates.iter().flat_map(|g| g.rates.iter().cloned()).collect();
         rates.sort_by(|a, b| a.0.cmp(&b.0));
         rates.dedup_by(|a, b| a.0 == b.0);
         let scopes: Vec<&str> = rates.iter().map(|(s, _)| s.as_str()).collect();
@@ -97,15 +106,16 @@ impl Store {
             sqlx::query_as(
                 "SELECT s.scope,
                         (SELECT count(*) FROM apiary_rate_starts r
-                          WHERE r.scope = s.scope AND r.started_at > now() - s.period * interval '1 microsecond'),
+                          WHERE r.scope = s.scope AND r.started_at > $3 - s.period * interval '1 microsecond'),
                         (SELECT min(r.started_at) FROM apiary_rate_starts r
-                          WHERE r.scope = s.scope AND r.started_at > now() - s.period * interval '1 microsecond'),
+                          WHERE r.scope = s.scope AND r.started_at > $3 - s.period * interval '1 microsecond'),
                         (SELECT next_slot FROM apiary_limit_slots l WHERE l.scope = s.scope),
-                        now()
+                        $3
                    FROM unnest($1::text[], $2::int8[]) AS s(scope, period)",
             )
             .bind(&scopes)
             .bind(&periods)
+            .bind(t)
             .fetch_all(&mut *tx)
             .await
             .context("counting a rate limit's starts")?;
@@ -134,7 +144,7 @@ impl Store {
         .await
         .context("counting a concurrency key's running jobs")?;
 
-        let now = rate_rows.first().map(|r| r.4).unwrap_or_else(Utc::now);
+        let now = t;
         struct RateState {
             rate: Rate,
             started: i64,
@@ -171,13 +181,16 @@ impl Store {
                     .unwrap_or(0)
                     >= i64::from(*max)
             });
-            let rate_wait = gate.rate.as_ref().and_then(|(scope, _)| {
+            // The first full rate decides the wait. Held jobs are given return times one
+            // interval apart, after any already handed out, from when the window frees a
+            // start (when its oldest start leaves it).
+            let full = gate.rates.iter().find(|(scope, _)| {
+                rate_state
+                    .get(scope)
+                    .is_some_and(|st| st.started >= i64::from(st.rate.count))
+            });
+            let rate_wait = full.and_then(|(scope, _)| {
                 let st = rate_state.get_mut(scope)?;
-                if st.started < i64::from(st.rate.count) {
-                    return None;
-                }
-                // Full: the window frees a start when its oldest leaves it. Held jobs are
-                // given return times one interval apart, after any already handed out.
                 let free_at = st.oldest.map(|o| o + st.rate.period).unwrap_or(now);
                 let slot = st.next_slot.filter(|s| *s > free_at).unwrap_or(free_at);
                 let interval = st.rate.period / st.rate.count;
@@ -191,10 +204,10 @@ impl Store {
                 (None, false) => None,
             };
             if verdict.is_none() {
-                if let Some((scope, _)) = &gate.rate
-                    && let Some(st) = rate_state.get_mut(scope)
-                {
-                    st.started += 1;
+                for (scope, _) in &gate.rates {
+                    if let Some(st) = rate_state.get_mut(scope) {
+                        st.started += 1;
+                    }
                 }
                 if let Some((k, _)) = &gate.key {
                     *running
@@ -221,25 +234,32 @@ impl Store {
             claimed.iter().map(|c| c.0).collect();
         let mut starts: Vec<&str> = Vec::new();
         for ((input, gate), verdict) in inputs.iter().zip(gates).zip(&verdicts) {
-            if verdict.is_none()
-                && claimed_ids.contains(&input.job.id)
-                && let Some((scope, _)) = &gate.rate
-            {
-                starts.push(scope.as_str());
+            if verdict.is_none() && claimed_ids.contains(&input.job.id) {
+                starts.extend(gate.rates.iter().map(|(scope, _)| scope.as_str()));
             }
+        }
+        if !claimed.is_empty() {
+            let ids: Vec<uuid::Uuid> = claimed.iter().map(|c| c.0).collect();
+            sqlx::query("UPDATE apiary_jobs SET started_at = $2 WHERE id = ANY($1)")
+                .bind(&ids)
+                .bind(t)
+                .execute(&mut *tx)
+                .await
+                .context("stamping limited starts")?;
         }
         if !starts.is_empty() || !scopes.is_empty() {
             sqlx::query(
                 "WITH gone AS (
                      DELETE FROM apiary_rate_starts r
                       USING unnest($2::text[], $3::int8[]) AS s(scope, period)
-                      WHERE r.scope = s.scope AND r.started_at <= now() - s.period * interval '1 microsecond'
+                      WHERE r.scope = s.scope AND r.started_at <= $4 - s.period * interval '1 microsecond'
                  )
-                 INSERT INTO apiary_rate_starts (scope, started_at) SELECT unnest($1::text[]), now()",
+                 INSERT INTO apiary_rate_starts (scope, started_at) SELECT unnest($1::text[]), $4",
             )
             .bind(&starts)
             .bind(&scopes)
             .bind(&periods)
+            .bind(t)
             .execute(&mut *tx)
             .await
             .context("recording a rate limit's starts")?;

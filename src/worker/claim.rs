@@ -179,16 +179,13 @@ pub(crate) fn claim_input<'a>(shared: &'a Shared, inc: &'a Incoming) -> ClaimInp
 
 /// Claims jobs that each hold a handler slot, and dispatches each by what the claim found.
 async fn claim_now(shared: &Arc<Shared>, batch: Vec<Incoming>, permits: Vec<OwnedSemaphorePermit>) {
-    // Limits cost nothing to kinds without them: the check is one lookup in an empty map.
-    if !shared.limited.is_empty()
-        && batch
-            .iter()
-            .any(|i| shared.limited.contains_key(&i.job.kind))
-    {
+    // Limits cost nothing to kinds and queues without them: an empty map and a `None`.
+    let limited = |i: &Incoming| i.lane.rate.is_some() || shared.limited.contains_key(&i.job.kind);
+    if batch.iter().any(limited) {
         let mut plain = (Vec::new(), Vec::new());
         let mut gated = (Vec::new(), Vec::new());
         for (inc, permit) in batch.into_iter().zip(permits) {
-            let to = if shared.limited.contains_key(&inc.job.kind) {
+            let to = if limited(&inc) {
                 &mut gated
             } else {
                 &mut plain

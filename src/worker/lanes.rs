@@ -25,6 +25,9 @@ pub(crate) struct Lane {
     pub(crate) concurrency: usize,
     /// Unacknowledged deliveries the lane's consumer holds.
     pub(crate) prefetch: u16,
+    /// The queue's rate limit (`APIARY_QUEUE_OPTIONS`): every job of the lane is claimed
+    /// under it.
+    pub(crate) rate: Option<crate::config::Rate>,
     /// Handler slots: `concurrency` permits.
     pub(crate) slots: Arc<Semaphore>,
     /// Deliveries to claim, to this lane's claimer.
@@ -43,12 +46,14 @@ impl Lane {
         queue: &str,
         concurrency: usize,
         prefetch: u16,
+        rate: Option<crate::config::Rate>,
     ) -> (Arc<Lane>, mpsc::UnboundedReceiver<Incoming>) {
         let (claim_tx, claim_rx) = mpsc::unbounded_channel();
         let lane = Lane {
             names: QueueNames::shared(prefix, queue),
             concurrency,
             prefetch,
+            rate,
             slots: Arc::new(Semaphore::new(concurrency)),
             claim_tx,
             paused: watch::Sender::new(false),
@@ -85,10 +90,14 @@ pub(crate) async fn watch_pauses(shared: Arc<Shared>, stop: tokio_util::sync::Ca
             _ = tick.tick() => {}
         }
         let read = shared.lease_store.paused_queues(&shared.cfg.queue, &queues);
-        let paused = match tokio::time::timeout(Duration::from_secs(5), read).await {
-            Ok(Ok(p)) => p,
-            // Postgres unreachable: keep the last state (the other duties report the outage).
-            _ => continue,
+        // Abandoned at once on stop: a stalled Postgres must not hold up a drain.
+        let paused = tokio::select! {
+            () = stop.cancelled() => return,
+            r = tokio::time::timeout(Duration::from_secs(5), read) => match r {
+                Ok(Ok(p)) => p,
+                // Postgres unreachable: keep the last state (the other duties report it).
+                _ => continue,
+            },
         };
         for lane in &shared.lanes {
             let now = paused.iter().any(|q| q == lane.queue());

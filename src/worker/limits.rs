@@ -19,9 +19,17 @@ fn gate_of(shared: &Shared, inc: &Incoming) -> Gate {
         .get(&inc.job.kind)
         .copied()
         .unwrap_or((None, None));
+    // Counted per deployment: another deployment sharing the database has its own.
+    let prefix = &shared.cfg.queue;
+    let mut rates = Vec::new();
+    if let Some(r) = rate {
+        rates.push((format!("{prefix}/kind:{}", inc.job.kind), r));
+    }
+    if let Some(r) = inc.lane.rate {
+        rates.push((format!("{prefix}/queue:{}", inc.lane.queue()), r));
+    }
     Gate {
-        // Counted per deployment: another deployment sharing the database has its own.
-        rate: rate.map(|r| (format!("{}/kind:{}", shared.cfg.queue, inc.job.kind), r)),
+        rates,
         key: max_per_key.and_then(|n| inc.job.concurrency_key.clone().map(|k| (k, n))),
     }
 }

@@ -104,7 +104,8 @@ impl Worker {
             } else {
                 u16::try_from(concurrency.saturating_mul(2)).unwrap_or(u16::MAX)
             };
-            let (lane, rx) = Lane::new(&cfg.queue, &queue, concurrency, prefetch);
+            let rate = cfg.queue_options.0.get(&queue).and_then(|o| o.rate);
+            let (lane, rx) = Lane::new(&cfg.queue, &queue, concurrency, prefetch, rate);
             lanes.push(lane);
             claim_rxs.push(rx);
         }
