@@ -286,6 +286,7 @@ impl Client {
     /// waiting job.
     pub async fn stats(&self) -> Result<Stats, StatsError> {
         let lease = self.inner.lease;
+        let workers = self.inner.store.live_workers(lease * 3).await?;
         let queues = self.queues().await?;
         let mut depths = crate::broker::topology::QueueDepths::default();
         for q in &queues {
@@ -296,7 +297,6 @@ impl Client {
                 dead: q.dead,
             });
         }
-        let workers = self.inner.store.live_workers(lease * 3).await?;
         let in_flight = workers.iter().map(|w| i64::from(w.in_flight)).sum();
         let throughput = workers.iter().map(|w| w.rate).sum();
         Ok(Stats {
