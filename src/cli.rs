@@ -120,6 +120,13 @@ pub enum Command {
         #[command(subcommand)]
         action: DeadAction,
     },
+    /// Queues: list them, or pause and resume one. A pause reaches every worker within
+    /// about a second and lasts until resumed, across restarts.
+    Queue {
+        /// What to do.
+        #[command(subcommand)]
+        action: QueueAction,
+    },
     /// Cancel a job: one not yet started never runs; a running one is told to stop.
     Cancel {
         /// The job id.
@@ -180,6 +187,30 @@ pub enum DeadAction {
         /// How progress is shown.
         #[command(flatten)]
         progress: ProgressArgs,
+    },
+}
+
+/// `apiary queue ...`.
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[derive(Debug, Subcommand)]
+pub enum QueueAction {
+    /// List the deployment's queues: paused or not, depths, running and waiting jobs.
+    List {
+        /// Print JSON (`{"queues": [...]}`, as `GET /v1/queues`) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a queue: no worker starts another of its jobs (running ones finish); its
+    /// messages wait in RabbitMQ, uncharged.
+    Pause {
+        /// The queue's name.
+        name: String,
+    },
+    /// Resume a paused queue.
+    Resume {
+        /// The queue's name.
+        name: String,
     },
 }
 
@@ -271,6 +302,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("replayed {} job(s)", ids.len());
             Ok(())
         }
+        Command::Queue { action } => queue(&cfg, action).await,
         Command::Cancel { id } => {
             use crate::store::cancel_job::CancelOutcome;
             let store = store::Store::connect_lazy(&cfg.database_url, 2)?;
@@ -362,6 +394,52 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn queue(cfg: &Config, action: QueueAction) -> anyhow::Result<()> {
+    let client = Client::new(cfg)?;
+    match action {
+        QueueAction::List { json } => {
+            client.store().check_schema().await?;
+            let queues = client.queues().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "queues": queues }))?
+                );
+            } else {
+                print!("{}", crate::client::QueueTable(&queues));
+            }
+        }
+        QueueAction::Pause { name } => {
+            let q = set_paused(&client, &name, true).await?;
+            println!(
+                "paused {} ({} ready, {} running)",
+                q.name, q.ready, q.in_flight
+            );
+        }
+        QueueAction::Resume { name } => {
+            let q = set_paused(&client, &name, false).await?;
+            println!("resumed {} ({} ready)", q.name, q.ready);
+        }
+    }
+    Ok(())
+}
+
+/// Pauses or resumes `name`: a bad name is told before anything connects, an old schema
+/// before anything is written.
+async fn set_paused(
+    client: &Client,
+    name: &str,
+    paused: bool,
+) -> anyhow::Result<crate::client::QueueInfo> {
+    crate::job::validate_queue(name)?;
+    client.store().check_schema().await?;
+    Ok(if paused {
+        client.pause(name).await?
+    } else {
+        client.resume(name).await?
+    })
 }
 
 fn no_job(id: uuid::Uuid) -> CliError {

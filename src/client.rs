@@ -2,6 +2,8 @@
 //! one semantics. A job is recorded in Postgres with an outbox entry, published with a
 //! confirm, and only then reported enqueued.
 
+mod queues;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use crate::job::{InvalidJob, Job, JobId, JobStatus, JobStatusText, NewJob};
 use crate::store::insert_job::{InsertOutcome, Inserted, JobRow};
 use crate::store::{DONE_CHANNEL, Store, StoreError};
 use crate::wire::WireJob;
+pub use queues::{QueueError, QueueInfo};
 
 /// Why an enqueue failed. Whatever the variant, a job either was recorded (and will be
 /// published) or was not written at all: see the crate's [guarantees](crate#guarantees).
@@ -96,6 +99,9 @@ struct Inner {
     registered: std::collections::HashMap<String, crate::config::KindOptions>,
     max_payload_bytes: usize,
     lease: Duration,
+    /// The queues the configuration names ([`Config::configured_queues`]): listed by
+    /// [`Client::queues`] even before anything ran on them.
+    configured: Vec<String>,
 }
 
 /// One job waiting for the batcher, and where its answer goes.
@@ -127,6 +133,7 @@ impl Client {
             registered: std::collections::HashMap::new(),
             lease: cfg.lease,
             max_payload_bytes: cfg.max_payload_bytes,
+            configured: cfg.configured_queues(),
         });
         let (batcher, pending) = mpsc::unbounded_channel();
         tokio::spawn(batch_enqueues(inner.clone(), pending));
@@ -248,17 +255,11 @@ impl Client {
     }
 
     /// Checks the invariants ([`crate::store::invariants`]) against the live database, with the
-    /// dead-letter queue's depth from RabbitMQ. Safe while work runs; exact checks of the
-    /// broker side need [`Client::check_quiescent`].
+    /// dead-letter queues' depths from RabbitMQ (every known queue's, added up). Safe while
+    /// work runs; exact checks of the broker side need [`Client::check_quiescent`].
     pub async fn check(&self) -> Result<Vec<crate::store::invariants::Violation>, StatsError> {
-        let channel = self.inner.publisher.open_channel().await?;
-        let depths = crate::broker::topology::depths(
-            &channel,
-            &self.inner.publisher.names(crate::job::DEFAULT_QUEUE),
-        )
-        .await;
-        let _ = channel.close(200, "check done".into()).await;
-        let depths = depths?;
+        let names = self.known_queues().await?;
+        let depths = self.total_depths(&names).await?;
         let quiet = crate::store::invariants::Quiet::Live {
             dead_letters: Some(u64::from(depths.dead)),
         };
@@ -266,19 +267,13 @@ impl Client {
     }
 
     /// Like [`Client::check`], for a deployment where nothing is in flight (no worker holds a
-    /// delivery): then every message is counted, and every unfinished job must be accounted
-    /// for by a message or an outbox row.
+    /// delivery): then every message of every known queue is counted, and every unfinished
+    /// job must be accounted for by a message or an outbox row.
     pub async fn check_quiescent(
         &self,
     ) -> Result<Vec<crate::store::invariants::Violation>, StatsError> {
-        let channel = self.inner.publisher.open_channel().await?;
-        let depths = crate::broker::topology::depths(
-            &channel,
-            &self.inner.publisher.names(crate::job::DEFAULT_QUEUE),
-        )
-        .await;
-        let _ = channel.close(200, "check done".into()).await;
-        let depths = depths?;
+        let names = self.known_queues().await?;
+        let depths = self.total_depths(&names).await?;
         let quiet = crate::store::invariants::Quiet::Quiescent {
             messages: u64::from(depths.ready) + u64::from(depths.delayed),
             dead_letters: u64::from(depths.dead),
@@ -286,19 +281,22 @@ impl Client {
         Ok(self.inner.store.check_invariants(quiet).await?)
     }
 
-    /// A snapshot for operators: queue depths from RabbitMQ, live workers, jobs by status in
-    /// the last hour, and the oldest waiting job.
+    /// A snapshot for operators: queue depths from RabbitMQ (added up over every known
+    /// queue, and per queue), live workers, jobs by status in the last hour, and the oldest
+    /// waiting job.
     pub async fn stats(&self) -> Result<Stats, StatsError> {
         let lease = self.inner.lease;
-        let channel = self.inner.publisher.open_channel().await?;
-        let depths = crate::broker::topology::depths(
-            &channel,
-            &self.inner.publisher.names(crate::job::DEFAULT_QUEUE),
-        )
-        .await;
-        let _ = channel.close(200, "stats read".into()).await;
-        let depths = depths?;
         let workers = self.inner.store.live_workers(lease * 3).await?;
+        let queues = self.queues().await?;
+        let mut depths = crate::broker::topology::QueueDepths::default();
+        for q in &queues {
+            depths.add(&crate::broker::topology::QueueDepths {
+                ready: q.ready,
+                consumers: q.consumers,
+                delayed: q.delayed,
+                dead: q.dead,
+            });
+        }
         let in_flight = workers.iter().map(|w| i64::from(w.in_flight)).sum();
         let throughput = workers.iter().map(|w| w.rate).sum();
         Ok(Stats {
@@ -313,6 +311,7 @@ impl Client {
             throughput_per_second: throughput,
             oldest_waiting_seconds: self.inner.store.oldest_waiting_seconds().await?,
             last_hour: self.inner.store.counts_last_hour().await?,
+            queues,
             workers,
         })
     }
@@ -676,9 +675,10 @@ pub enum StatsError {
 /// See the crate's [guarantees](crate#guarantees).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
-    /// The work queue.
+    /// The `default` queue's work queue: the deployment's name on the broker.
     pub queue: String,
-    /// Ready messages per queue, from RabbitMQ.
+    /// Messages in the deployment's broker queues, from RabbitMQ, added up over every queue
+    /// in `queues`.
     pub depths: crate::broker::topology::QueueDepths,
     /// Deliveries held by live workers (RabbitMQ's unacknowledged count, as the workers report it).
     pub in_flight: i64,
@@ -688,6 +688,9 @@ pub struct Stats {
     pub oldest_waiting_seconds: Option<f64>,
     /// Jobs created in the last hour, by status.
     pub last_hour: std::collections::BTreeMap<String, i64>,
+    /// Each queue of the deployment, `default` first.
+    #[serde(default)]
+    pub queues: Vec<QueueInfo>,
     /// Live workers.
     pub workers: Vec<crate::store::workers::WorkerRow>,
 }
@@ -706,6 +709,7 @@ impl std::fmt::Display for Stats {
             None => writeln!(f, "  oldest waiting job: none")?,
         }
         writeln!(f, "  throughput {:.1} jobs/s", self.throughput_per_second)?;
+        write!(f, "{}", QueueTable(&self.queues))?;
         writeln!(f, "workers ({} alive)", self.workers.len())?;
         for w in &self.workers {
             writeln!(
@@ -729,6 +733,44 @@ impl std::fmt::Display for Stats {
         }
         for (status, n) in &self.last_hour {
             writeln!(f, "  {status:<10} {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Queues as a table: name, paused, ready, in flight, oldest waiting, with a heading line.
+/// What `apiary status` and `apiary queue list` print.
+///
+/// See the crate's [guarantees](crate#guarantees).
+pub struct QueueTable<'a>(pub &'a [QueueInfo]);
+
+impl std::fmt::Display for QueueTable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let width = self
+            .0
+            .iter()
+            .map(|q| q.name.len())
+            .chain(std::iter::once("queue".len()))
+            .max()
+            .unwrap_or(5);
+        writeln!(
+            f,
+            "  {:<width$}  {:<6}  {:>8}  {:>9}  oldest waiting",
+            "queue", "paused", "ready", "in flight"
+        )?;
+        for q in self.0 {
+            let oldest = match q.oldest_waiting_seconds {
+                Some(s) => format!("{s:.1}s"),
+                None => "none".into(),
+            };
+            writeln!(
+                f,
+                "  {:<width$}  {:<6}  {:>8}  {:>9}  {oldest}",
+                q.name,
+                if q.paused { "yes" } else { "no" },
+                q.ready,
+                q.in_flight,
+            )?;
         }
         Ok(())
     }

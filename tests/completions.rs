@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-const SUBCOMMANDS: [&str; 11] = [
+const SUBCOMMANDS: [&str; 12] = [
     "migrate",
     "api",
     "worker",
@@ -13,6 +13,7 @@ const SUBCOMMANDS: [&str; 11] = [
     "job",
     "dead",
     "cancel",
+    "queue",
     "doctor",
     "completions",
 ];

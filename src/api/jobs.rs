@@ -14,7 +14,7 @@ use super::auth::Granted;
 use super::extract::{PathParams, QueryParams};
 use super::view::JobView;
 use super::{ApiError, AppState};
-use crate::job::{Job, JobId, JobStatus, validate_dedup_key, validate_kind};
+use crate::job::{Job, JobId, JobStatus, validate_dedup_key, validate_kind, validate_queue};
 use crate::store::list_jobs::JobFilter;
 
 /// The longest long poll.
@@ -119,6 +119,8 @@ pub struct ListParams {
     pub kind: Option<String>,
     /// Only this dedup key.
     pub dedup_key: Option<String>,
+    /// Only this queue.
+    pub queue: Option<String>,
     /// Page size, default 50.
     pub limit: Option<String>,
     /// The cursor: the `next` of the previous page.
@@ -170,6 +172,10 @@ pub async fn list(
         no_nul("dedup_key", key)?;
         validate_dedup_key(key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     }
+    if let Some(queue) = &p.queue {
+        no_nul("queue", queue)?;
+        validate_queue(queue).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    }
     let limit = match p.limit.as_deref() {
         None => 50,
         Some(l) => l
@@ -192,6 +198,7 @@ pub async fn list(
         status,
         kind: p.kind,
         dedup_key: p.dedup_key,
+        queue: p.queue,
         before,
         limit,
         max_bytes: state.options.max_page_bytes,

@@ -1,6 +1,6 @@
-//! The HTTP API: ① enqueue and ⑦ poll. [`router`] builds the routes apart from [`serve`], so
-//! tests call it without a socket. Every error it answers, axum's own included, is
-//! `{"error": "..."}` ([`error`]).
+//! The HTTP API: ① enqueue and ⑦ poll, and the operator's routes (cancel, retry, queues,
+//! stats). [`router`] builds the routes apart from [`serve`], so tests call it without a
+//! socket. Every error it answers, axum's own included, is `{"error": "..."}` ([`error`]).
 
 pub mod auth;
 pub mod enqueue;
@@ -8,6 +8,7 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod jobs;
+pub mod queues;
 pub mod readiness;
 pub mod view;
 pub mod waiters;
@@ -158,6 +159,18 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/jobs/{id}/retry",
             post(jobs::retry).route_layer(needs(Scope::Admin)),
+        )
+        .route(
+            "/v1/queues",
+            get(queues::list).route_layer(needs(Scope::Read)),
+        )
+        .route(
+            "/v1/queues/{name}/pause",
+            post(queues::pause).route_layer(needs(Scope::Admin)),
+        )
+        .route(
+            "/v1/queues/{name}/resume",
+            post(queues::resume).route_layer(needs(Scope::Admin)),
         )
         .route(
             "/v1/stats",

@@ -273,6 +273,15 @@ pub fn is_precondition_failed(e: &lapin::Error) -> bool {
     }
 }
 
+/// Whether `e` is the broker saying a queue does not exist (404 NOT_FOUND, as a passive
+/// declare of a missing queue answers). The broker closes the channel with it.
+pub fn is_not_found(e: &lapin::Error) -> bool {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => amqp.get_id() == 404,
+        _ => false,
+    }
+}
+
 /// Messages ready in each of a deployment's queues, as the broker counts them.
 ///
 /// See the crate's [guarantees](crate#guarantees).

@@ -19,7 +19,7 @@ use std::str::FromStr as _;
 use std::time::Duration;
 
 use crate::broker::BrokerError;
-use crate::client::{EnqueueError, StatsError};
+use crate::client::{EnqueueError, QueueError, StatsError};
 use crate::config::{Config, ConfigError, LogFormat, mask_url};
 use crate::job::InvalidJob;
 use crate::store::StoreError;
@@ -44,8 +44,8 @@ pub enum ErrorClass {
     /// The database is missing or behind the binary (or a queue a command needs is not
     /// declared): run `apiary migrate` (exit 5).
     Schema,
-    /// The request is wrong: an invalid kind or payload, a job the store refuses, cancelling
-    /// a job that has finished (exit 6).
+    /// The request is wrong: an invalid kind, payload or queue name, a job the store refuses,
+    /// cancelling a job that has finished (exit 6).
     Input,
     /// What was asked for does not exist: no job with that id (exit 7).
     NotFound,
@@ -88,7 +88,7 @@ Exit codes:
   3  configuration: a flag or environment variable that cannot work
   4  cannot connect: Postgres or RabbitMQ unreachable, or login refused
   5  schema behind: database missing or not migrated to this version; run `apiary migrate`
-  6  bad input: invalid kind or payload, a job the store refuses, cancelling a finished job
+  6  bad input: invalid kind, payload or queue name, a job the store refuses, cancelling a finished job
   7  not found: no job with that id";
 
 /// A failure the command itself decides, with its class: a job id that does not exist, a
@@ -329,6 +329,13 @@ fn classify(
                 return Some(Report::new(r.class, format!("{what}: {}", r.message)));
             }
             EnqueueError::Store(s) => return store(s, chain, targets),
+        }
+    }
+    if let Some(e) = cause.downcast_ref::<QueueError>() {
+        match e {
+            QueueError::Invalid(_) => return Some(Report::new(ErrorClass::Input, chain)),
+            QueueError::Store(s) => return store(s, chain, targets),
+            QueueError::Broker(b) => return broker(b, chain, targets),
         }
     }
     let store_error = cause.downcast_ref::<StoreError>().or_else(|| {

@@ -41,6 +41,11 @@ pub struct WorkerRow {
     /// The kinds it has handlers for, sorted; `None` for a worker too old to say.
     #[serde(default)]
     pub kinds: Option<Vec<String>>,
+    /// The queues it consumes, each with how many of its jobs it runs at once:
+    /// `{"default": 64, "emails": 16}`; `None` for a worker too old to say.
+    #[serde(default)]
+    #[sqlx(json(nullable))]
+    pub queues: Option<std::collections::BTreeMap<String, i64>>,
 }
 
 impl Store {
@@ -49,10 +54,10 @@ impl Store {
     pub async fn beat_worker(&self, w: &WorkerRow) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO apiary_workers (id, queue, host, pid, version, concurrency, started_at, heartbeat_at,
-                                         in_flight, processed, failed, rate, draining, kinds)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9, $10, $11, $12, $13)
+                                         in_flight, processed, failed, rate, draining, kinds, queues)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9, $10, $11, $12, $13, $14)
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), in_flight = $8, processed = $9, failed = $10,
-                                            rate = $11, draining = $12",
+                                            rate = $11, draining = $12, queues = $14",
         )
         .bind(w.id)
         .bind(&w.queue)
@@ -67,6 +72,7 @@ impl Store {
         .bind(w.rate)
         .bind(w.draining)
         .bind(&w.kinds)
+        .bind(w.queues.as_ref().map(sqlx::types::Json))
         .execute(self.pool())
         .await
         .context("recording a worker heartbeat")?;

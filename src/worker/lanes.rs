@@ -83,32 +83,40 @@ impl Lane {
 pub(crate) async fn watch_pauses(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
     let mut tick = tokio::time::interval(PAUSE_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let queues: Vec<String> = shared.lanes.iter().map(|l| l.queue().to_string()).collect();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let read = shared.lease_store.paused_queues(&shared.cfg.queue, &queues);
         // Abandoned at once on stop: a stalled Postgres must not hold up a drain.
-        let paused = tokio::select! {
+        tokio::select! {
             () = stop.cancelled() => return,
-            r = tokio::time::timeout(Duration::from_secs(5), read) => match r {
-                Ok(Ok(p)) => p,
-                // Postgres unreachable: keep the last state (the other duties report it).
-                _ => continue,
-            },
-        };
-        for lane in &shared.lanes {
-            let now = paused.iter().any(|q| q == lane.queue());
-            lane.paused.send_if_modified(|p| {
-                if *p == now {
-                    return false;
-                }
-                *p = now;
-                tracing::info!(queue = %lane.queue(), paused = now, "queue {}", if now { "paused: starting nothing from it" } else { "resumed" });
-                true
-            });
+            _ = read_pauses(&shared) => {}
         }
     }
+}
+
+/// Reads once which lanes are paused and tells each lane whose state changed. Returns false
+/// when Postgres did not answer, leaving every lane as it was. Also called before the first
+/// consumer starts, so a worker started while a queue is paused never takes its messages.
+pub(crate) async fn read_pauses(shared: &Shared) -> bool {
+    let queues: Vec<String> = shared.lanes.iter().map(|l| l.queue().to_string()).collect();
+    let read = shared.lease_store.paused_queues(&shared.cfg.queue, &queues);
+    let paused = match tokio::time::timeout(Duration::from_secs(5), read).await {
+        Ok(Ok(p)) => p,
+        // Postgres unreachable: keep the last state (the other duties report the outage).
+        _ => return false,
+    };
+    for lane in &shared.lanes {
+        let now = paused.iter().any(|q| q == lane.queue());
+        lane.paused.send_if_modified(|p| {
+            if *p == now {
+                return false;
+            }
+            *p = now;
+            tracing::info!(queue = %lane.queue(), paused = now, "queue {}", if now { "paused: starting nothing from it" } else { "resumed" });
+            true
+        });
+    }
+    true
 }

@@ -192,6 +192,10 @@ impl Worker {
         // In the registry before the first claim, so a rescuer can find this worker's jobs
         // the moment its heartbeat stops.
         rescuer::register_now(&shared, &shutdown.drain).await;
+        // Before any consumer starts: a queue paused while no worker ran stays untouched by
+        // this one. Should Postgres not answer now, the lanes start unpaused and the watch
+        // corrects them within a poll; a claim needs Postgres anyway.
+        lanes::read_pauses(&shared).await;
         let queues: Vec<String> = shared
             .lanes
             .iter()

@@ -240,6 +240,18 @@ fn registry_row(shared: &Shared, rate: f64) -> crate::store::workers::WorkerRow 
                 .map(str::to_string)
                 .collect(),
         ),
+        queues: Some(
+            shared
+                .lanes
+                .iter()
+                .map(|l| {
+                    (
+                        l.queue().to_string(),
+                        i64::try_from(l.concurrency).unwrap_or(i64::MAX),
+                    )
+                })
+                .collect(),
+        ),
     }
 }
 
