@@ -96,7 +96,7 @@ struct Inner {
     max_attempts: i32,
     kinds: crate::config::KindSettings,
     /// Options of handlers this process registered, below `APIARY_KINDS`.
-    registered: std::collections::HashMap<String, crate::config::KindOptions>,
+    registered: std::sync::RwLock<std::collections::HashMap<String, crate::config::KindOptions>>,
     max_payload_bytes: usize,
     lease: Duration,
     /// The queues the configuration names ([`Config::configured_queues`]): listed by
@@ -130,7 +130,7 @@ impl Client {
             confirmed,
             max_attempts: cfg.max_attempts,
             kinds: cfg.kinds.clone(),
-            registered: std::collections::HashMap::new(),
+            registered: std::sync::RwLock::new(std::collections::HashMap::new()),
             lease: cfg.lease,
             max_payload_bytes: cfg.max_payload_bytes,
             configured: cfg.configured_queues(),
@@ -138,6 +138,20 @@ impl Client {
         let (batcher, pending) = mpsc::unbounded_channel();
         tokio::spawn(batch_enqueues(inner.clone(), pending));
         Client { inner, batcher }
+    }
+
+    /// Takes the options of `registry`'s handlers (their `KindOptions`: queue, priority,
+    /// attempt budget) as the defaults of the jobs this client enqueues, below `APIARY_KINDS`,
+    /// as a worker with the same handlers applies them. A process that enqueues jobs of its
+    /// own handlers calls it once.
+    pub fn use_handler_options(&self, registry: &crate::handler::Registry) {
+        if let Ok(mut r) = self.inner.registered.write() {
+            for kind in registry.kinds() {
+                if let Some(e) = registry.get(kind) {
+                    r.insert(kind.to_string(), e.options.clone());
+                }
+            }
+        }
     }
 
     /// The store, for reading jobs.
@@ -365,7 +379,12 @@ impl Client {
 impl Inner {
     /// The options for `kind`: `APIARY_KINDS`, then the handler's registration.
     fn kind_options(&self, kind: &str) -> crate::config::KindOptions {
-        let registered = self.registered.get(kind).cloned().unwrap_or_default();
+        let registered = self
+            .registered
+            .read()
+            .ok()
+            .and_then(|r| r.get(kind).cloned())
+            .unwrap_or_default();
         self.kinds.get(kind).or(registered)
     }
 

@@ -3,6 +3,11 @@
 //! lost, no `tally` may apply twice, and every SIGTERMed worker must drain and exit 0 within
 //! its drain timeout.
 //!
+//! Two queues and both kinds of limit are in play: a third of the `tally` jobs go to the
+//! `emails` queue, which has a rate limit; the `sleep` jobs carry concurrency keys, at most
+//! two running per key. Held jobs must come through the kills like the others, and the limits
+//! must hold for the attempts that ran to the end.
+//!
 //! It also measures how long a killed worker's jobs take to run elsewhere ("pickup"): from the
 //! SIGKILL to the `started_at` of the attempt that ran the job next. The broker redelivers the
 //! dead worker's messages at once, but the jobs are still `running` under its lease, and
@@ -48,9 +53,16 @@ const SETTLE: Duration = Duration::from_secs(120);
 const STALL: Duration = Duration::from_secs(30);
 const WORKER_ENV: &[(&str, &str)] = &[
     ("APIARY_DRAIN_TIMEOUT", "5s"),
-    ("APIARY_CONCURRENCY", "16"),
+    ("APIARY_QUEUES", "default:16,emails:8"),
+    ("APIARY_KINDS", "sleep:max_per_key=2"),
+    ("APIARY_QUEUE_OPTIONS", "emails:rate=300/s"),
     ("NO_COLOR", "1"),
 ];
+/// Keys the `sleep` jobs spread over, and how many of a key may run at once.
+const KEYS: u64 = 16;
+const MAX_PER_KEY: usize = 2;
+/// The `emails` queue's rate per second.
+const EMAILS_RATE: usize = 300;
 
 #[tokio::test]
 async fn chaos_terms_and_kills_lose_nothing_and_apply_nothing_twice() {
@@ -73,7 +85,7 @@ async fn chaos_terms_and_kills_lose_nothing_and_apply_nothing_twice() {
         "chaos: seed {seed} (replay with CHAOS_SEED={seed}), {jobs} jobs, {concurrent} workers, {rounds} rounds"
     );
     let mut rng = XorShift::new(seed);
-    let env = TestEnv::new().await;
+    let env = TestEnv::with_queues(&[("default", 16), ("emails", 8)]).await;
 
     // The jobs, kinds interleaved at random so every worker holds both at every moment. A job
     // can be in flight at every kill, and each kill charges it an attempt: give it enough.
@@ -83,11 +95,17 @@ async fn chaos_terms_and_kills_lose_nothing_and_apply_nothing_twice() {
     for i in 0..jobs {
         let job = if rng.below(3) == 0 {
             NewJob::new("sleep", json!({"ms": 20 + rng.below(380)}))
+                .with_concurrency_key(format!("k{}", rng.below(KEYS)))
         } else {
             let counter = format!("c{}", rng.below(COUNTERS));
             *want.entry(counter.clone()).or_default() += 1;
-            NewJob::new("tally", json!({"counter": counter, "by": 1}))
-                .with_dedup_key(format!("chaos-{i}"))
+            let job = NewJob::new("tally", json!({"counter": counter, "by": 1}))
+                .with_dedup_key(format!("chaos-{i}"));
+            if rng.below(3) == 0 {
+                job.with_queue("emails")
+            } else {
+                job
+            }
         };
         all.push(job.with_max_attempts(budget));
     }
@@ -210,6 +228,7 @@ async fn chaos_terms_and_kills_lose_nothing_and_apply_nothing_twice() {
     );
     // Every worker has stopped: every message of this world is counted.
     env.assert_invariants_quiescent().await;
+    assert_limits_held(&env).await;
     for t in terms.iter().chain(&final_terms) {
         assert!(
             t.took <= DRAIN_TIMEOUT + DRAIN_MARGIN,
@@ -557,4 +576,49 @@ impl XorShift {
     fn below(&mut self, n: u64) -> u64 {
         if n == 0 { 0 } else { self.next() % n }
     }
+}
+
+/// The limits held for the attempts that ran to the end (an attempt cut off by a kill leaves
+/// no interval behind: the next attempt's claim overwrote it): no key ever had more than
+/// [`MAX_PER_KEY`] jobs running, and no second of `emails` more than [`EMAILS_RATE`] starts.
+async fn assert_limits_held(env: &TestEnv) {
+    let rows: Vec<(String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT concurrency_key, started_at, finished_at FROM apiary_jobs
+          WHERE concurrency_key IS NOT NULL ORDER BY started_at",
+    )
+    .fetch_all(env.store.pool())
+    .await
+    .expect("keyed jobs");
+    let mut by_key: HashMap<String, Vec<(DateTime<Utc>, DateTime<Utc>)>> = HashMap::new();
+    for (key, start, end) in rows {
+        by_key.entry(key).or_default().push((start, end));
+    }
+    for (key, runs) in &by_key {
+        for (i, (start, _)) in runs.iter().enumerate() {
+            let running = runs[..=i].iter().filter(|(_, end)| end > start).count();
+            assert!(
+                running <= MAX_PER_KEY,
+                "key {key}: {running} jobs running at {start}"
+            );
+        }
+    }
+    let starts: Vec<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT started_at FROM apiary_jobs WHERE queue = 'emails' ORDER BY started_at",
+    )
+    .fetch_all(env.store.pool())
+    .await
+    .expect("emails starts");
+    for (i, s) in starts.iter().enumerate() {
+        let end = *s + chrono::Duration::seconds(1);
+        let n = starts[i..].iter().take_while(|t| **t < end).count();
+        assert!(
+            n <= EMAILS_RATE,
+            "{n} emails jobs started in the second from {s}"
+        );
+    }
+    eprintln!(
+        "chaos: limits held: {} keys, at most {MAX_PER_KEY} running each; {} emails jobs within {EMAILS_RATE}/s",
+        by_key.len(),
+        starts.len()
+    );
 }

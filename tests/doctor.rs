@@ -388,6 +388,42 @@ async fn a_queue_declared_with_other_arguments_is_named_with_the_argument() {
 }
 
 #[tokio::test]
+async fn a_work_queue_from_before_priorities_is_a_warning_with_the_upgrade() {
+    let env = TestEnv::new().await;
+    let work = env.names().work;
+    let conn = lapin::Connection::connect(AMQP, Default::default())
+        .await
+        .expect("rabbitmq");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_delete(work.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the work queue");
+    // As an Apiary before priorities declared it: durable, no arguments.
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(work.as_str().into(), durable, FieldTable::default())
+        .await
+        .expect("declare it the old way");
+    let _ = conn.close(200, "".into()).await;
+
+    let out = doctor(&env, &[], &[]).await;
+    assert_eq!(out.code, Some(0), "a warning alone passes: {}", out.stdout);
+    let (_, fix) = out.line(
+        "warn",
+        "queues",
+        &format!("work queue {work} has no priority levels"),
+    );
+    assert!(
+        fix.as_deref().is_some_and(|f| f.contains("apiary migrate")),
+        "{fix:?}"
+    );
+    let strict = doctor(&env, &[], &["--strict"]).await;
+    assert_eq!(strict.code, Some(1), "{}", strict.stdout);
+}
+
+#[tokio::test]
 async fn detach_after_against_the_brokers_consumer_timeout() {
     let env = TestEnv::new().await;
     let timeout = Duration::from_millis(broker_consumer_timeout_ms());

@@ -252,3 +252,62 @@ async fn wait_returns_an_unfinished_job_as_it_stands_at_the_deadline() {
         .expect("wait");
     assert_eq!(none, None);
 }
+
+/// Like [`Mailer`], with its kind's queue and priority in its options.
+struct QueuedMailer;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Newsletter {
+    issue: u32,
+}
+
+impl JobArgs for Newsletter {
+    const KIND: &'static str = "newsletter";
+}
+
+impl Work for QueuedMailer {
+    type Args = Newsletter;
+    type Output = u32;
+
+    async fn work(&self, args: Newsletter, _ctx: &mut JobContext) -> Result<u32, HandlerError> {
+        Ok(args.issue)
+    }
+
+    fn options(&self) -> apiary::handler::KindOptions {
+        apiary::handler::KindOptions {
+            queue: Some("emails".into()),
+            priority: Some(4),
+            ..Default::default()
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_handlers_queue_and_priority_apply_to_its_jobs_once_the_client_knows_them() {
+    let env = TestEnv::with_queues(&[("emails", 2)]).await;
+    let mut registry = Registry::new();
+    registry.add(QueuedMailer);
+    let client = env.client();
+    client.use_handler_options(&registry);
+    let id = client
+        .enqueue(Newsletter { issue: 7 })
+        .await
+        .expect("enqueue")
+        .job
+        .id;
+    let worker = env.start_worker_with(env.cfg.clone(), registry);
+    let job = env.wait_for_status(id, JobStatus::Succeeded, T).await;
+    assert_eq!(job.queue, "emails");
+    assert_eq!(job.priority, 4);
+    assert_eq!(job.result_as::<u32>().expect("result"), Some(7));
+    // The producer's own choice still wins over the handler's.
+    let id = client
+        .enqueue(TypedJob::new(Newsletter { issue: 8 }).with_priority(1))
+        .await
+        .expect("enqueue")
+        .job
+        .id;
+    let job = env.wait_for_status(id, JobStatus::Succeeded, T).await;
+    assert_eq!((job.queue.as_str(), job.priority), ("emails", 1));
+    worker.stop().await;
+}

@@ -13,7 +13,7 @@
 //!
 //! - The work queue is declared with `x-max-priority` ([`MAX_PRIORITY`]): RabbitMQ delivers
 //!   higher priorities first. A work queue declared by an older version without it is used as
-//!   it is (priorities are then ignored for it; `apiary doctor` says so).
+//!   it is (priorities are then ignored for it; the worker logs it and `apiary doctor` warns).
 //! - Delay tiers each have a fixed message TTL and dead-letter expired messages back into the
 //!   work queue, so a wait is durable in the broker and never in a worker's memory. Fixed
 //!   per-queue TTLs keep expiry in arrival order, and tiers keep a long wait from blocking a

@@ -76,7 +76,10 @@ pub(super) async fn check_rabbitmq(cfg: &Config) -> Vec<Finding> {
         "rabbitmq",
         format!("RabbitMQ answers at {at}, vhost \"{vhost}\""),
     )];
-    out.extend(check_queues(&conn, &QueueNames::new(&cfg.queue)).await);
+    // Every queue the configuration names (`default`, `APIARY_QUEUES`, the kinds' queues).
+    for queue in cfg.configured_queues() {
+        out.extend(check_queues(&conn, &QueueNames::for_queue(&cfg.queue, &queue)).await);
+    }
     let _ = conn.close(200, "doctor done".into()).await;
     out
 }
@@ -177,6 +180,24 @@ async fn check_queues(conn: &lapin::Connection, names: &QueueNames) -> Vec<Findi
         {
             Ok(_) => {
                 let _ = channel.close(200, "checked".into()).await;
+            }
+            // A work queue from before priorities: it works, without them.
+            Err(e) if amqp_code(&e) == Some(406)
+                && spec.name == names.work
+                && amqp_message(&e).contains("x-max-priority") =>
+            {
+                out.push(Finding::bad(
+                    "queues",
+                    Level::Warn,
+                    format!(
+                        "work queue {} has no priority levels (declared by an Apiary from before priorities): jobs run, but their priority is ignored",
+                        spec.name
+                    ),
+                    format!(
+                        "to get priorities: stop its producers and workers, let it drain (or move its messages with a shovel),                          delete it (`rabbitmqctl delete_queue {}`), and run `apiary migrate`",
+                        spec.name
+                    ),
+                ))
             }
             Err(e) if amqp_code(&e) == Some(406) => out.push(Finding::bad(
                 "queues",
