@@ -589,7 +589,8 @@ async fn assert_limits_held(env: &TestEnv) {
     .fetch_all(env.store.pool())
     .await
     .expect("keyed jobs");
-    let mut by_key: HashMap<String, Vec<(DateTime<Utc>, DateTime<Utc>)>> = HashMap::new();
+    type Runs = Vec<(DateTime<Utc>, DateTime<Utc>)>;
+    let mut by_key: HashMap<String, Runs> = HashMap::new();
     for (key, start, end) in rows {
         by_key.entry(key).or_default().push((start, end));
     }
