@@ -1,7 +1,7 @@
 -- Rate limits enforced across every worker: the start times of a limited scope's jobs in the
 -- last period (a sliding log). A claim of a limited job, under the scope's advisory lock,
 -- counts the starts in the window and records its own in the same transaction as the claim,
--- with the same now() as the job's started_at, so no window of the period ever holds more
+-- with the very timestamp it writes as the job's started_at, so no window of the period holds more
 -- starts than the limit. Rows older than the period are deleted by the next claim.
 CREATE TABLE IF NOT EXISTS apiary_rate_starts (
     scope      text        NOT NULL,

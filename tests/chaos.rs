@@ -582,6 +582,20 @@ impl XorShift {
 /// no interval behind: the next attempt's claim overwrote it): no key ever had more than
 /// [`MAX_PER_KEY`] jobs running, and no second of `emails` more than [`EMAILS_RATE`] starts.
 async fn assert_limits_held(env: &TestEnv) {
+    let detail: Vec<(
+        String,
+        Uuid,
+        i32,
+        Option<Uuid>,
+        DateTime<Utc>,
+        DateTime<Utc>,
+    )> = sqlx::query_as(
+        "SELECT concurrency_key, id, attempts, worker_id, started_at, finished_at FROM apiary_jobs
+          WHERE concurrency_key IS NOT NULL ORDER BY started_at",
+    )
+    .fetch_all(env.store.pool())
+    .await
+    .expect("keyed jobs");
     let rows: Vec<(String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
         "SELECT concurrency_key, started_at, finished_at FROM apiary_jobs
           WHERE concurrency_key IS NOT NULL ORDER BY started_at",
@@ -599,7 +613,11 @@ async fn assert_limits_held(env: &TestEnv) {
             let running = runs[..=i].iter().filter(|(_, end)| end > start).count();
             assert!(
                 running <= MAX_PER_KEY,
-                "key {key}: {running} jobs running at {start}"
+                "key {key}: {running} jobs running at {start}: {:#?}",
+                detail
+                    .iter()
+                    .filter(|d| &d.0 == key && d.4 <= *start && d.5 > *start)
+                    .collect::<Vec<_>>()
             );
         }
     }

@@ -4,8 +4,8 @@
 //! A limited batch is claimed in one transaction: first the advisory lock of every scope and
 //! key in it (in one order, so two workers never deadlock), then, in a new statement whose
 //! snapshot sees every claim committed before the locks were granted, the counts; then the
-//! claim of the jobs the limits let through; then their starts, with the same `now()` as
-//! their `started_at`. A job held back is not claimed, so it is charged nothing: the worker
+//! claim of the jobs the limits let through; then their starts, stamped with a clock read after
+//! the counts, which is also their `started_at`. A job held back is not claimed, so it is charged nothing: the worker
 //! sends its message to a delay tier to come back when the limit should allow it. Held jobs
 //! of a rate are given return times spread at the rate's pace (the `apiary_limit_slots` table), so a
 //! backlog behind a limit costs about one hop per job, not a storm of retries.
@@ -82,10 +82,9 @@ impl Store {
         .execute(&mut *tx)
         .await
         .context("taking the limits' locks")?;
-        // The limits' clock: read once the locks are held, so it runs forward in lock order
-        // (`now()` is when the transaction began, before any wait for a lock). Counts, the
-        // starts recorded, and the claimed jobs' `started_at` all use it.
-        let t: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        // The window's edge: read once the locks are held (`now()` is when the transaction
+        // began, before any wait for a lock).
+        let t0: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
             .fetch_one(&mut *tx)
             .await
             .context("reading the clock")?;
@@ -115,7 +114,7 @@ impl Store {
             )
             .bind(&scopes)
             .bind(&periods)
-            .bind(t)
+            .bind(t0)
             .fetch_all(&mut *tx)
             .await
             .context("counting a rate limit's starts")?;
@@ -143,6 +142,14 @@ impl Store {
         .fetch_all(&mut *tx)
         .await
         .context("counting a concurrency key's running jobs")?;
+        // The starts' clock, read after the counts: a job the counts did not see running had
+        // finished before them, so before this; and it is never before the window's edge, so
+        // a start counted against the window it lands in. The starts recorded and the claimed
+        // jobs' `started_at` use it.
+        let t: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&mut *tx)
+            .await
+            .context("reading the clock")?;
 
         let now = t;
         struct RateState {
@@ -229,7 +236,7 @@ impl Store {
         } else {
             claim_statement(&mut *tx, &passing, worker, lease).await?
         };
-        // The starts of what was claimed, at the claim's now(): its started_at.
+        // The starts of what was claimed, at `t`: also their `started_at`, stamped below.
         let claimed_ids: std::collections::HashSet<uuid::Uuid> =
             claimed.iter().map(|c| c.0).collect();
         let mut starts: Vec<&str> = Vec::new();

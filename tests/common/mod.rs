@@ -431,7 +431,9 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
-        let _ = std::fs::remove_file(&self.log);
+        if std::env::var_os("KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
