@@ -582,15 +582,10 @@ impl XorShift {
 /// no interval behind: the next attempt's claim overwrote it): no key ever had more than
 /// [`MAX_PER_KEY`] jobs running, and no second of `emails` more than [`EMAILS_RATE`] starts.
 async fn assert_limits_held(env: &TestEnv) {
-    let detail: Vec<(
-        String,
-        Uuid,
-        i32,
-        Option<Uuid>,
-        DateTime<Utc>,
-        DateTime<Utc>,
-    )> = sqlx::query_as(
-        "SELECT concurrency_key, id, attempts, worker_id, started_at, finished_at FROM apiary_jobs
+    /// A keyed job's final attempt, to show when a limit did not hold.
+    type Run = (String, Uuid, i32, DateTime<Utc>, DateTime<Utc>);
+    let detail: Vec<Run> = sqlx::query_as(
+        "SELECT concurrency_key, id, attempts, started_at, finished_at FROM apiary_jobs
           WHERE concurrency_key IS NOT NULL ORDER BY started_at",
     )
     .fetch_all(env.store.pool())
@@ -616,7 +611,7 @@ async fn assert_limits_held(env: &TestEnv) {
                 "key {key}: {running} jobs running at {start}: {:#?}",
                 detail
                     .iter()
-                    .filter(|d| &d.0 == key && d.4 <= *start && d.5 > *start)
+                    .filter(|d| &d.0 == key && d.3 <= *start && d.4 > *start)
                     .collect::<Vec<_>>()
             );
         }
