@@ -566,3 +566,33 @@ async fn a_retry_in_a_named_queue_goes_through_its_own_delay_tiers() {
     worker.signal("TERM");
     assert!(worker.wait(T).await.success(), "{log}");
 }
+
+#[tokio::test]
+async fn the_longest_prefix_and_queue_name_fit_the_brokers_names() {
+    let mut env = TestEnv::new().await;
+    let first = env.names();
+    // The longest of each: a 170-byte prefix and a 64-byte queue name make the longest broker
+    // name, the hour-long delay tier, 249 bytes of RabbitMQ's 255.
+    let tag = env.cfg.queue.replace('.', "-");
+    env.cfg.queue = format!("{tag}{}", "p".repeat(170 - tag.len()));
+    let queue = "q".repeat(64);
+    env.cfg.queues = QueueSettings(vec![(queue.clone(), 2)]);
+    env.queues.push(queue.clone());
+    common::remove_queues(&first);
+    let names = env.names_of(&queue);
+    assert!(names.delay(3_600_000).len() <= 255);
+    let worker = env.start_worker();
+    // A retry goes out through the queue's delay tiers and back.
+    let id = env
+        .enqueue(
+            NewJob::new("fail", json!({"times": 1}))
+                .with_queue(queue.as_str())
+                .with_max_attempts(2),
+        )
+        .await;
+    let job = env
+        .wait_for_status(id, JobStatus::Succeeded, Duration::from_secs(30))
+        .await;
+    assert_eq!((job.queue.as_str(), job.attempts), (queue.as_str(), 2));
+    worker.stop().await;
+}
