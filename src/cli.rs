@@ -380,8 +380,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if !enqueued.created {
                 eprintln!("(already existed: {})", enqueued.job.status());
             } else if let Ok(workers) = client.store().live_workers(cfg.lease * 3).await {
-                let workers: Vec<_> = workers.into_iter().map(|w| (w.queue, w.kinds)).collect();
-                if let Some(w) = errors::unserved_kind(&enqueued.job.kind, &cfg.queue, &workers) {
+                // The queues this deployment's workers consume (one from before named
+                // queues consumes `default`), each with the worker's kinds.
+                let workers: Vec<(String, Option<Vec<String>>)> = workers
+                    .into_iter()
+                    .filter(|w| w.queue == cfg.queue)
+                    .flat_map(|w| {
+                        let queues: Vec<String> = match &w.queues {
+                            Some(q) => q.keys().cloned().collect(),
+                            None => vec![crate::job::DEFAULT_QUEUE.to_string()],
+                        };
+                        queues.into_iter().map(move |q| (q, w.kinds.clone()))
+                    })
+                    .collect();
+                if let Some(w) =
+                    errors::unserved_kind(&enqueued.job.kind, &enqueued.job.queue, &workers)
+                {
                     errors::warn(&w);
                 }
             }

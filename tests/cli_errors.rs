@@ -421,14 +421,15 @@ async fn colour_only_on_a_terminal() {
 /// warning; a served kind, or one with no worker yet, says what it should.
 #[tokio::test]
 async fn enqueueing_a_kind_no_live_worker_serves_warns() {
-    let env = TestEnv::new().await;
+    let mut env = TestEnv::new().await;
+    // Its broker queues, which the enqueue below declares, go with the test.
+    env.queues.push("emails".into());
     let out = apiary(&env, &["enqueue", "echo", "{}"], &[]).await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(
         out.stderr.trim_end(),
         format!(
-            "warning: no worker is running on queue \"{}\"; the job waits until one starts",
-            env.cfg.queue
+            "warning: no worker is running on queue \"default\"; the job waits until one starts",
         )
     );
 
@@ -439,6 +440,13 @@ async fn enqueueing_a_kind_no_live_worker_serves_warns() {
     let out = apiary(&env, &["enqueue", "echo", "{}"], &[]).await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(out.stderr, "", "a served kind gets no warning");
+    // A worker of `default` does not serve another queue.
+    let out = apiary(&env, &["enqueue", "echo", "{}", "--queue", "emails"], &[]).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(
+        out.stderr.trim_end(),
+        "warning: no worker is running on queue \"emails\"; the job waits until one starts"
+    );
 
     let out = apiary(&env, &["enqueue", "send_mail", "{}"], &[]).await;
     assert_eq!(out.code, Some(0), "{}", out.stderr);
@@ -447,10 +455,9 @@ async fn enqueueing_a_kind_no_live_worker_serves_warns() {
     assert_eq!(
         out.stderr.trim_end(),
         format!(
-            "warning: no live worker on queue \"{}\" serves kind \"send_mail\" (they serve: echo, \
-             fail, sleep, tally); a worker without its handler records the job dead, to replay \
-             with `apiary dead replay` once one serves it",
-            env.cfg.queue
+            "warning: no live worker on queue \"default\" serves kind \"send_mail\" (they serve: \
+             echo, fail, sleep, tally); a worker without its handler records the job dead, to \
+             replay with `apiary dead replay` once one serves it",
         )
     );
     worker.signal("TERM");
