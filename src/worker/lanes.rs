@@ -78,24 +78,6 @@ impl Lane {
     }
 }
 
-/// Reads which lanes are paused, every [`PAUSE_POLL`], until `stop` fires. A lane whose state
-/// changed is told through its watch; its consume loop acts on it.
-pub(crate) async fn watch_pauses(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
-    let mut tick = tokio::time::interval(PAUSE_POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        // Abandoned at once on stop: a stalled Postgres must not hold up a drain.
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = read_pauses(&shared) => {}
-        }
-    }
-}
-
 /// Reads once which lanes are paused and tells each lane whose state changed. Returns false
 /// when Postgres did not answer, leaving every lane as it was. Also called before the first
 /// consumer starts, so a worker started while a queue is paused never takes its messages.

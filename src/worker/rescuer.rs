@@ -9,8 +9,9 @@
 //! - **rescue**: running jobs whose lease expired (detached jobs, jobs of workers whose
 //!   heartbeat stopped, and once a minute every running job), put back or ended.
 //! - **prune**: finished jobs past their retention.
-//! - **dead-letter sweep**: removes the letters of replayed jobs from the dead-letter queue,
-//!   one pass for many replays, one worker at a time.
+//! - **dead-letter sweep**: removes the letters of replayed jobs from each of its queues'
+//!   dead-letter queues, one pass for many replays, one worker at a time.
+//! - **pauses**: which of its queues an operator paused, every half second (`lanes.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,7 +64,16 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             |s| Box::pin(async move { sweep_dead_letters(&s).await }),
         )),
         tokio::spawn(prune_loop(shared.clone(), stop.clone())),
-        tokio::spawn(super::lanes::watch_pauses(shared.clone(), stop.clone())),
+        tokio::spawn(every(
+            shared.clone(),
+            stop.clone(),
+            super::lanes::PAUSE_POLL,
+            |s| {
+                Box::pin(async move {
+                    super::lanes::read_pauses(&s).await;
+                })
+            },
+        )),
     ];
     for t in tasks {
         let _ = t.await;

@@ -329,7 +329,6 @@ pub fn remove_queues(names: &QueueNames) {
 /// when it ends, or a test whose world a script or a CLI created.
 pub fn remove_world(name: &str, names: &QueueNames) {
     let name = name.to_string();
-    let queues = names.all();
     // Called from drops inside the test's runtime, which cannot block on itself: clean up
     // from a thread of our own.
     let cleanup = std::thread::spawn(move || {
@@ -349,19 +348,10 @@ pub fn remove_world(name: &str, names: &QueueNames) {
                     .execute(&mut conn)
                     .await;
             }
-            if let Ok(conn) = Connection::connect(AMQP, Default::default()).await
-                && let Ok(ch) = conn.create_channel().await
-            {
-                for q in queues {
-                    let _ = ch
-                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                let _ = conn.close(200, "".into()).await;
-            }
         });
     });
     let _ = cleanup.join();
+    remove_queues(names);
 }
 
 /// A worker running inside the test process.
