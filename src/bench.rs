@@ -65,6 +65,11 @@ pub struct BenchArgs {
     /// Bytes of payload per job.
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
+    /// Give job i the concurrency key `k{i % N}`, to measure a kind with `max_per_key` in
+    /// APIARY_KINDS (default: no key). The workers inherit the bench's environment, so set
+    /// limits with the APIARY_KINDS variable: the `--kinds` flag reaches only the bench.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keys: Option<u64>,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -399,7 +404,8 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
             sent.clone(),
             progress.clone(),
         );
-        let (batch, rate, mode) = (args.enqueue_batch.max(1), args.rate, args.mode);
+        let (batch, rate, mode, keys) =
+            (args.enqueue_batch.max(1), args.rate, args.mode, args.keys);
         publishers.spawn(async move {
             loop {
                 let from = next.fetch_add(batch, Ordering::Relaxed);
@@ -413,8 +419,14 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
                     )
                     .await;
                 }
-                let jobs: Vec<NewJob> = (0..n)
-                    .map(|_| NewJob::new("echo", payload.clone()))
+                let jobs: Vec<NewJob> = (from..from + n)
+                    .map(|i| {
+                        let job = NewJob::new("echo", payload.clone());
+                        match keys {
+                            Some(k) => job.with_concurrency_key(format!("k{}", i as u64 % k)),
+                            None => job,
+                        }
+                    })
                     .collect();
                 client.enqueue_many(jobs).await?;
                 sent.fetch_add(n, Ordering::Relaxed);
