@@ -7,7 +7,7 @@
 -- deployments that share a database never send each other's jobs. `prefix` is NULL on rows
 -- recorded before this migration: they belong to the deployment that reads them, as before.
 --
--- None of the new columns changes after insert and only `concurrency_key` is indexed, so
+-- None of the new columns changes after insert and only `queue` and `concurrency_key` are indexed, so
 -- claims and finishes stay HOT updates.
 ALTER TABLE apiary_jobs
     ADD COLUMN IF NOT EXISTS queue text NOT NULL DEFAULT 'default'
@@ -21,7 +21,7 @@ CREATE INDEX IF NOT EXISTS apiary_jobs_queue_created ON apiary_jobs (queue, crea
 
 -- The running jobs of a concurrency key, counted when one of its jobs is claimed. The
 -- predicate names only `concurrency_key`, which never changes, so it costs no HOT update.
-CREATE INDEX IF NOT EXISTS apiary_jobs_concurrency_key ON apiary_jobs (concurrency_key)
+CREATE INDEX IF NOT EXISTS apiary_jobs_concurrency_key ON apiary_jobs (concurrency_key, kind)
     WHERE concurrency_key IS NOT NULL;
 
 -- Queue state an operator sets: a paused queue starts nothing until resumed. Keyed by the
