@@ -657,6 +657,9 @@ fn new_record(job: NewJob, row: JobRow, created_at: chrono::DateTime<Utc>) -> Jo
         queue: row.queue,
         priority: i16::from(row.priority),
         concurrency_key: row.concurrency_key,
+        progress: None,
+        progress_detail: None,
+        progress_at: None,
     }
 }
 

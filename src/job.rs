@@ -171,6 +171,12 @@ pub struct Job {
     pub priority: i16,
     /// Its concurrency key, if any.
     pub concurrency_key: Option<String>,
+    /// The running attempt's progress, 0 to 1, as its handler last reported it.
+    pub progress: Option<f64>,
+    /// The detail reported with the progress.
+    pub progress_detail: Option<Value>,
+    /// When the progress was written.
+    pub progress_at: Option<DateTime<Utc>>,
 }
 
 /// [`JobStatus`] as read from a text column; a thin wrapper so `FromRow` can convert it.

@@ -82,6 +82,8 @@ pub struct RedactedJob {
     pub queue: String,
     /// 0 to 9, higher first.
     pub priority: i16,
+    /// The running attempt's progress, 0 to 1 (its detail is content, and left out).
+    pub progress: Option<f64>,
     /// Always true: the contents were left out because the token lacks `read`.
     pub redacted: bool,
 }
@@ -103,6 +105,7 @@ impl From<Job> for RedactedJob {
             finished_at: job.finished_at,
             queue: job.queue,
             priority: job.priority,
+            progress: job.progress,
             redacted: true,
         }
     }
@@ -136,6 +139,9 @@ mod tests {
             queue: "default".into(),
             priority: 0,
             concurrency_key: None,
+            progress: Some(0.5),
+            progress_detail: Some(json!({"secret": "detail"})),
+            progress_at: Some(Utc::now()),
         }
     }
 

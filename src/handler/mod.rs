@@ -242,7 +242,19 @@ pub struct JobContext {
     cancel: CancellationToken,
     pool: PgPool,
     tx: Option<Transaction<'static, Postgres>>,
+    /// The worker holding the claim, which fences progress writes.
+    worker: uuid::Uuid,
+    /// When progress was last written, and what was reported since and not written yet.
+    progress_written: Option<std::time::Instant>,
+    progress_pending: Option<(f64, Option<Box<RawValue>>)>,
 }
+
+/// The least time between two progress writes of one job: a handler may report as often as
+/// it likes, and Postgres sees at most two writes a second of it.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The largest progress detail, as JSON text.
+pub const MAX_PROGRESS_DETAIL_BYTES: usize = 64 * 1024;
 
 impl JobContext {
     #[allow(clippy::too_many_arguments)]
@@ -255,6 +267,7 @@ impl JobContext {
         payload: Box<RawValue>,
         cancel: CancellationToken,
         pool: PgPool,
+        worker: uuid::Uuid,
     ) -> Self {
         JobContext {
             id,
@@ -266,6 +279,81 @@ impl JobContext {
             cancel,
             pool,
             tx: None,
+            worker,
+            progress_written: None,
+            progress_pending: None,
+        }
+    }
+
+    /// Reports progress: `fraction` of the work done (0 to 1), and optionally a detail (any
+    /// JSON, at most [`MAX_PROGRESS_DETAIL_BYTES`]), shown by `GET /v1/jobs/{id}`. Cheap to
+    /// call often: it writes at most once per [`PROGRESS_INTERVAL`], keeping the latest
+    /// report for the next write (and for the end of the attempt). Returns whether this call
+    /// wrote. Progress is best effort: a write Postgres does not take is logged, not an
+    /// error; a fraction outside 0 to 1 or a detail too large is a permanent error.
+    pub async fn progress(
+        &mut self,
+        fraction: f64,
+        detail: Option<serde_json::Value>,
+    ) -> Result<bool, HandlerError> {
+        if !(0.0..=1.0).contains(&fraction) {
+            return Err(HandlerError::permanent(format!(
+                "progress: the fraction is {fraction}; it must be between 0 and 1"
+            )));
+        }
+        let detail = match detail {
+            None => None,
+            Some(d) => {
+                let raw = serde_json::value::to_raw_value(&d)
+                    .map_err(|e| HandlerError::permanent(format!("progress detail: {e}")))?;
+                if raw.get().len() > MAX_PROGRESS_DETAIL_BYTES {
+                    return Err(HandlerError::permanent(format!(
+                        "progress detail is {} bytes; the limit is {MAX_PROGRESS_DETAIL_BYTES}",
+                        raw.get().len()
+                    )));
+                }
+                Some(raw)
+            }
+        };
+        self.progress_pending = Some((fraction, detail));
+        let due = self
+            .progress_written
+            .is_none_or(|at| at.elapsed() >= PROGRESS_INTERVAL);
+        if !due {
+            return Ok(false);
+        }
+        self.write_progress().await;
+        Ok(true)
+    }
+
+    /// Writes the latest report not written yet, if any: at the end of the attempt, so the
+    /// last report of a chatty handler is not lost to the throttle.
+    pub(crate) async fn flush_progress(&mut self) {
+        if self.progress_pending.is_some() {
+            self.write_progress().await;
+        }
+    }
+
+    async fn write_progress(&mut self) {
+        let Some((fraction, detail)) = self.progress_pending.take() else {
+            return;
+        };
+        self.progress_written = Some(std::time::Instant::now());
+        let detail = detail.map(|d| crate::store::storable_text(d.get()).into_owned());
+        // Fenced like a result: only this attempt, while this worker holds it.
+        let written = sqlx::query(
+            "UPDATE apiary_jobs SET progress = $3, progress_detail = $4::json, progress_at = now()
+              WHERE id = $1 AND attempts = $2 AND worker_id = $5 AND status = 'running'",
+        )
+        .bind(self.id)
+        .bind(self.attempt)
+        .bind(fraction)
+        .bind(detail)
+        .bind(self.worker)
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = written {
+            tracing::debug!(job_id = %self.id, error = %e, "could not write progress");
         }
     }
 

@@ -541,7 +541,8 @@ pub(crate) async fn claim_statement<'c, E: sqlx::PgExecutor<'c>>(
                  UPDATE apiary_jobs j
                     SET status = 'running', attempts = j.attempts + 1, started_at = now(),
                         lease_until = now() + $8 * interval '1 millisecond', worker_id = $7,
-                        next_attempt_at = NULL, detached = false
+                        next_attempt_at = NULL, detached = false,
+                        progress = NULL, progress_detail = NULL, progress_at = NULL
                    FROM input i
                   WHERE j.id = i.id AND {same}
                     AND NOT j.cancel_requested

@@ -121,6 +121,7 @@ async fn run_job(
         job.payload.clone(),
         cancel.clone(),
         shared.store.pool().clone(),
+        shared.id,
     );
     let mut detached = false;
     let began = std::time::Instant::now();
@@ -152,6 +153,8 @@ async fn run_job(
         }
     };
     km.ran(began.elapsed());
+    // The last report a throttled handler made, so a reader sees where it ended.
+    ctx.flush_progress().await;
     let detached = detached_flag.load(Ordering::Relaxed);
     let failure = |message: String, delay: Option<Duration>| {
         if attempt >= max_attempts {
