@@ -347,6 +347,14 @@ async fn priority_comes_from_the_kind_and_the_amqp_property() {
         Some(5),
     )
     .await;
+    // And one with no priority anywhere: the kind's, as an enqueue would have given it.
+    let plain = Uuid::new_v4();
+    publish_raw_with_priority(
+        &env.names_of("emails").work,
+        format!(r#"{{"id":"{plain}","kind":"echo","payload":"plain"}}"#).as_bytes(),
+        None,
+    )
+    .await;
     let mut worker = env.spawn(
         &["worker"],
         &[("APIARY_QUEUES", "emails:2"), ("APIARY_KINDS", kinds)],
@@ -357,6 +365,8 @@ async fn priority_comes_from_the_kind_and_the_amqp_property() {
     assert_eq!((job.queue.as_str(), job.priority), ("emails", 7));
     let job = env.wait_for_status(raw, JobStatus::Succeeded, T).await;
     assert_eq!((job.queue.as_str(), job.priority), ("emails", 5));
+    let job = env.wait_for_status(plain, JobStatus::Succeeded, T).await;
+    assert_eq!((job.queue.as_str(), job.priority), ("emails", 7));
     worker.signal("TERM");
     assert!(worker.wait(T).await.success());
 }

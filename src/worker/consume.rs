@@ -164,13 +164,15 @@ async fn deliver(
             match decoded {
                 Ok(mut job) => {
                     // Recorded with the queue it arrived on; the priority the broker ordered it
-                    // by, if the body does not say.
+                    // by if the body does not say, else the kind's (only raw messages lack
+                    // one: Apiary's own always carry it).
                     job.queue.get_or_insert_with(|| lane.queue().to_string());
                     if job.priority.is_none() {
                         job.priority = d
                             .properties
                             .priority()
-                            .map(|p| p.min(crate::job::MAX_PRIORITY));
+                            .map(|p| p.min(crate::job::MAX_PRIORITY))
+                            .or_else(|| shared.kind_options(&job.kind).priority);
                     }
                     // The claimer outlives every session; a failed send means it has stopped,
                     // and the delivery goes back with the channel.
