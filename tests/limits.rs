@@ -125,13 +125,7 @@ async fn a_kind_without_limits_beside_a_limited_one_is_not_held() {
     let fast: Vec<NewJob> = (0..30)
         .map(|i| NewJob::new("echo", json!({ "i": i })))
         .collect();
-    let ids: Vec<_> = client
-        .enqueue_many(fast)
-        .await
-        .expect("enqueue")
-        .into_iter()
-        .map(|e| e.job.id)
-        .collect();
+    let ids: Vec<_> = env.enqueue_all(fast).await;
     for id in ids {
         env.wait_for_status(id, JobStatus::Succeeded, Duration::from_secs(20))
             .await;

@@ -13,44 +13,17 @@ use apiary::broker::{self, QueueNames, topology};
 use apiary::config::{QueueSettings, parse_kinds};
 use apiary::{JobId, JobStatus, NewJob, Registry};
 use common::{AMQP, TestEnv, passive_declare, peek_dead_letters, strip_ansi};
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions, QueuePurgeOptions,
-};
+use lapin::Connection;
+use lapin::options::{QueueDeleteOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 const T: Duration = Duration::from_secs(30);
 
-/// Publishes one raw body to `queue`, with the AMQP `priority` property if given, as a
-/// producer without our code would.
+/// Publishes one raw body to `queue`, with the AMQP `priority` property if given.
 async fn publish_raw_with_priority(queue: &str, body: &[u8], priority: Option<u8>) {
-    let conn = Connection::connect(AMQP, Default::default())
-        .await
-        .expect("rabbitmq");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    let mut props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into());
-    if let Some(p) = priority {
-        props = props.with_priority(p);
-    }
-    ch.basic_publish(
-        "".into(),
-        queue.into(),
-        BasicPublishOptions::default(),
-        body,
-        props,
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirm");
-    let _ = conn.close(200, "".into()).await;
+    common::publish_raw_props(queue, &[(None, body.to_vec())], priority).await
 }
 
 /// Runs `f` on a fresh channel and closes the connection.
@@ -214,26 +187,13 @@ async fn a_worker_consumes_only_its_queues() {
 async fn a_slow_queue_does_not_delay_a_fast_one() {
     let env = TestEnv::with_queues(&[("default", 8), ("reports", 2)]).await;
     let mut worker = env.spawn(&["worker"], &[("APIARY_QUEUES", "default:8,reports:2")]);
-    let client = env.client();
     // The slow queue's backlog is enqueued first: every job ahead of the fast ones.
     let slow: Vec<NewJob> = (0..10)
         .map(|_| NewJob::new("sleep", json!({"ms": 3000})).with_queue("reports"))
         .collect();
-    let slow: Vec<JobId> = client
-        .enqueue_many(slow)
-        .await
-        .expect("enqueue")
-        .into_iter()
-        .map(|e| e.job.id)
-        .collect();
+    let slow: Vec<JobId> = env.enqueue_all(slow).await;
     let fast: Vec<NewJob> = (0..50).map(|i| NewJob::new("echo", json!(i))).collect();
-    let fast: Vec<JobId> = client
-        .enqueue_many(fast)
-        .await
-        .expect("enqueue")
-        .into_iter()
-        .map(|e| e.job.id)
-        .collect();
+    let fast: Vec<JobId> = env.enqueue_all(fast).await;
     let mut last_fast = None;
     for id in &fast {
         let job = env.wait_for_status(*id, JobStatus::Succeeded, T).await;

@@ -80,7 +80,9 @@ impl QueueNames {
     pub fn shared(prefix: &str, queue: &str) -> std::sync::Arc<QueueNames> {
         use std::collections::HashMap;
         use std::sync::{Arc, Mutex, OnceLock};
-        type Cache = Mutex<HashMap<(String, String), Arc<QueueNames>>>;
+        // By prefix, then queue: a lookup borrows both names and allocates nothing, which
+        // matters on the publish path, where every message asks.
+        type Cache = Mutex<HashMap<String, HashMap<String, Arc<QueueNames>>>>;
         static CACHE: OnceLock<Cache> = OnceLock::new();
         // Bounded: queue names come from producers, so an endless variety must not grow it.
         const MAX: usize = 4096;
@@ -88,14 +90,16 @@ impl QueueNames {
         let Ok(mut map) = cache.lock() else {
             return Arc::new(QueueNames::for_queue(prefix, queue));
         };
-        if let Some(n) = map.get(&(prefix.to_string(), queue.to_string())) {
+        if let Some(n) = map.get(prefix).and_then(|q| q.get(queue)) {
             return n.clone();
         }
-        if map.len() >= MAX {
+        if map.values().map(HashMap::len).sum::<usize>() >= MAX {
             map.clear();
         }
         let n = Arc::new(QueueNames::for_queue(prefix, queue));
-        map.insert((prefix.to_string(), queue.to_string()), n.clone());
+        map.entry(prefix.to_string())
+            .or_default()
+            .insert(queue.to_string(), n.clone());
         n
     }
 

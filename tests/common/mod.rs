@@ -255,6 +255,17 @@ impl TestEnv {
         assert!(v.is_empty(), "invariants broken: {v:#?}");
     }
 
+    /// Enqueues `jobs` in one batch through a fresh client and returns their ids, in order.
+    pub async fn enqueue_all(&self, jobs: Vec<apiary::NewJob>) -> Vec<JobId> {
+        self.client()
+            .enqueue_many(jobs)
+            .await
+            .expect("enqueue")
+            .into_iter()
+            .map(|e| e.job.id)
+            .collect()
+    }
+
     /// Messages ready in a queue.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         passive_declare(queue).await.message_count()
@@ -262,6 +273,16 @@ impl TestEnv {
 }
 
 pub async fn publish_raw_to(queue: &str, bodies: &[(Option<String>, Vec<u8>)]) {
+    publish_raw_props(queue, bodies, None).await
+}
+
+/// Publishes raw bodies to `queue` as a producer without our code would, each with the AMQP
+/// `priority` property if given.
+pub async fn publish_raw_props(
+    queue: &str,
+    bodies: &[(Option<String>, Vec<u8>)],
+    priority: Option<u8>,
+) {
     let conn = Connection::connect(AMQP, Default::default())
         .await
         .expect("rabbitmq");
@@ -275,6 +296,9 @@ pub async fn publish_raw_to(queue: &str, bodies: &[(Option<String>, Vec<u8>)]) {
             .with_content_type("application/json".into());
         if let Some(m) = message_id {
             props = props.with_message_id(m.as_str().into());
+        }
+        if let Some(p) = priority {
+            props = props.with_priority(p);
         }
         ch.basic_publish(
             "".into(),
@@ -299,58 +323,51 @@ impl Drop for TestEnv {
     }
 }
 
+/// Runs a clean-up to its end on a runtime of its own, in a thread of its own: called from
+/// drops inside the test's runtime, which cannot block on itself.
+fn clean_up<F: Future<Output = ()> + Send + 'static>(work: F) {
+    let cleanup = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(work);
+        }
+    });
+    let _ = cleanup.join();
+}
+
 /// Deletes `names`' broker queues.
 pub fn remove_queues(names: &QueueNames) {
     let queues = names.all();
-    let cleanup = std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        rt.block_on(async move {
-            if let Ok(conn) = Connection::connect(AMQP, Default::default()).await
-                && let Ok(ch) = conn.create_channel().await
-            {
-                for q in queues {
-                    let _ = ch
-                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                let _ = conn.close(200, "".into()).await;
+    clean_up(async move {
+        if let Ok(conn) = Connection::connect(AMQP, Default::default()).await
+            && let Ok(ch) = conn.create_channel().await
+        {
+            for q in queues {
+                let _ = ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
             }
-        });
+            let _ = conn.close(200, "".into()).await;
+        }
     });
-    let _ = cleanup.join();
 }
 
 /// Drops the database `name` and deletes `names`' queues, whatever made them: a [`TestEnv`]
 /// when it ends, or a test whose world a script or a CLI created.
 pub fn remove_world(name: &str, names: &QueueNames) {
     let name = name.to_string();
-    // Called from drops inside the test's runtime, which cannot block on itself: clean up
-    // from a thread of our own.
-    let cleanup = std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        rt.block_on(async move {
-            if let Ok(mut conn) =
-                <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{PG_ROOT}/postgres"))
-                    .await
-            {
-                let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-                let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .execute(&mut conn)
-                    .await;
-            }
-        });
+    clean_up(async move {
+        if let Ok(mut conn) =
+            <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{PG_ROOT}/postgres")).await
+        {
+            let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+            let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await;
+        }
     });
-    let _ = cleanup.join();
     remove_queues(names);
 }
 
