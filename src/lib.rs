@@ -20,6 +20,9 @@
 //!    batches, fenced by the claim, with the handler's own writes in the same transaction.
 //! 7. **Poll the result** ([`api::jobs`]), by id or dedup key, or long-poll until it finishes.
 //!
+//! Periodic jobs ([`schedule`]) enter at step 1 too: every worker fires due schedules
+//! (`worker/scheduler.rs`, [`store::fire_schedules`]), each slot one job by its dedup key.
+//!
 //! Retries wait in broker delay queues ([`broker::topology`]), not in a worker's memory; dead
 //! jobs go to a dead-letter queue with their reason.
 //!
@@ -208,6 +211,7 @@ pub mod doctor;
 pub mod handler;
 pub mod job;
 pub mod progress;
+pub mod schedule;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
@@ -219,5 +223,6 @@ pub use client::{Client, EnqueueError, Enqueued};
 pub use config::Config;
 pub use handler::{Handler, HandlerError, JobContext, Registry, Work};
 pub use job::{Job, JobId, JobStatus, NewJob};
+pub use schedule::{Missed, ScheduleSpec};
 pub use shutdown::Shutdown;
 pub use worker::Worker;

@@ -128,6 +128,20 @@ impl Store {
     }
 }
 
+/// Records `rows` inside the caller's transaction `tx` and says, for each, whether it is new:
+/// a row whose id or `(kind, dedup_key)` exists writes nothing. For recording paths that
+/// own their transaction (a schedule's firing, with its cursor in the same commit).
+pub(crate) async fn insert_rows_in(
+    tx: &mut sqlx::PgConnection,
+    rows: &[JobRow],
+) -> Result<Vec<bool>, StoreError> {
+    Ok(insert_rows(tx, rows)
+        .await?
+        .into_iter()
+        .map(|r| r.created_at.is_some())
+        .collect())
+}
+
 /// The insert itself. ON CONFLICT DO NOTHING covers both the primary key and the dedup index;
 /// the joins (on the statement's snapshot, which does not see its own inserts) say what each
 /// row that was not inserted collided with.

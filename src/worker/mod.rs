@@ -9,7 +9,8 @@
 //! 6. `relay.rs`: what a commit promised to publish, and what a dead sender left in the outbox.
 //!
 //! Beside that path: `lanes.rs` (the queues this worker consumes, and pauses), `rescuer.rs`
-//! (leases, rescues, registry, pruning), `drain.rs` (the stop), `shared.rs` (what they share).
+//! (leases, rescues, registry, pruning), `scheduler.rs` (firing due schedules), `drain.rs`
+//! (the stop), `shared.rs` (what they share).
 
 mod claim;
 pub(crate) mod commit;
@@ -25,6 +26,7 @@ mod relay;
 pub mod rescuer;
 pub mod retry;
 mod run;
+pub mod scheduler;
 mod session;
 pub(crate) mod shared;
 

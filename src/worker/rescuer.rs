@@ -12,6 +12,8 @@
 //! - **dead-letter sweep**: removes the letters of replayed jobs from each of its queues'
 //!   dead-letter queues, one pass for many replays, one worker at a time.
 //! - **pauses**: which of its queues an operator paused, every half second (`lanes.rs`).
+//! - **schedules**: the deployment's due schedules, fired four times a second
+//!   (`scheduler.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +75,12 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                     super::lanes::read_pauses(&s).await;
                 })
             },
+        )),
+        tokio::spawn(every(
+            shared.clone(),
+            stop.clone(),
+            super::scheduler::TICK,
+            |s| Box::pin(async move { super::scheduler::fire_due(&s).await }),
         )),
     ];
     for t in tasks {
