@@ -127,6 +127,13 @@ pub enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// Periodic jobs: set, list, show, remove, pause and resume the deployment's schedules.
+    /// Every worker fires them; each slot is one job.
+    Schedule {
+        /// What to do.
+        #[command(subcommand)]
+        action: ScheduleAction,
+    },
     /// Cancel a job: one not yet started never runs; a running one is told to stop.
     Cancel {
         /// The job id.
@@ -210,6 +217,68 @@ pub enum QueueAction {
     /// Resume a paused queue.
     Resume {
         /// The queue's name.
+        name: String,
+    },
+}
+
+/// `apiary schedule ...`.
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[derive(Debug, Subcommand)]
+pub enum ScheduleAction {
+    /// Create or replace a schedule. A new cron or time zone counts its slots from now.
+    Set {
+        /// The schedule's name (`[a-z0-9_.-]{1,64}`).
+        name: String,
+        /// A cron expression: 5 fields, or 6 with a leading seconds field.
+        #[arg(long)]
+        cron: String,
+        /// The kind of its jobs.
+        #[arg(long)]
+        kind: String,
+        /// The payload of its jobs, as JSON.
+        #[arg(long, default_value = "null")]
+        payload: String,
+        /// The IANA time zone the expression is read in.
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
+        /// The queue of its jobs; the kind's queue, else `default`.
+        #[arg(long = "queue", value_name = "QUEUE")]
+        job_queue: Option<String>,
+        /// 0 to 9, higher first; the kind's priority, else 0.
+        #[arg(long)]
+        priority: Option<i64>,
+        /// Attempts allowed per job; the kind's, else APIARY_MAX_ATTEMPTS.
+        #[arg(long)]
+        max_attempts: Option<i64>,
+        /// Slots missed while no worker ran or it was paused: skip, one (the latest) or all.
+        #[arg(long, default_value = "one")]
+        missed: String,
+    },
+    /// List the schedules, one JSON object per line with --json.
+    List {
+        /// Print JSON (`{"schedules": [...]}`, as `GET /v1/schedules`) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a schedule as JSON, with its next five fire times and its recent jobs.
+    Show {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Remove a schedule; its jobs stay.
+    Rm {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Pause a schedule: no slot is enqueued until resumed.
+    Pause {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Resume a schedule; the slots of the pause follow its missed policy.
+    Resume {
+        /// The schedule's name.
         name: String,
     },
 }
@@ -303,6 +372,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Queue { action } => queue(&cfg, action).await,
+        Command::Schedule { action } => schedule(&cfg, action).await,
         Command::Cancel { id } => {
             use crate::store::cancel_job::CancelOutcome;
             let store = store::Store::connect_lazy(&cfg.database_url, 2)?;
@@ -456,11 +526,124 @@ async fn set_paused(
     })
 }
 
+async fn schedule(cfg: &Config, action: ScheduleAction) -> anyhow::Result<()> {
+    use crate::schedule::{Missed, ScheduleSpec, validate_name};
+    // Bad input is told before anything connects.
+    let spec = match &action {
+        ScheduleAction::Set {
+            name,
+            cron,
+            kind,
+            payload,
+            timezone,
+            job_queue,
+            priority,
+            max_attempts,
+            missed,
+        } => {
+            let payload: Value = serde_json::from_str(payload).map_err(|e| {
+                CliError::new(
+                    ErrorClass::Input,
+                    format!("--payload is not valid JSON: {e}"),
+                )
+            })?;
+            let spec = ScheduleSpec {
+                cron: cron.clone(),
+                timezone: timezone.clone(),
+                kind: kind.clone(),
+                payload,
+                queue: job_queue.clone(),
+                max_attempts: *max_attempts,
+                priority: *priority,
+                missed: missed.parse::<Missed>()?,
+            };
+            spec.validate(name, cfg.max_payload_bytes, chrono::Utc::now())?;
+            Some(spec)
+        }
+        ScheduleAction::Show { name }
+        | ScheduleAction::Rm { name }
+        | ScheduleAction::Pause { name }
+        | ScheduleAction::Resume { name } => {
+            validate_name(name)?;
+            None
+        }
+        ScheduleAction::List { .. } => None,
+    };
+    let client = Client::new(cfg)?;
+    client.store().check_schema().await?;
+    match action {
+        ScheduleAction::Set { name, .. } => {
+            let Some(spec) = spec else { return Ok(()) };
+            let set = client.set_schedule(&name, &spec).await?;
+            let next = set
+                .schedule
+                .next_at
+                .map_or("never".to_string(), |t| t.to_rfc3339());
+            println!(
+                "{} schedule {name} (next slot {next})",
+                if set.created { "created" } else { "updated" }
+            );
+        }
+        ScheduleAction::List { json } => {
+            let schedules = client.schedules().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "schedules": schedules }))?
+                );
+            } else {
+                println!(
+                    "  {:<24}  {:<20}  {:<16}  {:<16}  {:<6}  {:<6}  next",
+                    "name", "cron", "timezone", "kind", "missed", "paused"
+                );
+                for s in schedules {
+                    println!(
+                        "  {:<24}  {:<20}  {:<16}  {:<16}  {:<6}  {:<6}  {}",
+                        s.name,
+                        s.cron,
+                        s.timezone,
+                        s.kind,
+                        s.missed,
+                        if s.paused { "yes" } else { "no" },
+                        s.next_at.map_or("never".to_string(), |t| t.to_rfc3339())
+                    );
+                }
+            }
+        }
+        ScheduleAction::Show { name } => {
+            let info = client.schedule(&name).await?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        ScheduleAction::Rm { name } => {
+            client.delete_schedule(&name).await?;
+            println!("removed schedule {name}");
+        }
+        ScheduleAction::Pause { name } => {
+            client.pause_schedule(&name).await?;
+            println!("paused schedule {name}");
+        }
+        ScheduleAction::Resume { name } => {
+            client.resume_schedule(&name).await?;
+            println!("resumed schedule {name}");
+        }
+    }
+    Ok(())
+}
+
 fn no_job(id: uuid::Uuid) -> CliError {
     CliError::new(ErrorClass::NotFound, format!("no job with id {id}"))
 }
 
 async fn migrate(cfg: &Config, progress: &ProgressArgs) -> anyhow::Result<()> {
+    // A bad schedules file is a configuration error, told before anything is written.
+    let schedules = match &cfg.schedules_file {
+        Some(path) => Some(crate::schedule::file::load(
+            path,
+            cfg.max_payload_bytes,
+            chrono::Utc::now(),
+        )?),
+        None => None,
+    };
     // A migration is SQL that Postgres runs as a whole, so there is no count within one: the
     // display says which migration is running and for how long (long on a large table).
     let shown = Progress::spinner("migrating", progress);
@@ -494,6 +677,18 @@ async fn migrate(cfg: &Config, progress: &ProgressArgs) -> anyhow::Result<()> {
             .context("declaring queues")?;
     }
     let _ = conn.close(200, "done".into()).await;
+    if let Some(specs) = schedules {
+        let count = specs.len();
+        let removed = Client::new(cfg)?.apply_schedules_file(specs).await?;
+        eprintln!(
+            "schedules file: {count} schedule(s) set{}",
+            if removed.is_empty() {
+                String::new()
+            } else {
+                format!(", removed {}", removed.join(", "))
+            }
+        );
+    }
     let schema = store::schema::expected_version();
     if applied == 0 {
         eprintln!("no migrations to apply: schema {schema} is current");

@@ -540,6 +540,11 @@ pub struct Config {
     #[arg(long, env = "APIARY_KINDS", default_value = "", value_parser = parse_kinds, global = true)]
     pub kinds: KindSettings,
 
+    /// A TOML file of schedules (`[schedules.<name>]` tables) that `apiary migrate` applies:
+    /// sets each, and deletes the file's schedules no longer in it. Unset: none applied.
+    #[arg(long, env = "APIARY_SCHEDULES_FILE", global = true)]
+    pub schedules_file: Option<std::path::PathBuf>,
+
     /// `human` or `json`.
     #[arg(
         long,

@@ -1,5 +1,5 @@
 //! The HTTP API: ① enqueue and ⑦ poll, and the operator's routes (cancel, retry, queues,
-//! stats). [`router`] builds the routes apart from [`serve`], so tests call it without a
+//! schedules, stats). [`router`] builds the routes apart from [`serve`], so tests call it without a
 //! socket. Every error it answers, axum's own included, is `{"error": "..."}` ([`error`]).
 
 pub mod auth;
@@ -10,6 +10,7 @@ pub mod health;
 pub mod jobs;
 pub mod queues;
 pub mod readiness;
+pub mod schedules;
 pub mod view;
 pub mod waiters;
 
@@ -18,7 +19,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::http::{Method, Uri};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 
 use crate::client::Client;
 use crate::shutdown::Shutdown;
@@ -171,6 +172,25 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/queues/{name}/resume",
             post(queues::resume).route_layer(needs(Scope::Admin)),
+        )
+        .route(
+            "/v1/schedules",
+            get(schedules::list).route_layer(needs(Scope::Read)),
+        )
+        .route(
+            "/v1/schedules/{name}",
+            put(schedules::set)
+                .delete(schedules::delete)
+                .route_layer(needs(Scope::Admin))
+                .merge(get(schedules::get).route_layer(needs(Scope::Read))),
+        )
+        .route(
+            "/v1/schedules/{name}/pause",
+            post(schedules::pause).route_layer(needs(Scope::Admin)),
+        )
+        .route(
+            "/v1/schedules/{name}/resume",
+            post(schedules::resume).route_layer(needs(Scope::Admin)),
         )
         .route(
             "/v1/stats",

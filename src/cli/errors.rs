@@ -19,7 +19,7 @@ use std::str::FromStr as _;
 use std::time::Duration;
 
 use crate::broker::BrokerError;
-use crate::client::{EnqueueError, QueueError, StatsError};
+use crate::client::{EnqueueError, QueueError, ScheduleError, StatsError};
 use crate::config::{Config, ConfigError, LogFormat, mask_url};
 use crate::job::InvalidJob;
 use crate::store::StoreError;
@@ -336,6 +336,13 @@ fn classify(
             QueueError::Invalid(_) => return Some(Report::new(ErrorClass::Input, chain)),
             QueueError::Store(s) => return store(s, chain, targets),
             QueueError::Broker(b) => return broker(b, chain, targets),
+        }
+    }
+    if let Some(e) = cause.downcast_ref::<ScheduleError>() {
+        match e {
+            ScheduleError::Invalid(_) => return Some(Report::new(ErrorClass::Input, chain)),
+            ScheduleError::NotFound(_) => return Some(Report::new(ErrorClass::NotFound, chain)),
+            ScheduleError::Store(s) => return store(s, chain, targets),
         }
     }
     let store_error = cause.downcast_ref::<StoreError>().or_else(|| {
