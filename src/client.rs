@@ -22,7 +22,9 @@ use crate::store::insert_job::{InsertOutcome, Inserted, JobRow};
 use crate::store::{DONE_CHANNEL, Store, StoreError};
 use crate::wire::WireJob;
 pub use queues::{QueueError, QueueInfo};
-pub use schedules::{FireTime, JOBS_SHOWN, SLOTS_LOOKED_UP, ScheduleError, ScheduleInfo, ScheduleSet};
+pub use schedules::{
+    FireTime, JOBS_SHOWN, SLOTS_LOOKED_UP, ScheduleError, ScheduleInfo, ScheduleSet,
+};
 
 /// Why an enqueue failed. Whatever the variant, a job either was recorded (and will be
 /// published) or was not written at all: see the crate's [guarantees](crate#guarantees).

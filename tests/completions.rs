@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-const SUBCOMMANDS: [&str; 12] = [
+const SUBCOMMANDS: [&str; 13] = [
     "migrate",
     "api",
     "worker",
@@ -14,6 +14,7 @@ const SUBCOMMANDS: [&str; 12] = [
     "dead",
     "cancel",
     "queue",
+    "schedule",
     "doctor",
     "completions",
 ];

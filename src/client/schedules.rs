@@ -137,7 +137,12 @@ impl Client {
     /// Deletes a schedule: no more of its slots are enqueued; its jobs stay.
     pub async fn delete_schedule(&self, name: &str) -> Result<(), ScheduleError> {
         validate_name(name)?;
-        if self.inner.store.delete_schedule(self.prefix(), name).await? {
+        if self
+            .inner
+            .store
+            .delete_schedule(self.prefix(), name)
+            .await?
+        {
             Ok(())
         } else {
             Err(ScheduleError::NotFound(name.to_string()))

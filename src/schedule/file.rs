@@ -52,9 +52,9 @@ pub fn parse(
     max_payload_bytes: usize,
     now: DateTime<Utc>,
 ) -> Result<Vec<(String, ScheduleSpec)>, String> {
-    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        format!("not valid TOML: {}", e.message())
-    })?;
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| format!("not valid TOML: {}", e.message()))?;
     let schedules = match table.remove("schedules") {
         None => toml::Table::new(),
         Some(toml::Value::Table(t)) => t,
@@ -123,8 +123,13 @@ mod tests {
         let e = err("[schedules.nightly]\ncron = \"nope\"\nkind = \"report\"\n");
         assert!(e.starts_with("schedule nightly: cron: "), "{e}");
         let e = err("[schedules.nightly]\ncron = \"* * * * *\"\nkind = \"report\"\ncolour = 1\n");
-        assert!(e.contains("schedule nightly") && e.contains("colour"), "{e}");
-        let e = err("[schedules.nightly]\ncron = \"* * * * *\"\nkind = \"report\"\npriority = \"high\"\n");
+        assert!(
+            e.contains("schedule nightly") && e.contains("colour"),
+            "{e}"
+        );
+        let e = err(
+            "[schedules.nightly]\ncron = \"* * * * *\"\nkind = \"report\"\npriority = \"high\"\n",
+        );
         assert!(e.starts_with("schedule nightly: priority: "), "{e}");
         let e = err("[schedules.Bad]\ncron = \"* * * * *\"\nkind = \"report\"\n");
         assert!(e.starts_with("schedule Bad: name: "), "{e}");

@@ -227,7 +227,9 @@ impl Compiled {
         let tz: Tz = timezone.parse().map_err(|_| {
             InvalidJob::new(
                 "timezone",
-                format!("{timezone:?} is not an IANA time zone name (such as Europe/Berlin or UTC)"),
+                format!(
+                    "{timezone:?} is not an IANA time zone name (such as Europe/Berlin or UTC)"
+                ),
             )
         })?;
         Ok(Compiled { cron, tz })
@@ -508,7 +510,10 @@ mod tests {
             "cron"
         );
         // 30 February never comes.
-        assert_eq!(field(ScheduleSpec::new("0 0 30 2 *", "report"), "n"), "cron");
+        assert_eq!(
+            field(ScheduleSpec::new("0 0 30 2 *", "report"), "n"),
+            "cron"
+        );
         let tz = ScheduleSpec {
             timezone: "Mars/Olympus".into(),
             ..ok.clone()

@@ -103,7 +103,11 @@ impl Store {
         compiled: &Compiled,
         source: Source,
     ) -> Result<(ScheduleRow, bool), StoreError> {
-        let mut tx = self.pool().begin().await.context("starting a schedule write")?;
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .context("starting a schedule write")?;
         let set = upsert(&mut tx, prefix, name, spec, compiled, source).await?;
         tx.commit().await.context("committing a schedule")?;
         Ok(set)
@@ -216,9 +220,7 @@ impl Store {
         .fetch_all(&mut *tx)
         .await
         .context("removing schedules gone from the file")?;
-        tx.commit()
-            .await
-            .context("committing the schedules file")?;
+        tx.commit().await.context("committing the schedules file")?;
         removed.sort();
         Ok(removed)
     }
