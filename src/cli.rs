@@ -250,7 +250,7 @@ pub enum ScheduleAction {
         priority: Option<i64>,
         /// Attempts allowed per job; the kind's, else APIARY_MAX_ATTEMPTS.
         #[arg(long)]
-        max_attempts: Option<i64>,
+        max_attempts: Option<i32>,
         /// Slots missed while no worker ran or it was paused: skip, one (the latest) or all.
         #[arg(long, default_value = "one")]
         missed: String,
@@ -553,7 +553,7 @@ async fn schedule(cfg: &Config, action: ScheduleAction) -> anyhow::Result<()> {
                 kind: kind.clone(),
                 payload,
                 queue: job_queue.clone(),
-                max_attempts: *max_attempts,
+                max_attempts: max_attempts.map(i64::from),
                 priority: *priority,
                 missed: missed.parse::<Missed>()?,
             };

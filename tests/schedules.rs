@@ -599,6 +599,8 @@ async fn the_cli_sets_lists_pauses_and_removes_schedules() {
             "4",
             "--missed",
             "all",
+            "--max-attempts",
+            "3",
         ])
         .await;
     assert!(ok.status.success(), "{}", text(&ok));
@@ -611,6 +613,7 @@ async fn the_cli_sets_lists_pauses_and_removes_schedules() {
     assert_eq!(row.schedule.timezone, "Europe/Berlin");
     assert_eq!(row.schedule.priority, Some(4));
     assert_eq!(row.schedule.missed, "all");
+    assert_eq!(row.schedule.max_attempts, Some(3));
     assert_eq!(row.next.len(), 5);
 
     let list = env.run(&["schedule", "list"]).await;
