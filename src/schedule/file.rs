@@ -71,7 +71,7 @@ pub fn parse(
         let spec: ScheduleSpec = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let field = if path == "." { "schedule" } else { &path };
-            named(field, &e.into_inner().message().to_string())
+            named(field, e.into_inner().message())
         })?;
         spec.validate(&name, max_payload_bytes, now)
             .map_err(|e| named(e.field, &e.reason))?;

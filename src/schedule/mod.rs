@@ -23,8 +23,8 @@ use crate::job::{
     InvalidJob, MAX_ATTEMPTS_LIMIT, validate_kind, validate_priority, validate_queue,
 };
 
-/// How many slots one firing of one schedule enqueues at most; a longer backlog under
-/// [`Missed::All`] continues at the next tick (about a quarter of a second later).
+/// How many slots one firing of one schedule (one transaction) enqueues at most; a longer
+/// backlog under [`Missed::All`] continues in the next firings.
 pub const MAX_SLOTS_PER_FIRING: usize = 1000;
 
 /// How late a slot may be and still count as on time rather than missed: normal jitter (a
@@ -47,7 +47,7 @@ pub enum Missed {
     /// One job, for the most recent missed slot, stands for all of them.
     #[default]
     One,
-    /// Every missed slot is enqueued, at most [`MAX_SLOTS_PER_FIRING`] per tick.
+    /// Every missed slot is enqueued, at most [`MAX_SLOTS_PER_FIRING`] per firing.
     All,
 }
 

@@ -240,7 +240,9 @@ async fn upsert(
         .fetch_one(&mut *tx)
         .await
         .context("reading the time")?;
-    let old: Option<(String, String, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
+    /// The expression, zone, cursor and next slot a schedule had.
+    type Old = (String, String, DateTime<Utc>, Option<DateTime<Utc>>);
+    let old: Option<Old> = sqlx::query_as(
         "SELECT cron, timezone, cursor, next_at FROM apiary_schedules
           WHERE prefix = $1 AND name = $2 FOR UPDATE",
     )
