@@ -32,6 +32,9 @@ pub const MAX_SLOTS_PER_FIRING: usize = 1000;
 /// [`Missed::Skip`] or folds it under [`Missed::One`].
 pub const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The longest cron expression kept (the schema's CHECK).
+pub const MAX_CRON_BYTES: usize = 256;
+
 /// How many fire times `GET /v1/schedules/{name}` shows.
 pub const NEXT_SHOWN: usize = 5;
 
@@ -208,6 +211,12 @@ impl Compiled {
     /// Parses `cron` (5 or 6 fields) and `timezone` (an IANA name); the error names the field
     /// and, for the expression, carries croner's message.
     pub fn new(cron: &str, timezone: &str) -> Result<Compiled, InvalidJob> {
+        if cron.len() > MAX_CRON_BYTES {
+            return Err(InvalidJob::new(
+                "cron",
+                format!("is {} bytes; at most {MAX_CRON_BYTES} allowed", cron.len()),
+            ));
+        }
         let fields = cron.split_whitespace().count();
         if !cron.trim_start().starts_with('@') && !(5..=6).contains(&fields) {
             return Err(InvalidJob::new(
@@ -546,6 +555,8 @@ mod tests {
         };
         assert_eq!(field(q, "n"), "queue");
         assert!("sometimes".parse::<Missed>().is_err());
+        let long = format!("0 0 * * {}", "1,".repeat(200) + "2");
+        assert_eq!(field(ScheduleSpec::new(long, "report"), "n"), "cron");
     }
 
     #[test]
