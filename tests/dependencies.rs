@@ -117,7 +117,7 @@ async fn a_dead_middle_step_cancels_the_last_and_its_own_dependents() {
     );
     // Replaying the dead parent does not bring its cancelled dependents back.
     let replayed = client
-        .replay(&apiary::store::dead_job::ReplaySelector::Ids(vec![ids[1]]))
+        .replay(&apiary::store::dead_job::ReplaySelector::Id(ids[1]))
         .await
         .expect("replay");
     assert_eq!(replayed, vec![ids[1]]);
@@ -351,16 +351,16 @@ async fn every_enqueue_path_takes_depends_on() {
     assert_eq!(out.status.code(), Some(6), "unknown parent: exit 6");
 
     // Typed arguments.
-    #[derive(serde::Serialize)]
+    #[derive(serde::Serialize, serde::Deserialize)]
     struct Collect {
-        via: &'static str,
+        via: String,
     }
     impl apiary::JobArgs for Collect {
         const KIND: &'static str = "collect";
     }
     let typed = env
         .client()
-        .enqueue(apiary::TypedJob::new(Collect { via: "typed" }).with_depends_on([parent]))
+        .enqueue(apiary::TypedJob::new(Collect { via: "typed".into() }).with_depends_on([parent]))
         .await
         .expect("typed")
         .job;

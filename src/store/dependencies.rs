@@ -173,15 +173,15 @@ pub(crate) async fn plan(
             }
             plan.edge_children.push(r.id);
             plan.edge_parents.push(parent);
+            // Marked even when final: the flag also keeps the pruner off a parent whose
+            // child still waits (on another parent) and will read it.
+            marked.push(parent);
             match status {
                 JobStatus::Succeeded => {}
                 s if s.is_final() => {
                     cancel.get_or_insert(format!("cancelled: parent job {parent} ended {s}"));
                 }
-                _ => {
-                    left += 1;
-                    marked.push(parent);
-                }
+                _ => left += 1,
             }
         }
         let row = &mut plan.rows[i];
