@@ -294,7 +294,10 @@ impl Client {
         if jobs.len() > MAX_GROUP_JOBS {
             return Err(InvalidJob::new(
                 "jobs",
-                format!("holds {} jobs; at most {MAX_GROUP_JOBS} allowed", jobs.len()),
+                format!(
+                    "holds {} jobs; at most {MAX_GROUP_JOBS} allowed",
+                    jobs.len()
+                ),
             )
             .into());
         }
@@ -335,7 +338,10 @@ impl Client {
         if jobs.len() > MAX_GROUP_JOBS {
             return Err(InvalidJob::new(
                 "jobs",
-                format!("holds {} jobs; at most {MAX_GROUP_JOBS} allowed", jobs.len()),
+                format!(
+                    "holds {} jobs; at most {MAX_GROUP_JOBS} allowed",
+                    jobs.len()
+                ),
             )
             .into());
         }
@@ -359,7 +365,10 @@ impl Client {
         let payload = serde_json::value::to_raw_value(&on_complete.payload)
             .map_err(|e| InvalidJob::new("on_complete.payload", e.to_string()))?;
         // The callback's payload wraps this one with the batch's id and counts.
-        let room = self.inner.max_payload_bytes.saturating_sub(CALLBACK_ENVELOPE_BYTES);
+        let room = self
+            .inner
+            .max_payload_bytes
+            .saturating_sub(CALLBACK_ENVELOPE_BYTES);
         if payload.get().len() > room {
             return Err(InvalidJob::new(
                 "on_complete.payload",

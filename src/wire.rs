@@ -322,8 +322,7 @@ pub fn depends_on(body: &[u8], id: JobId) -> Result<Vec<JobId>, String> {
         #[serde(borrow, default)]
         depends_on: Option<&'a RawValue>,
     }
-    let only: Only<'_> =
-        serde_json::from_slice(body).map_err(|e| format!("depends_on: {e}"))?;
+    let only: Only<'_> = serde_json::from_slice(body).map_err(|e| format!("depends_on: {e}"))?;
     let parents: Vec<JobId> = match only.depends_on {
         None => return Ok(Vec::new()),
         Some(raw) if raw.get() == "null" => return Ok(Vec::new()),

@@ -45,8 +45,11 @@ async fn a_batch_of_1000_runs_its_callback_exactly_once_through_worker_kills() {
     const N: usize = 1000;
     let jobs: Vec<NewJob> = (0..N)
         .map(|i| {
-            NewJob::new("tally", json!({"counter": "children", "by": 1, "ms": (i % 7) * 10}))
-                .with_max_attempts(20)
+            NewJob::new(
+                "tally",
+                json!({"counter": "children", "by": 1, "ms": (i % 7) * 10}),
+            )
+            .with_max_attempts(20)
         })
         .collect();
     let batch = env
@@ -66,7 +69,12 @@ async fn a_batch_of_1000_runs_its_callback_exactly_once_through_worker_kills() {
     let mut kills = 0;
     let mut round = 0usize;
     loop {
-        let b = env.client().batch(batch.id).await.expect("batch").expect("exists");
+        let b = env
+            .client()
+            .batch(batch.id)
+            .await
+            .expect("batch")
+            .expect("exists");
         if b.status != "running" || began.elapsed() > Duration::from_secs(120) {
             break;
         }
@@ -85,7 +93,12 @@ async fn a_batch_of_1000_runs_its_callback_exactly_once_through_worker_kills() {
     let done = env
         .wait_for_status(batch.callback_id, JobStatus::Succeeded, T)
         .await;
-    let b = env.client().batch(batch.id).await.expect("batch").expect("exists");
+    let b = env
+        .client()
+        .batch(batch.id)
+        .await
+        .expect("batch")
+        .expect("exists");
     assert_eq!(b.status, "completed", "{b:?}");
     assert_eq!(b.counts.get("succeeded"), Some(&(N as i64)), "{b:?}");
     assert_eq!(b.progress, 1.0);
@@ -93,7 +106,11 @@ async fn a_batch_of_1000_runs_its_callback_exactly_once_through_worker_kills() {
     // Effects once: each child once, the callback once.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(env.tally("children").await, Some(N as i64));
-    assert_eq!(env.tally("callback").await, Some(1), "the callback ran once");
+    assert_eq!(
+        env.tally("callback").await,
+        Some(1),
+        "the callback ran once"
+    );
     assert_eq!(callback_rows(&env, batch.id).await, 1);
 
     // The callback saw every child: id, status and result, as recorded.
@@ -105,7 +122,12 @@ async fn a_batch_of_1000_runs_its_callback_exactly_once_through_worker_kills() {
         .as_array()
         .expect("children")
         .iter()
-        .map(|c| (serde_json::from_value(c["id"].clone()).expect("id"), c.clone()))
+        .map(|c| {
+            (
+                serde_json::from_value(c["id"].clone()).expect("id"),
+                c.clone(),
+            )
+        })
         .collect();
     assert_eq!(seen.len(), N);
     for id in &batch.jobs {
@@ -191,7 +213,10 @@ async fn the_batch_routes_answer_counts_refuse_bad_input_and_follow_scopes() {
     assert_eq!(b["callback_status"], json!("succeeded"));
 
     for (body, field) in [
-        (json!({"jobs": [], "on_complete": {"kind": "collect"}}), "jobs"),
+        (
+            json!({"jobs": [], "on_complete": {"kind": "collect"}}),
+            "jobs",
+        ),
         (
             json!({"jobs": [{"kind": "echo"}], "on_complete": {"kind": "Bad Kind"}}),
             "on_complete.kind",
@@ -200,7 +225,10 @@ async fn the_batch_routes_answer_counts_refuse_bad_input_and_follow_scopes() {
             json!({"jobs": [{"kind": "echo", "depends_on": [Uuid::now_v7()]}], "on_complete": {"kind": "collect"}}),
             "depends_on",
         ),
-        (json!({"jobs": [{"kind": "BAD"}], "on_complete": {"kind": "collect"}}), "kind"),
+        (
+            json!({"jobs": [{"kind": "BAD"}], "on_complete": {"kind": "collect"}}),
+            "kind",
+        ),
     ] {
         let (status, answer) = call(&open, "POST", "/v1/batches", Some(&body.to_string())).await;
         assert_eq!(status, 422, "{body}: {answer}");
@@ -209,12 +237,19 @@ async fn the_batch_routes_answer_counts_refuse_bad_input_and_follow_scopes() {
             "{body}: {answer}"
         );
     }
-    let (status, _) = call(&open, "GET", &format!("/v1/batches/{}", Uuid::now_v7()), None).await;
+    let (status, _) = call(
+        &open,
+        "GET",
+        &format!("/v1/batches/{}", Uuid::now_v7()),
+        None,
+    )
+    .await;
     assert_eq!(status, 404);
     let (status, _) = call(&open, "GET", "/v1/batches/nope", None).await;
     assert_eq!(status, 400);
     // A batch whose job repeats an existing dedup key is refused whole: its jobs must be new.
-    env.enqueue(NewJob::new("echo", json!(0)).with_dedup_key("taken")).await;
+    env.enqueue(NewJob::new("echo", json!(0)).with_dedup_key("taken"))
+        .await;
     let body = json!({"jobs": [{"kind": "echo"}, {"kind": "echo", "dedup_key": "taken"}],
                       "on_complete": {"kind": "collect"}});
     let (status, answer) = call(&open, "POST", "/v1/batches", Some(&body.to_string())).await;
@@ -300,7 +335,10 @@ async fn pruning_waits_for_the_callback_then_takes_the_batch() {
     assert_eq!(cb.status(), JobStatus::Queued);
     let keep = Duration::from_secs(3600);
     env.store.prune(keep, &[], 1000, 10).await.expect("prune");
-    assert!(env.job(child).await.is_some(), "kept while the callback is unfinished");
+    assert!(
+        env.job(child).await.is_some(),
+        "kept while the callback is unfinished"
+    );
 
     let mut worker = env.spawn(&["worker"], &[]);
     let done = env
@@ -310,7 +348,10 @@ async fn pruning_waits_for_the_callback_then_takes_the_batch() {
     worker.signal("TERM");
     assert!(worker.wait(T).await.success(), "{}", worker.log_text());
     env.store.prune(keep, &[], 1000, 10).await.expect("prune");
-    assert!(env.job(child).await.is_none(), "pruned once the callback finished");
+    assert!(
+        env.job(child).await.is_none(),
+        "pruned once the callback finished"
+    );
     // The batch row goes once it is past retention and its children are gone.
     sqlx::query("UPDATE apiary_batches SET finished_at = now() - interval '2 days' WHERE id = $1")
         .bind(batch.id)

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use apiary::api::{AppState, ApiOptions, auth::Tokens, router};
+use apiary::api::{ApiOptions, AppState, auth::Tokens, router};
 use apiary::client::EnqueueError;
 use apiary::shutdown::Shutdown;
 use apiary::{JobStatus, NewJob};
@@ -67,8 +67,7 @@ async fn a_chain_of_three_runs_strictly_in_order_and_each_step_reads_the_one_bef
         assert_eq!(parents[0]["id"], json!(before.id));
         assert_eq!(parents[0]["status"], json!("succeeded"));
         assert_eq!(
-            parents[0]["result"]["payload"],
-            before.payload,
+            parents[0]["result"]["payload"], before.payload,
             "each step reads the previous step's result"
         );
     }
@@ -181,7 +180,9 @@ async fn waiting_jobs_cancel_and_parents_already_final_decide_at_once() {
     );
 
     // A dead parent: the child is recorded cancelled, naming it.
-    let dead = env.enqueue(NewJob::new("fail", json!({"permanent": true}))).await;
+    let dead = env
+        .enqueue(NewJob::new("fail", json!({"permanent": true})))
+        .await;
     env.wait_for_status(dead, JobStatus::Dead, T).await;
     let orphan = client
         .enqueue(NewJob::new("echo", json!(3)).with_depends_on([dead]))
@@ -206,7 +207,11 @@ async fn waiting_jobs_cancel_and_parents_already_final_decide_at_once() {
     }
     let own = Uuid::now_v7();
     let err = client
-        .enqueue(NewJob::new("echo", json!(5)).with_id(own).with_depends_on([own]))
+        .enqueue(
+            NewJob::new("echo", json!(5))
+                .with_id(own)
+                .with_depends_on([own]),
+        )
         .await
         .expect_err("itself");
     assert!(matches!(err, EnqueueError::Invalid(e) if e.field == "depends_on"));
@@ -270,9 +275,7 @@ async fn a_release_survives_the_worker_dying_right_after_the_parents_commit() {
     let client = env.client();
     let parent = env.enqueue(NewJob::new("sleep", json!({"ms": 1500}))).await;
     let child = client
-        .enqueue(
-            NewJob::new("tally", json!({"counter": "released"})).with_depends_on([parent]),
-        )
+        .enqueue(NewJob::new("tally", json!({"counter": "released"})).with_depends_on([parent]))
         .await
         .expect("child")
         .job
@@ -340,13 +343,22 @@ async fn every_enqueue_path_takes_depends_on() {
             &http.to_string(),
         ])
         .await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cli: Uuid = String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
         .expect("the id on stdout");
     let out = env
-        .run(&["enqueue", "echo", "--depends-on", &Uuid::now_v7().to_string()])
+        .run(&[
+            "enqueue",
+            "echo",
+            "--depends-on",
+            &Uuid::now_v7().to_string(),
+        ])
         .await;
     assert_eq!(out.status.code(), Some(6), "unknown parent: exit 6");
 
@@ -360,7 +372,12 @@ async fn every_enqueue_path_takes_depends_on() {
     }
     let typed = env
         .client()
-        .enqueue(apiary::TypedJob::new(Collect { via: "typed".into() }).with_depends_on([parent]))
+        .enqueue(
+            apiary::TypedJob::new(Collect {
+                via: "typed".into(),
+            })
+            .with_depends_on([parent]),
+        )
         .await
         .expect("typed")
         .job;
@@ -368,12 +385,15 @@ async fn every_enqueue_path_takes_depends_on() {
 
     // A raw AMQP message: recorded waiting, acked, and run once released.
     let raw = Uuid::now_v7();
-    let body = json!({"id": raw, "kind": "collect", "payload": {"via": "raw"}, "depends_on": [parent]});
-    env.publish_raw(&[(None, body.to_string().into_bytes())]).await;
+    let body =
+        json!({"id": raw, "kind": "collect", "payload": {"via": "raw"}, "depends_on": [parent]});
+    env.publish_raw(&[(None, body.to_string().into_bytes())])
+        .await;
     // And a malformed one goes to the dead letters with its reason.
     let bad = Uuid::now_v7();
     let body = json!({"id": bad, "kind": "collect", "depends_on": "not a list"});
-    env.publish_raw(&[(None, body.to_string().into_bytes())]).await;
+    env.publish_raw(&[(None, body.to_string().into_bytes())])
+        .await;
 
     let mut worker = env.spawn(&["worker"], &[]);
     env.wait_for_status(raw, JobStatus::Succeeded, T).await;
@@ -423,9 +443,7 @@ async fn pruning_keeps_a_waiting_jobs_parents() {
     assert_eq!(pruned, Some(0), "a waiting job's parent stays");
     assert!(env.job(old).await.is_some());
     let mut worker = env.spawn(&["worker"], &[]);
-    let done = env
-        .wait_for_status(child.id, JobStatus::Succeeded, T)
-        .await;
+    let done = env.wait_for_status(child.id, JobStatus::Succeeded, T).await;
     let parents: Vec<Value> = done.result.expect("result")["parents"]
         .as_array()
         .expect("parents")

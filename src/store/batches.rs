@@ -146,8 +146,17 @@ impl Store {
         .fetch_optional(self.pool())
         .await
         .context("reading a batch")?;
-        let Some((id, status, total, on_success, callback_id, callback_kind, cb, created_at, finished_at)) =
-            row
+        let Some((
+            id,
+            status,
+            total,
+            on_success,
+            callback_id,
+            callback_kind,
+            cb,
+            created_at,
+            finished_at,
+        )) = row
         else {
             return Ok(None);
         };
@@ -191,18 +200,19 @@ impl Store {
         after: Option<JobId>,
         limit: i64,
     ) -> Result<Vec<BatchChild>, StoreError> {
-        let rows: Vec<(Uuid, String, String, Option<Json<Value>>, Option<String>)> =
-            sqlx::query_as(
-                "SELECT id, kind, status, result, error FROM apiary_jobs
+        /// One child as read.
+        type Row = (Uuid, String, String, Option<Json<Value>>, Option<String>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, kind, status, result, error FROM apiary_jobs
                   WHERE batch_id = $1 AND ($2::uuid IS NULL OR id > $2)
                   ORDER BY id LIMIT $3",
-            )
-            .bind(batch)
-            .bind(after)
-            .bind(limit.clamp(1, MAX_CHILDREN_PAGE))
-            .fetch_all(self.pool())
-            .await
-            .context("reading a batch's children")?;
+        )
+        .bind(batch)
+        .bind(after)
+        .bind(limit.clamp(1, MAX_CHILDREN_PAGE))
+        .fetch_all(self.pool())
+        .await
+        .context("reading a batch's children")?;
         Ok(rows
             .into_iter()
             .map(|(id, kind, status, result, error)| BatchChild {

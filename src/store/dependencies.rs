@@ -234,16 +234,22 @@ impl ParentResult {
 impl Store {
     /// The parents of `child`, in id order, with their status and result as they stand.
     pub async fn parent_results(&self, child: JobId) -> Result<Vec<ParentResult>, StoreError> {
-        let rows: Vec<(Uuid, Option<String>, Option<String>, Option<sqlx::types::Json<Value>>)> =
-            sqlx::query_as(
-                "SELECT d.parent, j.kind, j.status, j.result
+        /// One parent as read: `None`s where it was pruned.
+        type Row = (
+            Uuid,
+            Option<String>,
+            Option<String>,
+            Option<sqlx::types::Json<Value>>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT d.parent, j.kind, j.status, j.result
                    FROM apiary_job_deps d LEFT JOIN apiary_jobs j ON j.id = d.parent
                   WHERE d.child = $1 ORDER BY d.parent",
-            )
-            .bind(child)
-            .fetch_all(self.pool())
-            .await
-            .context("reading a job's parents")?;
+        )
+        .bind(child)
+        .fetch_all(self.pool())
+        .await
+        .context("reading a job's parents")?;
         Ok(rows
             .into_iter()
             .map(|(id, kind, status, result)| ParentResult {

@@ -168,14 +168,14 @@ async fn finish_isolating(
         Ok((done, released)) => {
             follow.extend(released);
             Some(
-            finishes
-                .iter()
-                .map(|f| {
-                    done.iter()
-                        .find(|d| d.id == f.id && d.attempt == f.attempt)
-                        .map(|d| d.status)
-                })
-                .collect(),
+                finishes
+                    .iter()
+                    .map(|f| {
+                        done.iter()
+                            .find(|d| d.id == f.id && d.attempt == f.attempt)
+                            .map(|d| d.status)
+                    })
+                    .collect(),
             )
         }
         Err(Failed::Interrupted) => None,

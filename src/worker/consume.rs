@@ -163,13 +163,13 @@ async fn deliver(
                     .and_then(|job| in_its_queue(&shared.cfg.queue, lane, job));
             // A raw producer's job with parents is recorded, not claimed: it waits for them.
             let parents = match (&decoded, recorded) {
-                (Ok(job), false) => crate::wire::depends_on(&d.data, job.id).map_err(|reason| {
-                    crate::wire::Poison {
+                (Ok(job), false) => {
+                    crate::wire::depends_on(&d.data, job.id).map_err(|reason| crate::wire::Poison {
                         id: job.id,
                         kind: Some(job.kind.clone()),
                         reason,
-                    }
-                }),
+                    })
+                }
                 _ => Ok(Vec::new()),
             };
             let decoded = match (decoded, parents) {
