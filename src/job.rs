@@ -579,6 +579,34 @@ mod tests {
     }
 
     #[test]
+    fn a_waiting_job_is_released_or_cancelled_and_never_runs_first() {
+        use JobStatus::*;
+        assert!(!Waiting.is_final());
+        assert!(Waiting.can_become(Queued));
+        assert!(Waiting.can_become(Cancelled));
+        for next in [Running, Succeeded, Retrying, Dead, Failed, Duplicate] {
+            assert!(!Waiting.can_become(next), "waiting must not become {next}");
+        }
+        for from in JobStatus::ALL {
+            assert!(
+                !from.can_become(Waiting),
+                "nothing goes back to waiting ({from})"
+            );
+        }
+    }
+
+    #[test]
+    fn depends_on_is_bounded_and_never_the_job_itself() {
+        let id = Uuid::now_v7();
+        assert!(validate_depends_on(Some(id), &[Uuid::now_v7()]).is_ok());
+        assert!(validate_depends_on(None, &vec![id; MAX_DEPENDS_ON]).is_ok());
+        let e = validate_depends_on(None, &vec![id; MAX_DEPENDS_ON + 1]).unwrap_err();
+        assert_eq!(e.field, "depends_on");
+        let e = validate_depends_on(Some(id), &[id]).unwrap_err();
+        assert!(e.reason.contains("itself"), "{e}");
+    }
+
+    #[test]
     fn kinds_are_checked() {
         assert!(validate_kind("echo").is_ok());
         assert!(validate_kind("a.b-c_9").is_ok());

@@ -478,4 +478,25 @@ mod tests {
         assert_eq!(err.id, id);
         assert_eq!(err.kind.as_deref(), Some("echo"));
     }
+
+    #[test]
+    fn depends_on_is_read_from_raw_bodies_and_checked() {
+        let id = Uuid::now_v7();
+        let p = Uuid::now_v7();
+        assert_eq!(depends_on(br#"{"kind": "echo"}"#, id), Ok(vec![]));
+        assert_eq!(
+            depends_on(br#"{"kind": "echo", "depends_on": null}"#, id),
+            Ok(vec![])
+        );
+        let body = format!(r#"{{"kind": "echo", "depends_on": ["{p}"]}}"#);
+        assert_eq!(depends_on(body.as_bytes(), id), Ok(vec![p]));
+        let bad = depends_on(br#"{"kind": "echo", "depends_on": "x"}"#, id).unwrap_err();
+        assert!(bad.starts_with("depends_on: expected an array"), "{bad}");
+        let body = format!(r#"{{"kind": "echo", "depends_on": ["{id}"]}}"#);
+        assert!(
+            depends_on(body.as_bytes(), id)
+                .unwrap_err()
+                .contains("itself")
+        );
+    }
 }
