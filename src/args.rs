@@ -111,6 +111,8 @@ pub struct TypedJob<A> {
     pub priority: Option<u8>,
     /// Jobs sharing it run at most the kind's `max_per_key` at a time.
     pub concurrency_key: Option<String>,
+    /// Jobs that must succeed first (see [`NewJob::depends_on`]).
+    pub depends_on: Vec<crate::job::JobId>,
 }
 
 impl<A: JobArgs> TypedJob<A> {
@@ -128,6 +130,7 @@ impl<A: JobArgs> TypedJob<A> {
             queue: None,
             priority: None,
             concurrency_key: None,
+            depends_on: Vec::new(),
         }
     }
 
@@ -178,6 +181,12 @@ impl<A: JobArgs> TypedJob<A> {
         self.concurrency_key = Some(key.into());
         self
     }
+
+    /// Makes the job wait for `parents` to succeed (see [`NewJob::depends_on`]).
+    pub fn with_depends_on(mut self, parents: impl IntoIterator<Item = crate::job::JobId>) -> Self {
+        self.depends_on.extend(parents);
+        self
+    }
 }
 
 impl<A: JobArgs> From<A> for TypedJob<A> {
@@ -225,6 +234,7 @@ impl<A: JobArgs> IntoNewJob for TypedJob<A> {
             queue: self.queue,
             priority: self.priority,
             concurrency_key: self.concurrency_key,
+            depends_on: self.depends_on,
         })
     }
 }

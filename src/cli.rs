@@ -66,7 +66,7 @@ pub enum Command {
         #[arg(long)]
         insecure_listen_any: bool,
     },
-    /// Consume and run jobs with the built-in handlers (echo, sleep, fail, tally).
+    /// Consume and run jobs with the built-in handlers (echo, sleep, fail, tally, collect).
     Worker,
     /// Enqueue one job and print its id.
     Enqueue {
@@ -96,6 +96,10 @@ pub enum Command {
         /// Jobs sharing this key run at most the kind's `max_per_key` at a time.
         #[arg(long)]
         concurrency_key: Option<String>,
+        /// A job that must succeed before this one starts (repeat for several, at most 100).
+        /// The job is recorded `waiting`, and `cancelled` if a parent ends another way.
+        #[arg(long = "depends-on", value_name = "JOB_ID")]
+        depends_on: Vec<uuid::Uuid>,
     },
     /// Show queue depths, live workers, and jobs by status in the last hour.
     Status {
@@ -413,6 +417,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             job_queue,
             priority,
             concurrency_key,
+            depends_on,
         } => {
             let payload: Value = serde_json::from_str(&payload).map_err(|e| {
                 CliError::new(
@@ -433,6 +438,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 queue: job_queue,
                 priority,
                 concurrency_key,
+                depends_on,
             };
             let enqueued = match client.enqueue(job).await {
                 Ok(e) => e,

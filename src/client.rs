@@ -67,6 +67,58 @@ pub enum EnqueueError {
     },
 }
 
+/// The most jobs one chain or one batch may hold.
+pub const MAX_GROUP_JOBS: usize = 10_000;
+
+/// Room left in the payload limit for what a batch's callback payload adds around
+/// `on_complete.payload` (`{"batch_id", "counts"}`).
+pub const CALLBACK_ENVELOPE_BYTES: usize = 512;
+
+/// A batch's callback: the job enqueued once its last child is final. Its payload is
+/// `{"batch_id", "counts": {"total", "succeeded", "failed", "dead", "cancelled"}, "payload"}`,
+/// with this `payload` inside.
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OnComplete {
+    /// The callback's kind.
+    pub kind: String,
+    /// What the callback carries besides the batch's id and counts.
+    #[serde(default)]
+    pub payload: serde_json::Value,
+    /// The callback's queue; the kind's queue, else `default`, when absent.
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// The callback's attempt budget; the kind's, else the configured default, when absent.
+    #[serde(default)]
+    pub max_attempts: Option<i32>,
+}
+
+impl OnComplete {
+    /// A callback of `kind` carrying `payload`.
+    pub fn new(kind: impl Into<String>, payload: serde_json::Value) -> Self {
+        OnComplete {
+            kind: kind.into(),
+            payload,
+            queue: None,
+            max_attempts: None,
+        }
+    }
+}
+
+/// What [`Client::enqueue_batch`] recorded.
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BatchEnqueued {
+    /// The batch's id.
+    pub id: Uuid,
+    /// The id its callback job will have.
+    pub callback_id: JobId,
+    /// The children's ids, in order.
+    pub jobs: Vec<JobId>,
+}
+
 /// How many replayed jobs [`Client::replay`] publishes at once: each chunk is written in full
 /// and confirmed before the next.
 pub const REPLAY_CHUNK: usize = 1000;
@@ -180,6 +232,14 @@ impl Client {
         let job = job.into_new_job()?;
         // Checked here, so one caller's bad input never fails another's batch.
         job.validate(self.inner.max_payload_bytes)?;
+        if !job.depends_on.is_empty() {
+            // Its parents are locked and checked in its own statement: an unknown parent is
+            // this caller's error alone, never a shared batch's.
+            let mut out = self.inner.enqueue_many(vec![job]).await?;
+            return out
+                .pop()
+                .ok_or_else(|| EnqueueError::Invalid(InvalidJob::new("kind", "no job given")));
+        }
         // Named here, so a batch that fails after recording can tell each caller which job.
         let mut job = job;
         job.id.get_or_insert_with(Uuid::now_v7);
@@ -217,6 +277,168 @@ impl Client {
         metrics::histogram!("apiary_enqueue_duration_seconds")
             .record(began.elapsed().as_secs_f64());
         result
+    }
+
+    /// Enqueues a chain: every job depends on the one before it (besides any `depends_on` of
+    /// its own), so they run strictly in order, and a step that ends `dead` or `cancelled`
+    /// cancels the rest. Recorded in one transaction, all or nothing; every job must be new
+    /// (an id or dedup key that resolves to an existing job rejects the chain). Returns the
+    /// jobs in order.
+    pub async fn enqueue_chain<J: IntoNewJob>(
+        &self,
+        jobs: Vec<J>,
+    ) -> Result<Vec<Enqueued>, EnqueueError> {
+        let mut jobs = jobs
+            .into_iter()
+            .map(IntoNewJob::into_new_job)
+            .collect::<Result<Vec<_>, _>>()?;
+        if jobs.is_empty() {
+            return Err(InvalidJob::new("jobs", "a chain needs at least one job").into());
+        }
+        if jobs.len() > MAX_GROUP_JOBS {
+            return Err(InvalidJob::new(
+                "jobs",
+                format!(
+                    "holds {} jobs; at most {MAX_GROUP_JOBS} allowed",
+                    jobs.len()
+                ),
+            )
+            .into());
+        }
+        let mut previous: Option<JobId> = None;
+        for job in &mut jobs {
+            let id = *job.id.get_or_insert_with(Uuid::now_v7);
+            if let Some(p) = previous
+                && !job.depends_on.contains(&p)
+            {
+                job.depends_on.push(p);
+            }
+            previous = Some(id);
+        }
+        let rows = self.inner.rows(&jobs)?;
+        let answers = self
+            .inner
+            .record_and_publish_in(jobs, rows, true, None, true)
+            .await?;
+        answers.into_iter().collect()
+    }
+
+    /// Enqueues a batch: `jobs` recorded in one transaction with the batch, all new, and the
+    /// `on_complete` callback enqueued exactly once when the last of them reaches a final
+    /// status (with `on_success`, only if every one succeeded). Returns the batch's id.
+    pub async fn enqueue_batch<J: IntoNewJob>(
+        &self,
+        jobs: Vec<J>,
+        on_complete: OnComplete,
+        on_success: bool,
+    ) -> Result<BatchEnqueued, EnqueueError> {
+        let jobs = jobs
+            .into_iter()
+            .map(IntoNewJob::into_new_job)
+            .collect::<Result<Vec<_>, _>>()?;
+        if jobs.is_empty() {
+            return Err(InvalidJob::new("jobs", "a batch needs at least one job").into());
+        }
+        if jobs.len() > MAX_GROUP_JOBS {
+            return Err(InvalidJob::new(
+                "jobs",
+                format!(
+                    "holds {} jobs; at most {MAX_GROUP_JOBS} allowed",
+                    jobs.len()
+                ),
+            )
+            .into());
+        }
+        if let Some(i) = jobs.iter().position(|j| !j.depends_on.is_empty()) {
+            return Err(InvalidJob::new(
+                "depends_on",
+                format!("job {i}: a batch's jobs cannot have depends_on"),
+            )
+            .into());
+        }
+        crate::job::validate_kind(&on_complete.kind)
+            .map_err(|e| InvalidJob::new("on_complete.kind", e.reason))?;
+        if let Some(q) = &on_complete.queue {
+            crate::job::validate_queue(q)
+                .map_err(|e| InvalidJob::new("on_complete.queue", e.reason))?;
+        }
+        if let Some(n) = on_complete.max_attempts {
+            crate::job::validate_max_attempts(n)
+                .map_err(|e| InvalidJob::new("on_complete.max_attempts", e.reason))?;
+        }
+        let payload = serde_json::value::to_raw_value(&on_complete.payload)
+            .map_err(|e| InvalidJob::new("on_complete.payload", e.to_string()))?;
+        // The callback's payload wraps this one with the batch's id and counts.
+        let room = self
+            .inner
+            .max_payload_bytes
+            .saturating_sub(CALLBACK_ENVELOPE_BYTES);
+        if payload.get().len() > room {
+            return Err(InvalidJob::new(
+                "on_complete.payload",
+                format!(
+                    "is {} bytes; the limit is {room} (the payload limit less {CALLBACK_ENVELOPE_BYTES} for the batch's counts)",
+                    payload.get().len()
+                ),
+            )
+            .into());
+        }
+        let mut rows = self.inner.rows(&jobs)?;
+        let id = Uuid::now_v7();
+        for r in &mut rows {
+            r.batch_id = Some(id);
+        }
+        let options = self.inner.kind_options(&on_complete.kind);
+        let batch = crate::store::batches::BatchRow {
+            id,
+            total: i32::try_from(rows.len()).unwrap_or(i32::MAX),
+            callback_id: Uuid::now_v7(),
+            callback_kind: on_complete.kind.clone(),
+            callback_payload: payload,
+            callback_queue: on_complete
+                .queue
+                .clone()
+                .or(options.queue)
+                .unwrap_or_else(|| crate::job::DEFAULT_QUEUE.to_string()),
+            callback_max_attempts: on_complete
+                .max_attempts
+                .or(options.max_attempts)
+                .unwrap_or(self.inner.max_attempts),
+            prefix: self.inner.publisher.prefix().to_string(),
+            on_success,
+        };
+        let answers = self
+            .inner
+            .record_and_publish_in(jobs, rows, true, Some(&batch), true)
+            .await?;
+        let mut ids = Vec::with_capacity(answers.len());
+        let mut unpublished: Option<BrokerError> = None;
+        for a in answers {
+            match a {
+                Ok(e) => ids.push(e.job.id),
+                Err(EnqueueError::NotPublished { source, ids: more }) => {
+                    ids.extend(more);
+                    unpublished.get_or_insert(source);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(source) = unpublished {
+            return Err(EnqueueError::NotPublished { source, ids });
+        }
+        Ok(BatchEnqueued {
+            id,
+            callback_id: batch.callback_id,
+            jobs: ids,
+        })
+    }
+
+    /// The batch with this id, its children counted by status.
+    pub async fn batch(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<crate::store::batches::Batch>, StoreError> {
+        self.inner.store.get_batch(id).await
     }
 
     /// Replays dead jobs: back to `queued` with a fresh attempt budget, same id and history,
@@ -419,6 +641,8 @@ impl Inner {
                 prefix: self.publisher.prefix().to_string(),
                 priority: job.priority.or(options.priority).unwrap_or(0),
                 concurrency_key: job.concurrency_key.clone(),
+                depends_on: job.depends_on.clone(),
+                batch_id: None,
             });
         }
         Ok(rows)
@@ -457,17 +681,63 @@ impl Inner {
         rows: Vec<JobRow>,
         all_or_nothing: bool,
     ) -> Result<Vec<Result<Enqueued, EnqueueError>>, EnqueueError> {
-        let inserted = match self.store.insert_jobs(&rows, all_or_nothing).await? {
+        self.record_and_publish_in(jobs, rows, all_or_nothing, None, false)
+            .await
+    }
+
+    /// [`Inner::record_and_publish`], recording `batch` with the rows when given.
+    async fn record_and_publish_in(
+        &self,
+        jobs: Vec<NewJob>,
+        rows: Vec<JobRow>,
+        all_or_nothing: bool,
+        batch: Option<&crate::store::batches::BatchRow>,
+        all_new: bool,
+    ) -> Result<Vec<Result<Enqueued, EnqueueError>>, EnqueueError> {
+        let many = rows.len() > 1;
+        let inserted = match self
+            .store
+            .insert_jobs_in_batch(&rows, all_or_nothing, batch, all_new)
+            .await?
+        {
             InsertOutcome::Written(v) => v,
             InsertOutcome::RolledBack { index, reason } => {
                 return Err(EnqueueError::Conflict(format!("job {index}: {reason}")));
             }
+            InsertOutcome::BadParent { index, reason } => {
+                let reason = if many {
+                    format!("job {index}: {reason}")
+                } else {
+                    reason
+                };
+                return Err(InvalidJob::new("depends_on", reason).into());
+            }
         };
 
+        // A new job with parents may be waiting or cancelled: read back how it was recorded,
+        // and publish only the queued ones (the others have no outbox row either). If the
+        // read fails, none of them is published here; the relay sends the queued ones.
+        let with_parents: Vec<JobId> = rows
+            .iter()
+            .zip(&inserted)
+            .filter(|(r, ins)| !r.depends_on.is_empty() && matches!(ins, Inserted::New(_)))
+            .map(|(r, _)| r.id)
+            .collect();
+        let recorded: Vec<Job> = if with_parents.is_empty() {
+            Vec::new()
+        } else {
+            self.store.get_jobs(&with_parents).await.unwrap_or_default()
+        };
         let fresh: Vec<WireJob> = rows
             .iter()
             .zip(&inserted)
-            .filter(|(_, ins)| matches!(ins, Inserted::New(_)))
+            .filter(|(r, ins)| {
+                matches!(ins, Inserted::New(_))
+                    && (r.depends_on.is_empty()
+                        || recorded
+                            .iter()
+                            .any(|j| j.id == r.id && j.status() == JobStatus::Queued))
+            })
             .map(|(r, _)| wire_of(r))
             .collect();
         let mut publish_error: Option<BrokerError> = None;
@@ -510,7 +780,10 @@ impl Inner {
                     ids: vec![row.id],
                 }),
                 Inserted::New(created_at) => Ok(Enqueued {
-                    job: new_record(job, row, created_at),
+                    job: match recorded.iter().find(|j| j.id == row.id) {
+                        Some(j) => j.clone(),
+                        None => new_record(job, row, created_at),
+                    },
                     created: true,
                 }),
                 Inserted::Conflict(reason) => Err(EnqueueError::Conflict(reason)),
@@ -664,6 +937,8 @@ fn new_record(job: NewJob, row: JobRow, created_at: chrono::DateTime<Utc>) -> Jo
         progress: None,
         progress_detail: None,
         progress_at: None,
+        depends_on: row.depends_on,
+        batch_id: row.batch_id,
     }
 }
 

@@ -30,6 +30,9 @@ pub const ENVELOPE_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
+    /// Recorded with `depends_on`: not published until every parent has succeeded (then it
+    /// becomes `queued`), and `cancelled` if a parent ends any other way.
+    Waiting,
     /// Recorded and published; no worker has claimed it yet (or it is scheduled for later).
     Queued,
     /// A worker holds the claim and is running the handler.
@@ -50,7 +53,8 @@ pub enum JobStatus {
 
 impl JobStatus {
     /// Every status, in the order of a job's life.
-    pub const ALL: [JobStatus; 8] = [
+    pub const ALL: [JobStatus; 9] = [
+        JobStatus::Waiting,
         JobStatus::Queued,
         JobStatus::Running,
         JobStatus::Retrying,
@@ -64,6 +68,7 @@ impl JobStatus {
     /// The name stored in Postgres and shown in the API.
     pub fn as_str(self) -> &'static str {
         match self {
+            JobStatus::Waiting => "waiting",
             JobStatus::Queued => "queued",
             JobStatus::Running => "running",
             JobStatus::Retrying => "retrying",
@@ -97,6 +102,9 @@ impl JobStatus {
             (Running, Running) => true,
             (Running, Succeeded | Retrying | Dead | Cancelled | Queued) => true,
             (Queued | Retrying, Cancelled | Dead) => true,
+            // Released when its last parent succeeds; cancelled when one ends otherwise (or
+            // by an operator). A waiting job never runs before it is released.
+            (Waiting, Queued | Cancelled) => true,
             // Replay of a dead or failed job.
             (Dead | Failed, Queued) => true,
             _ => false,
@@ -177,6 +185,12 @@ pub struct Job {
     pub progress_detail: Option<Value>,
     /// When the progress was written.
     pub progress_at: Option<DateTime<Utc>>,
+    /// The jobs it waits for (its `depends_on`); empty for a job without parents.
+    #[serde(default)]
+    pub depends_on: Vec<JobId>,
+    /// The batch it belongs to, if any.
+    #[serde(default)]
+    pub batch_id: Option<Uuid>,
 }
 
 /// [`JobStatus`] as read from a text column; a thin wrapper so `FromRow` can convert it.
@@ -246,7 +260,16 @@ pub struct NewJob {
     /// worker.
     #[serde(default)]
     pub concurrency_key: Option<String>,
+    /// Jobs that must all succeed before this one starts (at most [`MAX_DEPENDS_ON`]). The
+    /// job is recorded `waiting`; it is `cancelled` if a parent ends `dead`, `failed` or
+    /// `cancelled`. Every parent must be recorded already (or come earlier in the same
+    /// request).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<JobId>,
 }
+
+/// The most parents one job may name in `depends_on`.
+pub const MAX_DEPENDS_ON: usize = 100;
 
 impl NewJob {
     /// A job of `kind` with `payload`, everything else defaulted.
@@ -262,7 +285,14 @@ impl NewJob {
             queue: None,
             priority: None,
             concurrency_key: None,
+            depends_on: Vec::new(),
         }
+    }
+
+    /// Makes the job wait for `parents` to succeed (see [`NewJob::depends_on`]).
+    pub fn with_depends_on(mut self, parents: impl IntoIterator<Item = JobId>) -> Self {
+        self.depends_on.extend(parents);
+        self
     }
 
     /// Sets the dedup key.
@@ -325,6 +355,7 @@ impl NewJob {
         if let Some(key) = &self.concurrency_key {
             validate_concurrency_key(key)?;
         }
+        validate_depends_on(self.id, &self.depends_on)?;
         if self.run_at.is_some() && self.delay_ms.is_some() {
             return Err(InvalidJob::new(
                 "delay_ms",
@@ -484,6 +515,29 @@ pub fn validate_run_at(at: DateTime<Utc>, now: DateTime<Utc>) -> Result<(), Inva
     Ok(())
 }
 
+/// Checks a `depends_on` list: at most [`MAX_DEPENDS_ON`] parents, and not the job itself.
+/// Repeats are allowed and count once.
+pub fn validate_depends_on(id: Option<JobId>, parents: &[JobId]) -> Result<(), InvalidJob> {
+    if parents.len() > MAX_DEPENDS_ON {
+        return Err(InvalidJob::new(
+            "depends_on",
+            format!(
+                "names {} jobs; at most {MAX_DEPENDS_ON} allowed",
+                parents.len()
+            ),
+        ));
+    }
+    if let Some(id) = id
+        && parents.contains(&id)
+    {
+        return Err(InvalidJob::new(
+            "depends_on",
+            format!("names the job itself ({id}); a job cannot depend on itself"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks an attempt budget: 1 to 1000.
 pub fn validate_max_attempts(n: i32) -> Result<(), InvalidJob> {
     if !(1..=MAX_ATTEMPTS_LIMIT).contains(&n) {
@@ -522,6 +576,34 @@ mod tests {
         assert!(!JobStatus::Succeeded.can_become(JobStatus::Queued));
         assert!(JobStatus::Dead.can_become(JobStatus::Queued));
         assert!(!JobStatus::Duplicate.can_become(JobStatus::Queued));
+    }
+
+    #[test]
+    fn a_waiting_job_is_released_or_cancelled_and_never_runs_first() {
+        use JobStatus::*;
+        assert!(!Waiting.is_final());
+        assert!(Waiting.can_become(Queued));
+        assert!(Waiting.can_become(Cancelled));
+        for next in [Running, Succeeded, Retrying, Dead, Failed, Duplicate] {
+            assert!(!Waiting.can_become(next), "waiting must not become {next}");
+        }
+        for from in JobStatus::ALL {
+            assert!(
+                !from.can_become(Waiting),
+                "nothing goes back to waiting ({from})"
+            );
+        }
+    }
+
+    #[test]
+    fn depends_on_is_bounded_and_never_the_job_itself() {
+        let id = Uuid::now_v7();
+        assert!(validate_depends_on(Some(id), &[Uuid::now_v7()]).is_ok());
+        assert!(validate_depends_on(None, &vec![id; MAX_DEPENDS_ON]).is_ok());
+        let e = validate_depends_on(None, &vec![id; MAX_DEPENDS_ON + 1]).unwrap_err();
+        assert_eq!(e.field, "depends_on");
+        let e = validate_depends_on(Some(id), &[id]).unwrap_err();
+        assert!(e.reason.contains("itself"), "{e}");
     }
 
     #[test]

@@ -308,6 +308,35 @@ impl WireJob {
     }
 }
 
+/// The `depends_on` of a raw message's body (already decoded as a job with id `id`): the jobs
+/// it must wait for, empty when the field is absent or `null`. Read apart from
+/// [`WireJob::decode`] because only a raw producer's first message can carry it (Apiary never
+/// publishes a job before its parents allow), so a body without the field name costs one byte
+/// scan. `Err` names what is wrong, for the dead letter.
+pub fn depends_on(body: &[u8], id: JobId) -> Result<Vec<JobId>, String> {
+    if !body.windows(12).any(|w| w == b"\"depends_on\"") {
+        return Ok(Vec::new());
+    }
+    #[derive(Deserialize)]
+    struct Only<'a> {
+        #[serde(borrow, default)]
+        depends_on: Option<&'a RawValue>,
+    }
+    let only: Only<'_> = serde_json::from_slice(body).map_err(|e| format!("depends_on: {e}"))?;
+    let parents: Vec<JobId> = match only.depends_on {
+        None => return Ok(Vec::new()),
+        Some(raw) if raw.get() == "null" => return Ok(Vec::new()),
+        Some(raw) => serde_json::from_str(raw.get()).map_err(|_| {
+            format!(
+                "depends_on: expected an array of job ids (UUID strings), got {}",
+                clip(raw.get())
+            )
+        })?,
+    };
+    job::validate_depends_on(Some(id), &parents).map_err(|e| e.to_string())?;
+    Ok(parents)
+}
+
 /// A short rendering of a bad value for an error message.
 fn clip(s: &str) -> String {
     const MAX: usize = 40;
@@ -448,5 +477,26 @@ mod tests {
         .expect_err("bad");
         assert_eq!(err.id, id);
         assert_eq!(err.kind.as_deref(), Some("echo"));
+    }
+
+    #[test]
+    fn depends_on_is_read_from_raw_bodies_and_checked() {
+        let id = Uuid::now_v7();
+        let p = Uuid::now_v7();
+        assert_eq!(depends_on(br#"{"kind": "echo"}"#, id), Ok(vec![]));
+        assert_eq!(
+            depends_on(br#"{"kind": "echo", "depends_on": null}"#, id),
+            Ok(vec![])
+        );
+        let body = format!(r#"{{"kind": "echo", "depends_on": ["{p}"]}}"#);
+        assert_eq!(depends_on(body.as_bytes(), id), Ok(vec![p]));
+        let bad = depends_on(br#"{"kind": "echo", "depends_on": "x"}"#, id).unwrap_err();
+        assert!(bad.starts_with("depends_on: expected an array"), "{bad}");
+        let body = format!(r#"{{"kind": "echo", "depends_on": ["{id}"]}}"#);
+        assert!(
+            depends_on(body.as_bytes(), id)
+                .unwrap_err()
+                .contains("itself")
+        );
     }
 }

@@ -636,6 +636,8 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
                 prefix: env.cfg.queue.clone(),
                 priority: 0,
                 concurrency_key: None,
+                depends_on: Vec::new(),
+                batch_id: None,
             };
             let got = store.insert_jobs(&[row], false).await.map_err(fail)?;
             let answer = format!("{got:?}");
@@ -1514,6 +1516,8 @@ async fn recorded_job(env: &TestEnv, budget: i32) -> Model {
         prefix: env.cfg.queue.clone(),
         priority: 0,
         concurrency_key: None,
+        depends_on: Vec::new(),
+        batch_id: None,
     };
     env.store.insert_jobs(&[row], false).await.expect("insert");
     m

@@ -3,6 +3,7 @@
 //! socket. Every error it answers, axum's own included, is `{"error": "..."}` ([`error`]).
 
 pub mod auth;
+pub mod batches;
 pub mod enqueue;
 pub mod error;
 pub mod extract;
@@ -148,6 +149,26 @@ pub fn router(state: AppState) -> Router {
             post(enqueue::enqueue)
                 .route_layer(needs(Scope::Enqueue))
                 .merge(get(jobs::list).route_layer(needs(Scope::Read))),
+        )
+        .route(
+            "/v1/chains",
+            post(batches::chain)
+                .route_layer(needs(Scope::Enqueue))
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    batches::MAX_GROUP_BODY_BYTES.max(limit),
+                )),
+        )
+        .route(
+            "/v1/batches",
+            post(batches::create)
+                .route_layer(needs(Scope::Enqueue))
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    batches::MAX_GROUP_BODY_BYTES.max(limit),
+                )),
+        )
+        .route(
+            "/v1/batches/{id}",
+            get(batches::get).route_layer(needs(Scope::Read)),
         )
         .route(
             "/v1/jobs/{id}",

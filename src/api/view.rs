@@ -142,6 +142,8 @@ mod tests {
             progress: Some(0.5),
             progress_detail: Some(json!({"secret": "detail"})),
             progress_at: Some(Utc::now()),
+            depends_on: Vec::new(),
+            batch_id: None,
         }
     }
 

@@ -6,6 +6,7 @@
 //! the job's completion and commits before the message is acknowledged, so the writes happen
 //! exactly once even when the message is delivered twice.
 
+mod collect;
 mod echo;
 mod fail;
 mod sleep;
@@ -24,6 +25,7 @@ use serde_json::value::RawValue;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
+pub use collect::Collect;
 pub use echo::Echo;
 pub use fail::Fail;
 pub use sleep::Sleep;
@@ -160,13 +162,14 @@ impl Registry {
         Registry::default()
     }
 
-    /// The built-in handlers: `echo`, `sleep`, `fail` and `tally`.
+    /// The built-in handlers: `echo`, `sleep`, `fail`, `tally` and `collect`.
     pub fn builtins() -> Self {
         let mut r = Registry::new();
         r.register("echo", Echo);
         r.register("sleep", Sleep);
         r.register("fail", Fail);
         r.register("tally", Tally);
+        r.register("collect", Collect);
         r
     }
 
@@ -410,6 +413,62 @@ impl JobContext {
             Some(tx) => Ok(&mut **tx),
             None => Err(HandlerError::retry("no transaction")),
         }
+    }
+
+    /// The job's parents (its `depends_on`), in id order, each with its kind, status and
+    /// result, read from Postgres now. Every parent has succeeded by the time the job runs;
+    /// a parent pruned meanwhile comes back with no kind, status or result. Empty for a job
+    /// without parents.
+    pub async fn parent_results(
+        &self,
+    ) -> Result<Vec<crate::store::dependencies::ParentResult>, HandlerError> {
+        crate::store::Store::from_pool(self.pool.clone())
+            .parent_results(self.id)
+            .await
+            .map_err(|e| HandlerError::retry(e.to_string()))
+    }
+
+    /// The parents' results decoded as `T`, in the order of [`JobContext::parent_results`].
+    /// A result of the wrong shape is a permanent error.
+    pub async fn parent_results_as<T: DeserializeOwned>(&self) -> Result<Vec<T>, HandlerError> {
+        self.parent_results()
+            .await?
+            .iter()
+            .map(|p| match p.result_as::<T>() {
+                Ok(Some(t)) => Ok(t),
+                Ok(None) => Err(HandlerError::permanent(format!(
+                    "parent {} has no result",
+                    p.id
+                ))),
+                Err(e) => Err(HandlerError::permanent(format!(
+                    "parent {}'s result: {e}",
+                    p.id
+                ))),
+            })
+            .collect()
+    }
+
+    /// For a batch's callback: a page of the batch's children in id order, after `after`
+    /// (from the start when `None`), at most `limit` (1 to 1000), each with its id, status,
+    /// result and error. The batch is the one named by the payload's `batch_id`; a payload
+    /// without one is a permanent error. Page on with the last child's id until a page comes
+    /// back shorter than `limit`.
+    pub async fn batch_children(
+        &self,
+        after: Option<JobId>,
+        limit: i64,
+    ) -> Result<Vec<crate::store::batches::BatchChild>, HandlerError> {
+        #[derive(serde::Deserialize)]
+        struct Callback {
+            batch_id: uuid::Uuid,
+        }
+        let batch = serde_json::from_str::<Callback>(self.payload.get())
+            .map_err(|e| HandlerError::permanent(format!("not a batch callback: {e}")))?
+            .batch_id;
+        crate::store::Store::from_pool(self.pool.clone())
+            .batch_children(batch, after, limit)
+            .await
+            .map_err(|e| HandlerError::retry(e.to_string()))
     }
 
     /// Takes the transaction, if the handler began one.

@@ -29,11 +29,11 @@ impl Store {
              ), upd AS (
                  UPDATE apiary_jobs j
                     SET cancel_requested = true,
-                        status = CASE WHEN old.status IN ('queued', 'retrying') THEN 'cancelled' ELSE j.status END,
-                        finished_at = CASE WHEN old.status IN ('queued', 'retrying') THEN now() ELSE j.finished_at END,
-                        next_attempt_at = CASE WHEN old.status IN ('queued', 'retrying') THEN NULL ELSE j.next_attempt_at END
+                        status = CASE WHEN old.status IN ('waiting', 'queued', 'retrying') THEN 'cancelled' ELSE j.status END,
+                        finished_at = CASE WHEN old.status IN ('waiting', 'queued', 'retrying') THEN now() ELSE j.finished_at END,
+                        next_attempt_at = CASE WHEN old.status IN ('waiting', 'queued', 'retrying') THEN NULL ELSE j.next_attempt_at END
                    FROM old
-                  WHERE j.id = old.id AND old.status IN ('queued', 'retrying', 'running')
+                  WHERE j.id = old.id AND old.status IN ('waiting', 'queued', 'retrying', 'running')
                  RETURNING j.id, j.status
              )
              SELECT old.status, coalesce(upd.status, old.status) FROM old LEFT JOIN upd ON upd.id = old.id",

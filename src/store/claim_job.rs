@@ -286,7 +286,9 @@ impl Store {
             return Ok(Claim::Conflict(id));
         }
         let status: JobStatus = status.parse().unwrap_or(JobStatus::Running);
-        if status.is_final() {
+        // A waiting job runs only once released, and its release publishes a message of its
+        // own (through the outbox): this one (a raw producer's, say) is acked unrun.
+        if status.is_final() || status == JobStatus::Waiting {
             return Ok(Claim::Finished);
         }
         let attempts = row.attempts.unwrap_or(0);

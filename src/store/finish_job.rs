@@ -95,6 +95,17 @@ impl Store {
     ) -> Result<Vec<Finished>, StoreError> {
         finish_jobs(self.pool(), worker, batch, false).await
     }
+
+    /// [`Store::finish_jobs`], also returning the finished jobs that have dependents or
+    /// belong to a batch: their final status may have released children or enqueued a
+    /// callback ([`Store::released_by`] says which), to publish at once.
+    pub async fn finish_jobs_following(
+        &self,
+        worker: Uuid,
+        batch: &[Finish],
+    ) -> Result<(Vec<Finished>, Vec<JobId>), StoreError> {
+        finish_rows(self.pool(), worker, batch, false).await
+    }
 }
 
 /// [`Store::finish_jobs`] on any executor. A handler's own transaction passes its connection
@@ -107,6 +118,17 @@ pub async fn finish_jobs<'c>(
     batch: &[Finish],
     with_handler_writes: bool,
 ) -> Result<Vec<Finished>, StoreError> {
+    Ok(finish_rows(db, worker, batch, with_handler_writes).await?.0)
+}
+
+/// [`finish_jobs`], with the ids of the finished jobs whose final status may have released
+/// dependents or completed a batch.
+pub(crate) async fn finish_rows<'c>(
+    db: impl PgExecutor<'c>,
+    worker: Uuid,
+    batch: &[Finish],
+    with_handler_writes: bool,
+) -> Result<(Vec<Finished>, Vec<JobId>), StoreError> {
     let mut ids = Vec::with_capacity(batch.len());
     let mut attempts = Vec::with_capacity(batch.len());
     let mut statuses = Vec::with_capacity(batch.len());
@@ -132,7 +154,7 @@ pub async fn finish_jobs<'c>(
     // The WHERE is the fence: this worker, this attempt, still running. A released job gives
     // its attempt back, so a drain costs the job nothing. One NOTIFY per batch keeps long
     // polls cheap at any rate (ids are 37 bytes; the batch limit keeps the payload under 8 kB).
-    let done: Vec<(Uuid, String, i32)> = sqlx::query_as(
+    let done: Vec<(Uuid, String, i32, bool)> = sqlx::query_as(
         "WITH input AS (
              SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[])
                  AS t(id, attempt, status, result, error, next_at, detached)
@@ -157,7 +179,8 @@ pub async fn finish_jobs<'c>(
                 AND NOT ($10 AND j.cancel_requested)
              -- The input row that matched, not any row of the same job: a batch may carry a
              -- stale completion of the job beside the current one, and only one is applied.
-             RETURNING j.id, j.status, i.attempt, i.detached
+             RETURNING j.id, j.status, i.attempt, i.detached,
+                       j.finished_at IS NOT NULL AND (j.has_dependents OR j.batch_id IS NOT NULL) AS follow
          ), outbox AS (
              INSERT INTO apiary_outbox (job_id)
              SELECT d.id FROM done d
@@ -168,7 +191,7 @@ pub async fn finish_jobs<'c>(
               WHERE status IN ('succeeded', 'dead', 'cancelled')
              HAVING count(*) > 0
          )
-         SELECT id, status, attempt FROM done LEFT JOIN notified ON true",
+         SELECT id, status, attempt, follow FROM done LEFT JOIN notified ON true",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -183,14 +206,16 @@ pub async fn finish_jobs<'c>(
     .fetch_all(db)
     .await
     .context("finishing jobs")?;
-    Ok(done
+    let follow = done.iter().filter(|d| d.3).map(|d| d.0).collect();
+    let finished = done
         .into_iter()
-        .map(|(id, status, attempt)| Finished {
+        .map(|(id, status, attempt, _)| Finished {
             id,
             attempt,
             status: status.parse().unwrap_or(JobStatus::Failed),
         })
-        .collect())
+        .collect();
+    Ok((finished, follow))
 }
 
 /// What the heartbeat learned about one attempt this worker runs.

@@ -36,6 +36,10 @@ pub struct JobRow {
     pub priority: u8,
     /// Its concurrency key.
     pub concurrency_key: Option<String>,
+    /// The jobs it waits for: recorded ones, or rows earlier in the same batch.
+    pub depends_on: Vec<JobId>,
+    /// The batch it belongs to.
+    pub batch_id: Option<Uuid>,
 }
 
 /// What recording one job did.
@@ -66,6 +70,14 @@ pub enum InsertOutcome {
         /// How it conflicts.
         reason: String,
     },
+    /// Row `index` names a parent in `depends_on` that cannot be one (unknown, or later in
+    /// the batch): nothing was written.
+    BadParent {
+        /// The row.
+        index: usize,
+        /// What is wrong with its `depends_on`.
+        reason: String,
+    },
 }
 
 #[derive(sqlx::FromRow)]
@@ -85,8 +97,36 @@ impl Store {
         rows: &[JobRow],
         all_or_nothing: bool,
     ) -> Result<InsertOutcome, StoreError> {
+        self.insert_jobs_in_batch(rows, all_or_nothing, None, false)
+            .await
+    }
+
+    /// [`Store::insert_jobs`], recording `batch` first in the same transaction when given.
+    /// With a batch, or `all_new`, every row must be a new job (one that resolves to an
+    /// existing job would never count towards the batch, nor wait for its place in a chain),
+    /// or nothing is written.
+    pub async fn insert_jobs_in_batch(
+        &self,
+        rows: &[JobRow],
+        all_or_nothing: bool,
+        batch: Option<&super::batches::BatchRow>,
+        all_new: bool,
+    ) -> Result<InsertOutcome, StoreError> {
         let mut tx = self.pool().begin().await.context("starting an insert")?;
-        let resolved = insert_rows(&mut tx, rows).await?;
+        if let Some(b) = batch {
+            super::batches::insert_batch(&mut tx, b).await?;
+        }
+        // Parents are locked before the insert, so a parent finishing meanwhile either sees
+        // this transaction's edges (its trigger releases or cancels the child) or has
+        // finished already, and the child is recorded accordingly.
+        let plan = match super::dependencies::plan(&mut tx, rows).await? {
+            Ok(plan) => plan,
+            Err((index, reason)) => {
+                tx.rollback().await.context("rolling back an insert")?;
+                return Ok(InsertOutcome::BadParent { index, reason });
+            }
+        };
+        let resolved = insert_rows(&mut tx, rows, &plan).await?;
         let mut out = Vec::with_capacity(rows.len());
         for (i, (row, r)) in rows.iter().zip(resolved).enumerate() {
             let answer = match r {
@@ -123,6 +163,29 @@ impl Store {
             }
             out.push(answer);
         }
+        if (all_new || batch.is_some())
+            && let Some(index) = out.iter().position(|a| !matches!(a, Inserted::New(_)))
+        {
+            tx.rollback().await.context("rolling back an insert")?;
+            return Ok(InsertOutcome::RolledBack {
+                index,
+                reason: "its id or (kind, dedup_key) already belongs to a job; the jobs of a batch or a chain must be new".into(),
+            });
+        }
+        // A parent in the same batch must be the row just written, not a job it resolved to.
+        if let Some((index, parent)) = plan.inner_parents().find(|(_, p)| {
+            rows.iter()
+                .zip(&out)
+                .any(|(r, a)| r.id == *p && !matches!(a, Inserted::New(_)))
+        }) {
+            tx.rollback().await.context("rolling back an insert")?;
+            return Ok(InsertOutcome::RolledBack {
+                index,
+                reason: format!(
+                    "its parent {parent}, earlier in the same request, already existed; name the existing job's id instead"
+                ),
+            });
+        }
         tx.commit().await.context("committing an insert")?;
         Ok(InsertOutcome::Written(out))
     }
@@ -148,7 +211,9 @@ pub(crate) async fn insert_rows_in(
 async fn insert_rows(
     tx: &mut sqlx::PgConnection,
     rows: &[JobRow],
+    plan: &super::dependencies::Plan,
 ) -> Result<Vec<Resolution>, StoreError> {
+    let batch_ids: Vec<Option<Uuid>> = rows.iter().map(|r| r.batch_id).collect();
     let mut ids = Vec::with_capacity(rows.len());
     let mut kinds = Vec::with_capacity(rows.len());
     let mut payloads = Vec::with_capacity(rows.len());
@@ -174,18 +239,30 @@ async fn insert_rows(
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH input AS (
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[],
-                                  $7::text[], $8::text[], $9::int2[], $10::text[])
+                                  $7::text[], $8::text[], $9::int2[], $10::text[], $11::text[], $12::text[],
+                                  $13::int4[], $14::bool[], $15::uuid[])
                  WITH ORDINALITY AS t(id, kind, payload, dedup_key, max_attempts, run_at, queue, prefix,
-                                      priority, concurrency_key, ord)
+                                      priority, concurrency_key, status, error, deps_left, has_dependents,
+                                      batch_id, ord)
          ), ins AS (
              INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, run_at, queue, prefix,
-                                      priority, concurrency_key)
+                                      priority, concurrency_key, status, error, finished_at, deps_left,
+                                      has_dependents, batch_id)
              SELECT id, kind, payload::json, dedup_key, max_attempts, run_at, queue, prefix, priority,
-                    concurrency_key FROM input ORDER BY ord
+                    concurrency_key, coalesce(status, 'queued'), error,
+                    CASE WHEN status = 'cancelled' THEN now() END, deps_left,
+                    coalesce(has_dependents, false), batch_id
+               FROM input ORDER BY ord
              ON CONFLICT DO NOTHING
-             RETURNING id, created_at
+             RETURNING id, created_at, status
          ), outbox AS (
-             INSERT INTO apiary_outbox (job_id) SELECT id FROM ins
+             INSERT INTO apiary_outbox (job_id) SELECT id FROM ins WHERE status = 'queued'
+         ), edges AS (
+             -- Only the edges of children this statement wrote: an existing child keeps its own.
+             INSERT INTO apiary_job_deps (child, parent)
+             SELECT e.child, e.parent FROM unnest($16::uuid[], $17::uuid[]) AS e(child, parent)
+               JOIN ins ON ins.id = e.child
+             ON CONFLICT DO NOTHING
          )
          SELECT ins.created_at, b.id AS by_id, {same} AS same,
                 b.kind AS by_id_kind, k.id AS by_key
@@ -206,6 +283,13 @@ async fn insert_rows(
     .bind(&prefixes)
     .bind(&priorities)
     .bind(&ckeys)
+    .bind(plan.statuses(rows.len()))
+    .bind(plan.errors(rows.len()))
+    .bind(plan.deps_left(rows.len()))
+    .bind(plan.has_dependents(rows.len()))
+    .bind(&batch_ids)
+    .bind(&plan.edge_children)
+    .bind(&plan.edge_parents)
     .fetch_all(&mut *tx)
     .await
     .context("inserting jobs")

@@ -17,6 +17,12 @@
 //!    only the job it carries (the claim compares content), so no effect committed through
 //!    `ctx.tx()` happens twice.
 //!
+//! 6. **A waiting job waits for something.** It has no outbox row (nothing publishes it),
+//!    at least one of its parents has not succeeded, and its count of parents left matches
+//!    them; a job cancelled by a parent names that parent, which ended without success.
+//! 7. **A batch's callback is enqueued once its children are final**: a batch whose children
+//!    are all final is done, and a completed batch has its callback job (or had: pruned).
+//!
 //! What can be checked from Postgres alone is checked always; the broker side of 1 and 3 is
 //! checked by counts, which are exact only when nothing is in flight ([`Quiet::Quiescent`]).
 
@@ -111,6 +117,41 @@ impl Store {
              (SELECT '4 consistent', id, 'retrying with no due time'
                 FROM apiary_jobs WHERE status = 'retrying' AND next_attempt_at IS NULL LIMIT 200)
              UNION ALL
+             (SELECT '6 dependencies', j.id, 'waiting with an outbox row'
+                FROM apiary_jobs j
+               WHERE j.status = 'waiting' AND EXISTS (SELECT 1 FROM apiary_outbox o WHERE o.job_id = j.id)
+               LIMIT 200)
+             UNION ALL
+             (SELECT '6 dependencies', j.id,
+                     'waiting for ' || j.deps_left || ' parents, but ' || coalesce(p.open, 0) || ' have not succeeded'
+                FROM apiary_jobs j
+                LEFT JOIN LATERAL (SELECT count(*) AS open FROM apiary_job_deps d JOIN apiary_jobs pj ON pj.id = d.parent
+                                    WHERE d.child = j.id AND pj.status <> 'succeeded') p ON true
+               WHERE j.status = 'waiting' AND j.deps_left IS DISTINCT FROM p.open
+               LIMIT 200)
+             UNION ALL
+             (SELECT '6 dependencies', j.id, 'cancelled by a parent that did not end so: ' || j.error
+                FROM apiary_jobs j
+               WHERE j.status = 'cancelled' AND j.deps_left IS NOT NULL AND j.error LIKE 'cancelled: parent job %'
+                 AND NOT EXISTS (SELECT 1 FROM apiary_job_deps d JOIN apiary_jobs pj ON pj.id = d.parent
+                                  WHERE d.child = j.id AND pj.finished_at IS NOT NULL AND pj.status <> 'succeeded'
+                                    AND j.error LIKE '%' || pj.id || '%')
+               LIMIT 200)
+             UNION ALL
+             (SELECT '7 batches', NULL, 'batch ' || b.id || ' is still running, but every child is final'
+                FROM apiary_batches b
+               WHERE b.finished_at IS NULL
+                 AND NOT EXISTS (SELECT 1 FROM apiary_jobs c WHERE c.batch_id = b.id AND c.finished_at IS NULL)
+                 AND EXISTS (SELECT 1 FROM apiary_jobs c WHERE c.batch_id = b.id)
+               LIMIT 200)
+             UNION ALL
+             (SELECT '7 batches', b.callback_id, 'batch ' || b.id || ' completed without its callback job'
+                FROM apiary_batches b
+               WHERE b.status = 'completed'
+                 AND NOT EXISTS (SELECT 1 FROM apiary_jobs c WHERE c.id = b.callback_id)
+                 AND EXISTS (SELECT 1 FROM apiary_jobs c WHERE c.batch_id = b.id)
+               LIMIT 200)
+             UNION ALL
              (SELECT '2 final stays final', NULL, 'the trigger apiary_jobs_final_stays_final is missing'
                WHERE NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'apiary_jobs_final_stays_final'))",
         )
@@ -125,6 +166,8 @@ impl Store {
                 invariant: match r.invariant.as_str() {
                     "1 carried" => "1 carried",
                     "2 final stays final" => "2 final stays final",
+                    "6 dependencies" => "6 dependencies",
+                    "7 batches" => "7 batches",
                     _ => "4 consistent",
                 },
                 job: r.id,

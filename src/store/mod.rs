@@ -2,9 +2,11 @@
 //! job's path it serves: [`insert_job`] ②, [`claim_job`] ④, [`finish_job`] ⑥, [`get_job`] and
 //! [`list_jobs`] ⑦, [`outbox`] for the window between commit and broker confirm.
 
+pub mod batches;
 pub mod cancel_job;
 pub mod claim_job;
 pub mod dead_job;
+pub mod dependencies;
 pub mod finish_job;
 pub mod fire_schedules;
 pub mod get_job;

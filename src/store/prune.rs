@@ -214,13 +214,25 @@ impl Store {
                       WHERE created_at < now() - $1 * interval '1 millisecond'
                         AND created_at >= $2
                         AND finished_at < now() - $1 * interval '1 millisecond'
+                        -- A parent stays while a child waits on it, and a batch's child
+                        -- until the batch's callback has finished: they will be read.
+                        AND NOT (has_dependents AND EXISTS (
+                            SELECT 1 FROM apiary_job_deps d JOIN apiary_jobs c ON c.id = d.child
+                             WHERE d.parent = apiary_jobs.id AND c.status = 'waiting'))
+                        AND (batch_id IS NULL OR NOT EXISTS (
+                            SELECT 1 FROM apiary_batches b LEFT JOIN apiary_jobs cb ON cb.id = b.callback_id
+                             WHERE b.id = apiary_jobs.batch_id
+                               AND (b.finished_at IS NULL
+                                    OR (b.status = 'completed' AND cb.id IS NOT NULL AND cb.finished_at IS NULL))))
                         AND kind <> ALL($3)
                       ORDER BY created_at
                       LIMIT $4
                       FOR UPDATE SKIP LOCKED),
                  gone AS (
                      DELETE FROM apiary_jobs WHERE id IN (SELECT id FROM doomed)
-                     RETURNING created_at)
+                     RETURNING id, created_at),
+                 edges AS (
+                     DELETE FROM apiary_job_deps WHERE child IN (SELECT id FROM gone))
                  SELECT count(*), max(created_at) FROM gone",
             )
             .bind(pass.keep_ms)
@@ -234,12 +246,24 @@ impl Store {
                         AND created_at < now() - $1 * interval '1 millisecond'
                         AND created_at >= $2
                         AND finished_at < now() - $1 * interval '1 millisecond'
+                        -- A parent stays while a child waits on it, and a batch's child
+                        -- until the batch's callback has finished: they will be read.
+                        AND NOT (has_dependents AND EXISTS (
+                            SELECT 1 FROM apiary_job_deps d JOIN apiary_jobs c ON c.id = d.child
+                             WHERE d.parent = apiary_jobs.id AND c.status = 'waiting'))
+                        AND (batch_id IS NULL OR NOT EXISTS (
+                            SELECT 1 FROM apiary_batches b LEFT JOIN apiary_jobs cb ON cb.id = b.callback_id
+                             WHERE b.id = apiary_jobs.batch_id
+                               AND (b.finished_at IS NULL
+                                    OR (b.status = 'completed' AND cb.id IS NOT NULL AND cb.finished_at IS NULL))))
                       ORDER BY created_at
                       LIMIT $4
                       FOR UPDATE SKIP LOCKED),
                  gone AS (
                      DELETE FROM apiary_jobs WHERE id IN (SELECT id FROM doomed)
-                     RETURNING created_at)
+                     RETURNING id, created_at),
+                 edges AS (
+                     DELETE FROM apiary_job_deps WHERE child IN (SELECT id FROM gone))
                  SELECT count(*), max(created_at) FROM gone",
             )
             .bind(pass.keep_ms)
@@ -250,6 +274,18 @@ impl Store {
         .fetch_one(&mut *tx)
         .await
         .context("pruning finished jobs")?;
+        if pass.kind.is_none() {
+            // A batch row goes once it is done past retention and its children are gone.
+            sqlx::query(
+                "DELETE FROM apiary_batches b
+                  WHERE b.finished_at < now() - $1 * interval '1 millisecond'
+                    AND NOT EXISTS (SELECT 1 FROM apiary_jobs c WHERE c.batch_id = b.id)",
+            )
+            .bind(pass.keep_ms)
+            .execute(&mut *tx)
+            .await
+            .context("pruning finished batches")?;
+        }
         tx.commit().await.context("committing a prune")?;
         // Rows created at `last` itself may remain (a batch can end inside a run of equal
         // timestamps), so the next batch starts at it, not after it.

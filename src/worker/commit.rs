@@ -53,7 +53,8 @@ pub(crate) async fn run(
 }
 
 async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
-    let Some(applied) = finish_isolating(shared, &mut batch).await else {
+    let mut follow = Vec::new();
+    let Some(applied) = finish_isolating(shared, &mut batch, &mut follow).await else {
         // Interrupted while Postgres was unreachable. Hand the deliveries back: their claims
         // lapse with the lease (nothing renews them now), and the redelivery claims them
         // again; holding them unacked would strand them until the channel closed.
@@ -83,6 +84,8 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
         })
         .collect();
     super::relay::flush_outbox(shared, &to_send).await;
+    // Children these outcomes released, and callbacks of batches they completed.
+    super::relay::flush_released(shared, &follow).await;
 
     let now_ms = chrono::Utc::now().timestamp_millis();
     let mut finished = 0;
@@ -155,22 +158,26 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
 async fn finish_isolating(
     shared: &Shared,
     batch: &mut [Completion],
+    follow: &mut Vec<crate::job::JobId>,
 ) -> Option<Vec<Option<JobStatus>>> {
     let finishes: Vec<Finish> = batch.iter().map(|c| c.finish.clone()).collect();
     match shared
-        .with_store(|| shared.store.finish_jobs(shared.id, &finishes))
+        .with_store(|| shared.store.finish_jobs_following(shared.id, &finishes))
         .await
     {
-        Ok(done) => Some(
-            finishes
-                .iter()
-                .map(|f| {
-                    done.iter()
-                        .find(|d| d.id == f.id && d.attempt == f.attempt)
-                        .map(|d| d.status)
-                })
-                .collect(),
-        ),
+        Ok((done, released)) => {
+            follow.extend(released);
+            Some(
+                finishes
+                    .iter()
+                    .map(|f| {
+                        done.iter()
+                            .find(|d| d.id == f.id && d.attempt == f.attempt)
+                            .map(|d| d.status)
+                    })
+                    .collect(),
+            )
+        }
         Err(Failed::Interrupted) => None,
         Err(Failed::Refused(e)) if batch.len() == 1 => {
             let c = &mut batch[0];
@@ -185,13 +192,13 @@ async fn finish_isolating(
             );
             tracing::warn!(job_id = %c.finish.id, %reason, "recording the job as dead instead");
             c.finish.outcome = Outcome::Dead(reason);
-            Box::pin(finish_isolating(shared, batch)).await
+            Box::pin(finish_isolating(shared, batch, follow)).await
         }
         Err(Failed::Refused(_)) => {
             let mid = batch.len() / 2;
             let (left, right) = batch.split_at_mut(mid);
-            let mut out = Box::pin(finish_isolating(shared, left)).await?;
-            out.extend(Box::pin(finish_isolating(shared, right)).await?);
+            let mut out = Box::pin(finish_isolating(shared, left, follow)).await?;
+            out.extend(Box::pin(finish_isolating(shared, right, follow)).await?);
             Some(out)
         }
     }

@@ -161,6 +161,35 @@ async fn deliver(
             let decoded =
                 WireJob::decode(&d.data, message_id.as_deref(), shared.cfg.max_payload_bytes)
                     .and_then(|job| in_its_queue(&shared.cfg.queue, lane, job));
+            // A raw producer's job with parents is recorded, not claimed: it waits for them.
+            let parents = match (&decoded, recorded) {
+                (Ok(job), false) => {
+                    crate::wire::depends_on(&d.data, job.id).map_err(|reason| crate::wire::Poison {
+                        id: job.id,
+                        kind: Some(job.kind.clone()),
+                        reason,
+                    })
+                }
+                _ => Ok(Vec::new()),
+            };
+            let decoded = match (decoded, parents) {
+                (Ok(_), Err(p)) => Err(p),
+                (Ok(mut job), Ok(parents)) if !parents.is_empty() => {
+                    job.queue.get_or_insert_with(|| lane.queue().to_string());
+                    let shared2 = shared.clone();
+                    let names = lane.names.clone();
+                    let queue = lane.queue().to_string();
+                    let body = d.data;
+                    shared.tasks.spawn(async move {
+                        super::dead::record_waiting(
+                            &shared2, &names, &queue, job, parents, &body, delivery,
+                        )
+                        .await
+                    });
+                    continue;
+                }
+                (d, _) => d,
+            };
             match decoded {
                 Ok(mut job) => {
                     // Recorded with the queue it arrived on; the priority the broker ordered it

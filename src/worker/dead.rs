@@ -97,3 +97,78 @@ pub(crate) async fn requeue_all_later(
     }
     hand_back(shared, deliveries);
 }
+
+/// Records a raw producer's job that names parents (`depends_on`) as [`Store::insert_jobs`]
+/// would for an enqueue: `waiting`, or `queued` if its parents have all succeeded (then it
+/// is published at once from its outbox row), or `cancelled` if one ended otherwise. Then
+/// acks the message, which has done its part: the job's release publishes a message of its
+/// own. A parent that is unknown, or an id taken by another job, makes the message a dead
+/// letter with the reason. Postgres unreachable: the message goes back to the queue.
+///
+/// [`Store::insert_jobs`]: crate::store::Store::insert_jobs
+pub(crate) async fn record_waiting(
+    shared: &Shared,
+    names: &Arc<QueueNames>,
+    queue: &str,
+    job: crate::wire::WireJob,
+    parents: Vec<crate::job::JobId>,
+    body: &[u8],
+    delivery: DeliveryRef,
+) {
+    use crate::store::insert_job::{InsertOutcome, Inserted, JobRow};
+    let options = shared.kind_options(&job.kind);
+    let row = JobRow {
+        id: job.id,
+        kind: job.kind.clone(),
+        payload: job.payload.clone(),
+        dedup_key: job.dedup_key.clone(),
+        max_attempts: job
+            .max_attempts
+            .or(options.max_attempts)
+            .unwrap_or(shared.cfg.max_attempts),
+        run_at: job.run_at,
+        queue: job.queue_name().to_string(),
+        prefix: shared.cfg.queue.clone(),
+        priority: job.priority.or(options.priority).unwrap_or(0),
+        concurrency_key: job.concurrency_key.clone(),
+        depends_on: parents,
+        batch_id: None,
+    };
+    let rows = [row];
+    let written = shared
+        .with_store(|| shared.store.insert_jobs(&rows, false))
+        .await;
+    let refusal = match written {
+        Ok(InsertOutcome::Written(answers)) => match answers.first() {
+            Some(Inserted::Conflict(reason)) => Some(format!("conflict: {reason}")),
+            Some(Inserted::New(_)) => {
+                super::relay::flush_outbox(shared, &[job.id]).await;
+                None
+            }
+            _ => None,
+        },
+        Ok(InsertOutcome::BadParent { reason, .. }) => Some(format!("depends_on: {reason}")),
+        Ok(InsertOutcome::RolledBack { reason, .. }) => Some(reason),
+        Err(Failed::Refused(e)) => Some(e.refusal().unwrap_or_else(|| e.to_string())),
+        Err(Failed::Interrupted) => {
+            delivery.settle(crate::broker::consume::Settle::Requeue);
+            return;
+        }
+    };
+    match refusal {
+        None => delivery.settle(crate::broker::consume::Settle::Ack),
+        Some(reason) => {
+            bury_poison(
+                shared,
+                names,
+                queue,
+                body,
+                job.id,
+                Some(job.kind),
+                &reason,
+                delivery,
+            )
+            .await
+        }
+    }
+}

@@ -64,6 +64,24 @@ pub(crate) async fn flush_outbox(shared: &Shared, ids: &[JobId]) -> bool {
     }
 }
 
+/// Publishes at once what the final statuses of `finished` (jobs with dependents, or in a
+/// batch) put in the outbox through the triggers: released children and batch callbacks.
+/// Those rows were written by the same commit, so if this fails (or the worker dies first),
+/// the relay sends them after its grace.
+pub(crate) async fn flush_released(shared: &Shared, finished: &[JobId]) {
+    if finished.is_empty() {
+        return;
+    }
+    match shared.store.released_by(finished).await {
+        Ok(ids) => {
+            flush_outbox(shared, &ids).await;
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "could not read released jobs; the outbox relay will send them")
+        }
+    }
+}
+
 /// The message an outbox row asks for.
 ///
 /// Routed by the job's recorded queue and deployment, never by this worker's: a relay of one

@@ -214,7 +214,7 @@ async fn run_job(
         // The handler wrote to the database: its writes and the job's success commit together,
         // fenced by the claim and refused if a cancellation came in, and only then is the
         // message acknowledged.
-        let done = crate::store::finish_job::finish_jobs(
+        let done = crate::store::finish_job::finish_rows(
             &mut *tx,
             shared.id,
             &[finish(outcome.clone(), detached)],
@@ -222,8 +222,9 @@ async fn run_job(
         )
         .await;
         let outcome = match done {
-            Ok(rows) if !rows.is_empty() => match tx.commit().await {
+            Ok((rows, follow)) if !rows.is_empty() => match tx.commit().await {
                 Ok(()) => {
+                    super::relay::flush_released(shared, &follow).await;
                     shared.counters.finished.fetch_add(1, Ordering::Relaxed);
                     km.succeeded.increment(1);
                     if let Some(at) = enqueued_ms(&job) {
