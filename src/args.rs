@@ -111,6 +111,8 @@ pub struct TypedJob<A> {
     pub priority: Option<u8>,
     /// Jobs sharing it run at most the kind's `max_per_key` at a time.
     pub concurrency_key: Option<String>,
+    /// Where the job's final record is POSTed when it ends; the kind's when absent.
+    pub callback_url: Option<String>,
 }
 
 impl<A: JobArgs> TypedJob<A> {
@@ -128,6 +130,7 @@ impl<A: JobArgs> TypedJob<A> {
             queue: None,
             priority: None,
             concurrency_key: None,
+            callback_url: None,
         }
     }
 
@@ -178,6 +181,12 @@ impl<A: JobArgs> TypedJob<A> {
         self.concurrency_key = Some(key.into());
         self
     }
+
+    /// POSTs the job's final record to `url` when it ends (a completion webhook).
+    pub fn with_callback_url(mut self, url: impl Into<String>) -> Self {
+        self.callback_url = Some(url.into());
+        self
+    }
 }
 
 impl<A: JobArgs> From<A> for TypedJob<A> {
@@ -225,6 +234,7 @@ impl<A: JobArgs> IntoNewJob for TypedJob<A> {
             queue: self.queue,
             priority: self.priority,
             concurrency_key: self.concurrency_key,
+            callback_url: self.callback_url,
         })
     }
 }

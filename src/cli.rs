@@ -96,6 +96,10 @@ pub enum Command {
         /// Jobs sharing this key run at most the kind's `max_per_key` at a time.
         #[arg(long)]
         concurrency_key: Option<String>,
+        /// POST the job's final record here when it ends (signed; the host must be in
+        /// `APIARY_WEBHOOK_HOSTS`); the kind's `callback_url` when absent.
+        #[arg(long)]
+        callback_url: Option<String>,
     },
     /// Show queue depths, live workers, and jobs by status in the last hour.
     Status {
@@ -343,6 +347,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             job_queue,
             priority,
             concurrency_key,
+            callback_url,
         } => {
             let payload: Value = serde_json::from_str(&payload).map_err(|e| {
                 CliError::new(
@@ -363,6 +368,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 queue: job_queue,
                 priority,
                 concurrency_key,
+                callback_url,
             };
             let enqueued = match client.enqueue(job).await {
                 Ok(e) => e,

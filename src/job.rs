@@ -177,6 +177,10 @@ pub struct Job {
     pub progress_detail: Option<Value>,
     /// When the progress was written.
     pub progress_at: Option<DateTime<Utc>>,
+    /// Where the job's final record is POSTed when it ends (a completion webhook), if
+    /// anywhere: the producer's, else its kind's.
+    #[serde(default)]
+    pub callback_url: Option<String>,
 }
 
 /// [`JobStatus`] as read from a text column; a thin wrapper so `FromRow` can convert it.
@@ -246,6 +250,11 @@ pub struct NewJob {
     /// worker.
     #[serde(default)]
     pub concurrency_key: Option<String>,
+    /// When the job ends, its final record is POSTed here, signed (a completion webhook);
+    /// the kind's `callback_url`, else none, when absent. `http` or `https`, on a host of
+    /// `APIARY_WEBHOOK_HOSTS`.
+    #[serde(default)]
+    pub callback_url: Option<String>,
 }
 
 impl NewJob {
@@ -262,6 +271,7 @@ impl NewJob {
             queue: None,
             priority: None,
             concurrency_key: None,
+            callback_url: None,
         }
     }
 
@@ -307,7 +317,14 @@ impl NewJob {
         self
     }
 
-    /// Checks the fields a producer controls; the error names the field.
+    /// POSTs the job's final record to `url` when it ends (a completion webhook).
+    pub fn with_callback_url(mut self, url: impl Into<String>) -> Self {
+        self.callback_url = Some(url.into());
+        self
+    }
+
+    /// Checks the fields a producer controls; the error names the field. A `callback_url`
+    /// is checked here for its form only; the host allow-list is the client's to apply.
     pub fn validate(&self, max_payload_bytes: usize) -> Result<(), InvalidJob> {
         validate_kind(&self.kind)?;
         if let Some(key) = &self.dedup_key {
@@ -324,6 +341,9 @@ impl NewJob {
         }
         if let Some(key) = &self.concurrency_key {
             validate_concurrency_key(key)?;
+        }
+        if let Some(url) = &self.callback_url {
+            crate::webhook::validate_form(url)?;
         }
         if self.run_at.is_some() && self.delay_ms.is_some() {
             return Err(InvalidJob::new(

@@ -211,6 +211,7 @@ pub mod progress;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod webhook;
 pub mod wire;
 pub mod worker;
 

@@ -10,6 +10,7 @@ mod echo;
 mod fail;
 mod sleep;
 mod tally;
+mod webhook;
 mod work;
 
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ pub use echo::Echo;
 pub use fail::Fail;
 pub use sleep::Sleep;
 pub use tally::Tally;
+pub use webhook::Webhook;
 pub use work::Work;
 
 use crate::job::JobId;
@@ -410,6 +412,11 @@ impl JobContext {
             Some(tx) => Ok(&mut **tx),
             None => Err(HandlerError::retry("no transaction")),
         }
+    }
+
+    /// The pool, for built-in handlers that read outside the job's transaction.
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// Takes the transaction, if the handler began one.

@@ -82,6 +82,9 @@ pub struct Finished {
     pub attempt: i32,
     /// The status it now has: the outcome's, or `cancelled` if a cancellation won.
     pub status: JobStatus,
+    /// The webhook delivery this finish recorded (the job has a `callback_url` and is now
+    /// final): a job whose outbox row the finisher should publish with the others.
+    pub webhook: Option<JobId>,
 }
 
 impl Store {
@@ -132,7 +135,7 @@ pub async fn finish_jobs<'c>(
     // The WHERE is the fence: this worker, this attempt, still running. A released job gives
     // its attempt back, so a drain costs the job nothing. One NOTIFY per batch keeps long
     // polls cheap at any rate (ids are 37 bytes; the batch limit keeps the payload under 8 kB).
-    let done: Vec<(Uuid, String, i32)> = sqlx::query_as(
+    let done: Vec<(Uuid, String, i32, Option<Uuid>)> = sqlx::query_as(
         "WITH input AS (
              SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[])
                  AS t(id, attempt, status, result, error, next_at, detached)
@@ -157,7 +160,11 @@ pub async fn finish_jobs<'c>(
                 AND NOT ($10 AND j.cancel_requested)
              -- The input row that matched, not any row of the same job: a batch may carry a
              -- stale completion of the job beside the current one, and only one is applied.
-             RETURNING j.id, j.status, i.attempt, i.detached
+             -- The delivery's id is derived (migration 0015), so the trigger's job is named
+             -- here without reading it back; a plain job pays a NULL test.
+             RETURNING j.id, j.status, i.attempt, i.detached,
+                       CASE WHEN j.callback_url IS NOT NULL AND j.finished_at IS NOT NULL
+                            THEN apiary_webhook_id('job', j.id, j.finished_at) END AS webhook
          ), outbox AS (
              INSERT INTO apiary_outbox (job_id)
              SELECT d.id FROM done d
@@ -168,7 +175,7 @@ pub async fn finish_jobs<'c>(
               WHERE status IN ('succeeded', 'dead', 'cancelled')
              HAVING count(*) > 0
          )
-         SELECT id, status, attempt FROM done LEFT JOIN notified ON true",
+         SELECT id, status, attempt, webhook FROM done LEFT JOIN notified ON true",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -185,10 +192,11 @@ pub async fn finish_jobs<'c>(
     .context("finishing jobs")?;
     Ok(done
         .into_iter()
-        .map(|(id, status, attempt)| Finished {
+        .map(|(id, status, attempt, webhook)| Finished {
             id,
             attempt,
             status: status.parse().unwrap_or(JobStatus::Failed),
+            webhook,
         })
         .collect())
 }

@@ -36,6 +36,8 @@ pub struct JobRow {
     pub priority: u8,
     /// Its concurrency key.
     pub concurrency_key: Option<String>,
+    /// Where its final record is POSTed (already checked against the webhook policy).
+    pub callback_url: Option<String>,
 }
 
 /// What recording one job did.
@@ -145,7 +147,9 @@ async fn insert_rows(
     let mut prefixes = Vec::with_capacity(rows.len());
     let mut priorities = Vec::with_capacity(rows.len());
     let mut ckeys = Vec::with_capacity(rows.len());
+    let mut callbacks = Vec::with_capacity(rows.len());
     for r in rows {
+        callbacks.push(r.callback_url.as_deref());
         queues.push(r.queue.as_str());
         prefixes.push(r.prefix.as_str());
         priorities.push(i16::from(r.priority));
@@ -160,14 +164,14 @@ async fn insert_rows(
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH input AS (
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[],
-                                  $7::text[], $8::text[], $9::int2[], $10::text[])
+                                  $7::text[], $8::text[], $9::int2[], $10::text[], $11::text[])
                  WITH ORDINALITY AS t(id, kind, payload, dedup_key, max_attempts, run_at, queue, prefix,
-                                      priority, concurrency_key, ord)
+                                      priority, concurrency_key, callback_url, ord)
          ), ins AS (
              INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, run_at, queue, prefix,
-                                      priority, concurrency_key)
+                                      priority, concurrency_key, callback_url)
              SELECT id, kind, payload::json, dedup_key, max_attempts, run_at, queue, prefix, priority,
-                    concurrency_key FROM input ORDER BY ord
+                    concurrency_key, callback_url FROM input ORDER BY ord
              ON CONFLICT DO NOTHING
              RETURNING id, created_at
          ), outbox AS (
@@ -192,6 +196,7 @@ async fn insert_rows(
     .bind(&prefixes)
     .bind(&priorities)
     .bind(&ckeys)
+    .bind(&callbacks)
     .fetch_all(&mut *tx)
     .await
     .context("inserting jobs")

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::shared::{DeliveryRef, Failed, Shared};
 use crate::broker::consume::Settle;
-use crate::job::JobStatus;
+use crate::job::{JobId, JobStatus};
 use crate::store::finish_job::{Finish, Outcome};
 use crate::wire::WireJob;
 
@@ -53,7 +53,7 @@ pub(crate) async fn run(
 }
 
 async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
-    let Some(applied) = finish_isolating(shared, &mut batch).await else {
+    let Some((applied, webhooks)) = finish_isolating(shared, &mut batch).await else {
         // Interrupted while Postgres was unreachable. Hand the deliveries back: their claims
         // lapse with the lease (nothing renews them now), and the redelivery claims them
         // again; holding them unacked would strand them until the channel closed.
@@ -73,6 +73,8 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
     // Retries, long jobs handed back and dead jobs each got an outbox row in the commit: send
     // those messages now, under the relay's row locks. If this fails the relay sends them
     // later; either way the deliveries can be acked, since the commit made them redundant.
+    // Webhook deliveries recorded by the commit go with them, so a receiver hears of a
+    // finish as soon as the job's own messages are out, not after the relay's grace.
     let to_send: Vec<_> = batch
         .iter()
         .zip(&applied)
@@ -81,6 +83,7 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
             Some(JobStatus::Queued) if c.finish.detached => Some(c.finish.id),
             _ => None,
         })
+        .chain(webhooks)
         .collect();
     super::relay::flush_outbox(shared, &to_send).await;
 
@@ -151,17 +154,18 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
 /// where the claim no longer held. If Postgres refuses the statement because of one job's data
 /// (a result or error it cannot store), the rest are written without it, and that job's
 /// outcome becomes `dead` with Postgres's reason: no other job is requeued or charged for it.
-/// `None` overall if the worker was interrupted first.
+/// `None` overall if the worker was interrupted first. Also returns the webhook deliveries
+/// the commit recorded.
 async fn finish_isolating(
     shared: &Shared,
     batch: &mut [Completion],
-) -> Option<Vec<Option<JobStatus>>> {
+) -> Option<(Vec<Option<JobStatus>>, Vec<JobId>)> {
     let finishes: Vec<Finish> = batch.iter().map(|c| c.finish.clone()).collect();
     match shared
         .with_store(|| shared.store.finish_jobs(shared.id, &finishes))
         .await
     {
-        Ok(done) => Some(
+        Ok(done) => Some((
             finishes
                 .iter()
                 .map(|f| {
@@ -170,14 +174,15 @@ async fn finish_isolating(
                         .map(|d| d.status)
                 })
                 .collect(),
-        ),
+            done.iter().filter_map(|d| d.webhook).collect(),
+        )),
         Err(Failed::Interrupted) => None,
         Err(Failed::Refused(e)) if batch.len() == 1 => {
             let c = &mut batch[0];
             if matches!(c.finish.outcome, Outcome::Dead(_)) {
                 // Even the plainest outcome is refused: leave the job to its lease.
                 tracing::error!(job_id = %c.finish.id, error = %e, "postgres refused to record a job's outcome");
-                return Some(vec![None]);
+                return Some((vec![None], Vec::new()));
             }
             let reason = format!(
                 "the attempt's outcome could not be stored: {}",
@@ -190,9 +195,11 @@ async fn finish_isolating(
         Err(Failed::Refused(_)) => {
             let mid = batch.len() / 2;
             let (left, right) = batch.split_at_mut(mid);
-            let mut out = Box::pin(finish_isolating(shared, left)).await?;
-            out.extend(Box::pin(finish_isolating(shared, right)).await?);
-            Some(out)
+            let (mut out, mut hooks) = Box::pin(finish_isolating(shared, left)).await?;
+            let (more, more_hooks) = Box::pin(finish_isolating(shared, right)).await?;
+            out.extend(more);
+            hooks.extend(more_hooks);
+            Some((out, hooks))
         }
     }
 }
