@@ -29,7 +29,7 @@ pub use echo::Echo;
 pub use fail::Fail;
 pub use sleep::Sleep;
 pub use tally::Tally;
-pub use webhook::Webhook;
+pub use webhook::{MAX_ANSWER_BYTES, Webhook};
 pub use work::Work;
 
 use crate::job::JobId;
