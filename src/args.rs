@@ -113,6 +113,8 @@ pub struct TypedJob<A> {
     pub concurrency_key: Option<String>,
     /// Jobs that must succeed first (see [`NewJob::depends_on`]).
     pub depends_on: Vec<crate::job::JobId>,
+    /// Where the job's final record is POSTed when it ends; the kind's when absent.
+    pub callback_url: Option<String>,
 }
 
 impl<A: JobArgs> TypedJob<A> {
@@ -131,6 +133,7 @@ impl<A: JobArgs> TypedJob<A> {
             priority: None,
             concurrency_key: None,
             depends_on: Vec::new(),
+            callback_url: None,
         }
     }
 
@@ -187,6 +190,12 @@ impl<A: JobArgs> TypedJob<A> {
         self.depends_on.extend(parents);
         self
     }
+
+    /// POSTs the job's final record to `url` when it ends (a completion webhook).
+    pub fn with_callback_url(mut self, url: impl Into<String>) -> Self {
+        self.callback_url = Some(url.into());
+        self
+    }
 }
 
 impl<A: JobArgs> From<A> for TypedJob<A> {
@@ -235,6 +244,7 @@ impl<A: JobArgs> IntoNewJob for TypedJob<A> {
             priority: self.priority,
             concurrency_key: self.concurrency_key,
             depends_on: self.depends_on,
+            callback_url: self.callback_url,
         })
     }
 }

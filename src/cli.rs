@@ -100,6 +100,10 @@ pub enum Command {
         /// The job is recorded `waiting`, and `cancelled` if a parent ends another way.
         #[arg(long = "depends-on", value_name = "JOB_ID")]
         depends_on: Vec<uuid::Uuid>,
+        /// POST the job's final record here when it ends (signed; the host must be in
+        /// `APIARY_WEBHOOK_HOSTS`); the kind's `callback_url` when absent.
+        #[arg(long)]
+        callback_url: Option<String>,
     },
     /// Show queue depths, live workers, and jobs by status in the last hour.
     Status {
@@ -418,6 +422,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             priority,
             concurrency_key,
             depends_on,
+            callback_url,
         } => {
             let payload: Value = serde_json::from_str(&payload).map_err(|e| {
                 CliError::new(
@@ -439,6 +444,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 priority,
                 concurrency_key,
                 depends_on,
+                callback_url,
             };
             let enqueued = match client.enqueue(job).await {
                 Ok(e) => e,

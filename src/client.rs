@@ -158,6 +158,10 @@ struct Inner {
     /// The queues the configuration names ([`Config::configured_queues`]): listed by
     /// [`Client::queues`] even before anything ran on them.
     configured: Vec<String>,
+    /// `APIARY_WEBHOOK_HOSTS`: the hosts a `callback_url` may name.
+    webhook_hosts: crate::webhook::WebhookHosts,
+    /// `APIARY_WEBHOOK_SECRET`: a `callback_url` is refused without one.
+    webhook_secret: Option<crate::webhook::WebhookSecret>,
 }
 
 /// One job waiting for the batcher, and where its answer goes.
@@ -190,6 +194,8 @@ impl Client {
             lease: cfg.lease,
             max_payload_bytes: cfg.max_payload_bytes,
             configured: cfg.configured_queues(),
+            webhook_hosts: cfg.webhook_hosts.clone(),
+            webhook_secret: cfg.webhook_secret.clone(),
         });
         let (batcher, pending) = mpsc::unbounded_channel();
         tokio::spawn(batch_enqueues(inner.clone(), pending));
@@ -614,6 +620,20 @@ impl Inner {
         self.kinds.get(kind).or(registered)
     }
 
+    /// The job's `callback_url`, else its kind's, checked against the webhook policy: a
+    /// URL this deployment would not call is refused here, before anything is written.
+    fn callback_url(
+        &self,
+        job: &NewJob,
+        kind_url: Option<String>,
+    ) -> Result<Option<String>, EnqueueError> {
+        let Some(url) = job.callback_url.clone().or(kind_url) else {
+            return Ok(None);
+        };
+        crate::webhook::check(&url, &self.webhook_hosts, self.webhook_secret.as_ref())?;
+        Ok(Some(url))
+    }
+
     /// Validates and shapes jobs into rows, every default applied. Nothing is written.
     fn rows(&self, jobs: &[NewJob]) -> Result<Vec<JobRow>, EnqueueError> {
         let now = Utc::now();
@@ -643,6 +663,7 @@ impl Inner {
                 concurrency_key: job.concurrency_key.clone(),
                 depends_on: job.depends_on.clone(),
                 batch_id: None,
+                callback_url: self.callback_url(job, options.callback_url)?,
             });
         }
         Ok(rows)
@@ -908,6 +929,7 @@ fn wire_of(row: &JobRow) -> WireJob {
         priority: Some(row.priority),
         concurrency_key: row.concurrency_key.clone(),
         prefix: Some(row.prefix.clone()),
+        callback_url: row.callback_url.clone(),
     }
 }
 
@@ -939,6 +961,7 @@ fn new_record(job: NewJob, row: JobRow, created_at: chrono::DateTime<Utc>) -> Jo
         progress_at: None,
         depends_on: row.depends_on,
         batch_id: row.batch_id,
+        callback_url: row.callback_url,
     }
 }
 

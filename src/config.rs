@@ -97,6 +97,13 @@ pub const OUTBOX_GRACE: DurationRange = DurationRange {
     min: ms(100),
     max: secs(HOUR),
 };
+/// `APIARY_WEBHOOK_TIMEOUT`: the whole of one delivery's request, connect included.
+pub const WEBHOOK_TIMEOUT: DurationRange = DurationRange {
+    var: "APIARY_WEBHOOK_TIMEOUT",
+    min: ms(100),
+    max: secs(300),
+};
+
 /// `APIARY_RETENTION`, and `retention=` in `APIARY_KINDS`: at least a second, so a result
 /// can be read before it goes.
 pub const RETENTION: DurationRange = DurationRange {
@@ -210,6 +217,13 @@ pub const BATCH: CountRange = CountRange {
 /// sizeable share of a worker's memory.
 pub const MAX_PAYLOAD_BYTES: CountRange = CountRange {
     var: "APIARY_MAX_PAYLOAD_BYTES",
+    min: 1024,
+    max: 64 << 20,
+};
+/// `APIARY_WEBHOOK_MAX_BYTES`: a record larger than this is delivered without its payload
+/// and result.
+pub const WEBHOOK_MAX_BYTES: CountRange = CountRange {
+    var: "APIARY_WEBHOOK_MAX_BYTES",
     min: 1024,
     max: 64 << 20,
 };
@@ -544,6 +558,26 @@ pub struct Config {
     /// sets each, and deletes the file's schedules no longer in it. Unset: none applied.
     #[arg(long, env = "APIARY_SCHEDULES_FILE", global = true)]
     pub schedules_file: Option<std::path::PathBuf>,
+    /// The hosts a job's `callback_url` may name: comma-separated `host`, `host:port` or
+    /// `*.domain` (any subdomain) entries, matched by name, never resolved. Empty: webhooks
+    /// are off and any `callback_url` is refused.
+    #[arg(long, env = "APIARY_WEBHOOK_HOSTS", default_value = "", value_parser = crate::webhook::parse_hosts, global = true)]
+    pub webhook_hosts: crate::webhook::WebhookHosts,
+
+    /// The key webhook deliveries are signed with (HMAC-SHA256, at least 16 bytes). Unset: a
+    /// `callback_url` is refused at enqueue, since its delivery could not be signed.
+    #[arg(long, env = "APIARY_WEBHOOK_SECRET", hide_env_values = true, value_parser = crate::webhook::parse_secret, global = true)]
+    pub webhook_secret: Option<crate::webhook::WebhookSecret>,
+
+    /// Longest one webhook delivery's request may take, connect included; past it the
+    /// delivery is retried (100ms to 5m).
+    #[arg(long, env = "APIARY_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = |s: &str| WEBHOOK_TIMEOUT.parse(s), global = true)]
+    pub webhook_timeout: Duration,
+
+    /// A job record larger than this (as JSON) is delivered without its `payload` and
+    /// `result`, and says so in `X-Apiary-Truncated` (1 KiB to 64 MiB).
+    #[arg(long, env = "APIARY_WEBHOOK_MAX_BYTES", default_value_t = 256 << 10, value_parser = |s: &str| WEBHOOK_MAX_BYTES.parse::<usize>(s), global = true)]
+    pub webhook_max_bytes: usize,
 
     /// `human` or `json`.
     #[arg(
@@ -655,6 +689,9 @@ pub struct KindOptions {
     pub retry_cap: Option<Duration>,
     /// How long finished jobs of this kind are kept.
     pub retention: Option<Duration>,
+    /// Where the kind's jobs' final records are POSTed when the producer names no
+    /// `callback_url` (`callback_url=https://...`; it cannot hold `,` or `;`).
+    pub callback_url: Option<String>,
 }
 
 impl KindOptions {
@@ -670,6 +707,7 @@ impl KindOptions {
             retry_base: self.retry_base.or(below.retry_base),
             retry_cap: self.retry_cap.or(below.retry_cap),
             retention: self.retention.or(below.retention),
+            callback_url: self.callback_url.or(below.callback_url),
         }
     }
 
@@ -807,9 +845,14 @@ pub fn parse_kinds(s: &str) -> Result<KindSettings, String> {
                 "retry_base" => o.retry_base = Some(RETRY_BASE.parse_as(&named("retry_base"), v)?),
                 "retry_cap" => o.retry_cap = Some(RETRY_CAP.parse_as(&named("retry_cap"), v)?),
                 "retention" => o.retention = Some(RETENTION.parse_as(&named("retention"), v)?),
+                "callback_url" => {
+                    crate::webhook::validate_form(v)
+                        .map_err(|e| format!("APIARY_KINDS: {kind} callback_url: {}", e.reason))?;
+                    o.callback_url = Some(v.to_string());
+                }
                 other => {
                     return Err(format!(
-                        "APIARY_KINDS: {kind}: unknown setting {other:?} (expected queue, priority, rate, max_per_key, max_attempts, timeout, retry_base, retry_cap or retention)"
+                        "APIARY_KINDS: {kind}: unknown setting {other:?} (expected queue, priority, rate, max_per_key, max_attempts, timeout, retry_base, retry_cap, retention or callback_url)"
                     ));
                 }
             }
@@ -953,6 +996,8 @@ impl Config {
         DETACH_AFTER.check(self.detach_after)?;
         OUTBOX_GRACE.check(self.outbox_grace)?;
         RETENTION.check(self.retention)?;
+        WEBHOOK_TIMEOUT.check(self.webhook_timeout)?;
+        WEBHOOK_MAX_BYTES.check(self.webhook_max_bytes)?;
         if self.retry_cap < self.retry_base {
             return Err(ConfigError(format!(
                 "APIARY_RETRY_CAP is {}; it must be at least APIARY_RETRY_BASE ({})",
@@ -966,6 +1011,12 @@ impl Config {
             crate::job::validate_kind(kind)
                 .map_err(|e| ConfigError(format!("APIARY_KINDS: {kind:?}: {e}")))?;
             options.validate(kind)?;
+            if let Some(url) = &options.callback_url {
+                crate::webhook::check(url, &self.webhook_hosts, self.webhook_secret.as_ref())
+                    .map_err(|e| {
+                        ConfigError(format!("APIARY_KINDS: {kind} callback_url: {}", e.reason))
+                    })?;
+            }
         }
         Ok(self)
     }
@@ -1040,6 +1091,10 @@ impl fmt::Debug for Config {
             .field("batch", &self.batch)
             .field("outbox_grace", &self.outbox_grace)
             .field("kinds", &self.kinds)
+            .field("webhook_hosts", &self.webhook_hosts)
+            .field("webhook_secret", &self.webhook_secret)
+            .field("webhook_timeout", &self.webhook_timeout)
+            .field("webhook_max_bytes", &self.webhook_max_bytes)
             .field("log_format", &self.log_format)
             .finish()
     }

@@ -191,6 +191,10 @@ pub struct Job {
     /// The batch it belongs to, if any.
     #[serde(default)]
     pub batch_id: Option<Uuid>,
+    /// Where the job's final record is POSTed when it ends (a completion webhook), if
+    /// anywhere: the producer's, else its kind's.
+    #[serde(default)]
+    pub callback_url: Option<String>,
 }
 
 /// [`JobStatus`] as read from a text column; a thin wrapper so `FromRow` can convert it.
@@ -266,6 +270,11 @@ pub struct NewJob {
     /// request).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<JobId>,
+    /// When the job ends, its final record is POSTed here, signed (a completion webhook);
+    /// the kind's `callback_url`, else none, when absent. `http` or `https`, on a host of
+    /// `APIARY_WEBHOOK_HOSTS`.
+    #[serde(default)]
+    pub callback_url: Option<String>,
 }
 
 /// The most parents one job may name in `depends_on`.
@@ -286,6 +295,7 @@ impl NewJob {
             priority: None,
             concurrency_key: None,
             depends_on: Vec::new(),
+            callback_url: None,
         }
     }
 
@@ -337,7 +347,14 @@ impl NewJob {
         self
     }
 
-    /// Checks the fields a producer controls; the error names the field.
+    /// POSTs the job's final record to `url` when it ends (a completion webhook).
+    pub fn with_callback_url(mut self, url: impl Into<String>) -> Self {
+        self.callback_url = Some(url.into());
+        self
+    }
+
+    /// Checks the fields a producer controls; the error names the field. A `callback_url`
+    /// is checked here for its form only; the host allow-list is the client's to apply.
     pub fn validate(&self, max_payload_bytes: usize) -> Result<(), InvalidJob> {
         validate_kind(&self.kind)?;
         if let Some(key) = &self.dedup_key {
@@ -356,6 +373,9 @@ impl NewJob {
             validate_concurrency_key(key)?;
         }
         validate_depends_on(self.id, &self.depends_on)?;
+        if let Some(url) = &self.callback_url {
+            crate::webhook::validate_form(url)?;
+        }
         if self.run_at.is_some() && self.delay_ms.is_some() {
             return Err(InvalidJob::new(
                 "delay_ms",

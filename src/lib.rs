@@ -215,6 +215,7 @@ pub mod schedule;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod webhook;
 pub mod wire;
 pub mod worker;
 

@@ -83,6 +83,11 @@ pub struct WireJob {
     /// Jobs sharing it run at most the kind's `max_per_key` at a time across every worker.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub concurrency_key: Option<String>,
+    /// Where the job's final record is POSTed when it ends (a completion webhook). A raw
+    /// message's URL is checked against the worker's webhook policy when it is first
+    /// recorded; one it would not call dead-letters the message with the reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
     /// The deployment (`APIARY_QUEUE`) the job was recorded in, for routing its messages;
     /// never on the wire. `None`: the deployment of whoever publishes it.
     #[serde(skip)]
@@ -125,6 +130,8 @@ struct Fields<'a> {
     priority: Option<&'a RawValue>,
     #[serde(borrow, default)]
     concurrency_key: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    callback_url: Option<&'a RawValue>,
 }
 
 impl WireJob {
@@ -276,6 +283,19 @@ impl WireJob {
         if let Some(key) = &concurrency_key {
             job::validate_concurrency_key(key).map_err(|e| with_kind(e.to_string()))?;
         }
+        let callback_url: Option<String> = match fields.callback_url {
+            None => None,
+            Some(raw) if raw.get() == "null" => None,
+            Some(raw) => Some(serde_json::from_str(raw.get()).map_err(|_| {
+                with_kind(format!(
+                    "callback_url: expected a string, got {}",
+                    clip(raw.get())
+                ))
+            })?),
+        };
+        if let Some(url) = &callback_url {
+            crate::webhook::validate_form(url).map_err(|e| with_kind(e.to_string()))?;
+        }
         let payload = match fields.payload {
             Some(raw) => raw.to_owned(),
             None => RawValue::from_string("null".into()).map_err(|e| with_kind(e.to_string()))?,
@@ -298,6 +318,7 @@ impl WireJob {
             queue,
             priority,
             concurrency_key,
+            callback_url,
             prefix: None,
         })
     }

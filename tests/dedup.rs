@@ -187,6 +187,7 @@ async fn a_redelivery_after_commit_does_not_run_the_handler_again() {
         queue: None,
         priority: None,
         concurrency_key: None,
+        callback_url: None,
         prefix: None,
     };
     let claims = env

@@ -31,6 +31,7 @@ fn wire(id: Uuid, kind: &str, payload: &str) -> WireJob {
         queue: None,
         priority: None,
         concurrency_key: None,
+        callback_url: None,
         prefix: None,
     }
 }

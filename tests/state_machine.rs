@@ -297,6 +297,7 @@ impl Model {
             queue: None,
             priority: None,
             concurrency_key: None,
+            callback_url: None,
             prefix: None,
         };
         let impostor = WireJob {
@@ -638,6 +639,7 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
                 concurrency_key: None,
                 depends_on: Vec::new(),
                 batch_id: None,
+                callback_url: None,
             };
             let got = store.insert_jobs(&[row], false).await.map_err(fail)?;
             let answer = format!("{got:?}");
@@ -835,6 +837,7 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
                     id: m.id(),
                     attempt: a,
                     status: ends,
+                    webhook: None,
                 }];
                 if end == End::Released {
                     m.attempts -= 1;
@@ -1518,6 +1521,7 @@ async fn recorded_job(env: &TestEnv, budget: i32) -> Model {
         concurrency_key: None,
         depends_on: Vec::new(),
         batch_id: None,
+        callback_url: None,
     };
     env.store.insert_jobs(&[row], false).await.expect("insert");
     m
@@ -1581,7 +1585,8 @@ async fn a_batch_with_a_stale_completion_of_the_same_job_is_written() {
         [Finished {
             id: m.id(),
             attempt: 2,
-            status: JobStatus::Retrying
+            status: JobStatus::Retrying,
+            webhook: None,
         }]
     );
 }
@@ -1639,7 +1644,8 @@ async fn a_drain_releasing_two_attempts_of_one_long_job_is_written() {
         [Finished {
             id: m.id(),
             attempt: 2,
-            status: JobStatus::Queued
+            status: JobStatus::Queued,
+            webhook: None,
         }]
     );
 }

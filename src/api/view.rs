@@ -6,7 +6,8 @@
 //! who cancels or replays gets back the job it acted on. Neither may see what the job
 //! carries, so without the `read` scope the answer keeps what identifies the job and where
 //! it stands, and leaves out everything a producer or handler wrote into it: `payload`,
-//! `result`, `error`, `errors` (handler messages often quote their input) and `raw_body`.
+//! `result`, `error`, `errors` (handler messages often quote their input), `raw_body` and
+//! `callback_url` (its query string may hold the receiver's token).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -144,6 +145,8 @@ mod tests {
             progress_at: Some(Utc::now()),
             depends_on: Vec::new(),
             batch_id: None,
+            // A URL's query often carries the receiver's token.
+            callback_url: Some("https://hooks.test/x?token=secret".into()),
         }
     }
 
@@ -151,7 +154,7 @@ mod tests {
     fn without_read_nothing_written_into_the_job_is_shown() {
         let j = job();
         let shown = serde_json::to_value(JobView::of(j.clone(), Granted::NONE)).expect("json");
-        for field in ["payload", "result", "error", "errors", "raw_body"] {
+        for field in ["payload", "result", "error", "errors", "raw_body", "callback_url"] {
             assert!(shown.get(field).is_none(), "{field} shown: {shown}");
         }
         assert!(!shown.to_string().contains("secret"), "{shown}");

@@ -11,6 +11,7 @@ mod echo;
 mod fail;
 mod sleep;
 mod tally;
+mod webhook;
 mod work;
 
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ pub use echo::Echo;
 pub use fail::Fail;
 pub use sleep::Sleep;
 pub use tally::Tally;
+pub use webhook::{MAX_ANSWER_BYTES, Webhook};
 pub use work::Work;
 
 use crate::job::JobId;
@@ -469,6 +471,11 @@ impl JobContext {
             .batch_children(batch, after, limit)
             .await
             .map_err(|e| HandlerError::retry(e.to_string()))
+    }
+
+    /// The pool, for built-in handlers that read outside the job's transaction.
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// Takes the transaction, if the handler began one.

@@ -524,6 +524,10 @@ pub(crate) async fn claim_statement<'c, E: sqlx::PgExecutor<'c>>(
     let budgets: Vec<i32> = inputs.iter().map(|i| i.budget).collect();
     let recorded: Vec<bool> = inputs.iter().map(|i| i.recorded).collect();
     let routing = Routing::of(inputs);
+    let callbacks: Vec<Option<&str>> = inputs
+        .iter()
+        .map(|i| i.job.callback_url.as_deref())
+        .collect();
     let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
 
     // The UPDATE takes existing jobs that may run now; its WHERE is the guard. Under READ
@@ -536,9 +540,9 @@ pub(crate) async fn claim_statement<'c, E: sqlx::PgExecutor<'c>>(
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "WITH input AS (
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::bool[],
-                                      $10::text[], $11::text[], $12::int2[], $13::text[])
+                                      $10::text[], $11::text[], $12::int2[], $13::text[], $14::text[])
                      AS t(id, kind, payload, dedup_key, max_attempts, recorded, queue, prefix, priority,
-                          concurrency_key)
+                          concurrency_key, callback_url)
              ), upd AS (
                  UPDATE apiary_jobs j
                     SET status = 'running', attempts = j.attempts + 1, started_at = now(),
@@ -556,10 +560,10 @@ pub(crate) async fn claim_statement<'c, E: sqlx::PgExecutor<'c>>(
              ), ins AS (
                  INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, status, attempts,
                                           started_at, lease_until, worker_id, queue, prefix, priority,
-                                          concurrency_key)
+                                          concurrency_key, callback_url)
                  SELECT i.id, i.kind, i.payload::json, i.dedup_key, i.max_attempts, 'running', 1,
                         now(), now() + $8 * interval '1 millisecond', $7, i.queue, i.prefix, i.priority,
-                        i.concurrency_key
+                        i.concurrency_key, i.callback_url
                    FROM input i
                   WHERE NOT i.recorded AND NOT EXISTS (SELECT 1 FROM apiary_jobs j WHERE j.id = i.id)
                  ON CONFLICT DO NOTHING
@@ -582,6 +586,7 @@ pub(crate) async fn claim_statement<'c, E: sqlx::PgExecutor<'c>>(
         .bind(&routing.prefixes)
         .bind(&routing.priorities)
         .bind(&routing.concurrency_keys)
+        .bind(&callbacks)
         .fetch_all(executor)
         .await
         .context("claiming jobs")

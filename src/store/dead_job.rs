@@ -199,6 +199,7 @@ impl Store {
             prefix: Option<String>,
             priority: i16,
             concurrency_key: Option<String>,
+            callback_url: Option<String>,
         }
         let rows: Vec<Replayed> = sqlx::query_as(
             "WITH replayed AS (
@@ -208,7 +209,7 @@ impl Store {
                   WHERE status IN ('dead', 'failed') AND raw_body IS NULL
                     AND ($3 OR id = $1 OR kind = $2)
                  RETURNING id, kind, payload, dedup_key, max_attempts, queue, prefix, priority,
-                           concurrency_key
+                           concurrency_key, callback_url
              ), outbox AS (
                  INSERT INTO apiary_outbox (job_id) SELECT id FROM replayed
                  ON CONFLICT (job_id) DO UPDATE SET dead_reason = NULL, created_at = now()
@@ -234,6 +235,7 @@ impl Store {
                 priority: u8::try_from(r.priority).ok(),
                 concurrency_key: r.concurrency_key,
                 prefix: r.prefix,
+                callback_url: r.callback_url,
             })
             .collect())
     }

@@ -82,6 +82,9 @@ pub struct Finished {
     pub attempt: i32,
     /// The status it now has: the outcome's, or `cancelled` if a cancellation won.
     pub status: JobStatus,
+    /// The webhook delivery this finish recorded (the job has a `callback_url` and is now
+    /// final): a job whose outbox row the finisher should publish with the others.
+    pub webhook: Option<JobId>,
 }
 
 impl Store {
@@ -154,7 +157,7 @@ pub(crate) async fn finish_rows<'c>(
     // The WHERE is the fence: this worker, this attempt, still running. A released job gives
     // its attempt back, so a drain costs the job nothing. One NOTIFY per batch keeps long
     // polls cheap at any rate (ids are 37 bytes; the batch limit keeps the payload under 8 kB).
-    let done: Vec<(Uuid, String, i32, bool)> = sqlx::query_as(
+    let done: Vec<(Uuid, String, i32, bool, Option<Uuid>)> = sqlx::query_as(
         "WITH input AS (
              SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[])
                  AS t(id, attempt, status, result, error, next_at, detached)
@@ -179,8 +182,12 @@ pub(crate) async fn finish_rows<'c>(
                 AND NOT ($10 AND j.cancel_requested)
              -- The input row that matched, not any row of the same job: a batch may carry a
              -- stale completion of the job beside the current one, and only one is applied.
+             -- The delivery's id is derived (migration 0015), so the trigger's job is named
+             -- here without reading it back; a plain job pays a NULL test.
              RETURNING j.id, j.status, i.attempt, i.detached,
-                       j.finished_at IS NOT NULL AND (j.has_dependents OR j.batch_id IS NOT NULL) AS follow
+                       j.finished_at IS NOT NULL AND (j.has_dependents OR j.batch_id IS NOT NULL) AS follow,
+                       CASE WHEN j.callback_url IS NOT NULL AND j.finished_at IS NOT NULL
+                            THEN apiary_webhook_id('job', j.id, j.finished_at) END AS webhook
          ), outbox AS (
              INSERT INTO apiary_outbox (job_id)
              SELECT d.id FROM done d
@@ -191,7 +198,7 @@ pub(crate) async fn finish_rows<'c>(
               WHERE status IN ('succeeded', 'dead', 'cancelled')
              HAVING count(*) > 0
          )
-         SELECT id, status, attempt, follow FROM done LEFT JOIN notified ON true",
+         SELECT id, status, attempt, follow, webhook FROM done LEFT JOIN notified ON true",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -209,10 +216,11 @@ pub(crate) async fn finish_rows<'c>(
     let follow = done.iter().filter(|d| d.3).map(|d| d.0).collect();
     let finished = done
         .into_iter()
-        .map(|(id, status, attempt, _)| Finished {
+        .map(|(id, status, attempt, _, webhook)| Finished {
             id,
             attempt,
             status: status.parse().unwrap_or(JobStatus::Failed),
+            webhook,
         })
         .collect();
     Ok((finished, follow))

@@ -6,7 +6,7 @@ use crate::job::{Job, JobId};
 /// The columns of [`Job`], in one place for every query that returns jobs.
 pub(crate) const JOB_COLUMNS: &str = "id, kind, status, payload, dedup_key, attempts, max_attempts, result, error, \
      errors, duplicate_of, run_at, next_attempt_at, raw_body, created_at, started_at, finished_at, \
-     queue, priority, concurrency_key, progress, progress_detail, progress_at, batch_id, \
+     queue, priority, concurrency_key, progress, progress_detail, progress_at, callback_url, batch_id, \
      CASE WHEN deps_left IS NULL THEN '{}'::uuid[] ELSE ARRAY(SELECT d.parent FROM apiary_job_deps d \
           WHERE d.child = apiary_jobs.id ORDER BY d.parent) END AS depends_on";
 

@@ -40,6 +40,8 @@ pub struct JobRow {
     pub depends_on: Vec<JobId>,
     /// The batch it belongs to.
     pub batch_id: Option<Uuid>,
+    /// Where its final record is POSTed (already checked against the webhook policy).
+    pub callback_url: Option<String>,
 }
 
 /// What recording one job did.
@@ -198,7 +200,7 @@ pub(crate) async fn insert_rows_in(
     tx: &mut sqlx::PgConnection,
     rows: &[JobRow],
 ) -> Result<Vec<bool>, StoreError> {
-    Ok(insert_rows(tx, rows)
+    Ok(insert_rows(tx, rows, &super::dependencies::Plan::default())
         .await?
         .into_iter()
         .map(|r| r.created_at.is_some())
@@ -224,7 +226,9 @@ async fn insert_rows(
     let mut prefixes = Vec::with_capacity(rows.len());
     let mut priorities = Vec::with_capacity(rows.len());
     let mut ckeys = Vec::with_capacity(rows.len());
+    let mut callbacks = Vec::with_capacity(rows.len());
     for r in rows {
+        callbacks.push(r.callback_url.as_deref());
         queues.push(r.queue.as_str());
         prefixes.push(r.prefix.as_str());
         priorities.push(i16::from(r.priority));
@@ -240,18 +244,18 @@ async fn insert_rows(
         "WITH input AS (
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::timestamptz[],
                                   $7::text[], $8::text[], $9::int2[], $10::text[], $11::text[], $12::text[],
-                                  $13::int4[], $14::bool[], $15::uuid[])
+                                  $13::int4[], $14::bool[], $15::uuid[], $18::text[])
                  WITH ORDINALITY AS t(id, kind, payload, dedup_key, max_attempts, run_at, queue, prefix,
                                       priority, concurrency_key, status, error, deps_left, has_dependents,
-                                      batch_id, ord)
+                                      batch_id, callback_url, ord)
          ), ins AS (
              INSERT INTO apiary_jobs (id, kind, payload, dedup_key, max_attempts, run_at, queue, prefix,
                                       priority, concurrency_key, status, error, finished_at, deps_left,
-                                      has_dependents, batch_id)
+                                      has_dependents, batch_id, callback_url)
              SELECT id, kind, payload::json, dedup_key, max_attempts, run_at, queue, prefix, priority,
                     concurrency_key, coalesce(status, 'queued'), error,
                     CASE WHEN status = 'cancelled' THEN now() END, deps_left,
-                    coalesce(has_dependents, false), batch_id
+                    coalesce(has_dependents, false), batch_id, callback_url
                FROM input ORDER BY ord
              ON CONFLICT DO NOTHING
              RETURNING id, created_at, status
@@ -290,6 +294,7 @@ async fn insert_rows(
     .bind(&batch_ids)
     .bind(&plan.edge_children)
     .bind(&plan.edge_parents)
+    .bind(&callbacks)
     .fetch_all(&mut *tx)
     .await
     .context("inserting jobs")

@@ -72,7 +72,7 @@ impl Store {
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT j.id, j.kind, j.payload, j.dedup_key, j.max_attempts,
                     coalesce(j.next_attempt_at, j.run_at) AS run_at, j.raw_body, o.dead_reason,
-                    j.queue, j.prefix, j.priority, j.concurrency_key
+                    j.queue, j.prefix, j.priority, j.concurrency_key, j.callback_url
                FROM apiary_outbox o JOIN apiary_jobs j ON j.id = o.job_id
               WHERE o.created_at < now() - $1 * interval '1 millisecond'
                 AND ($3::uuid[] IS NULL OR o.job_id = ANY($3))
@@ -153,6 +153,7 @@ struct OutboxRow {
     prefix: Option<String>,
     priority: i16,
     concurrency_key: Option<String>,
+    callback_url: Option<String>,
 }
 
 impl OutboxRow {
@@ -168,6 +169,7 @@ impl OutboxRow {
             priority: u8::try_from(self.priority).ok(),
             concurrency_key: self.concurrency_key,
             prefix: self.prefix,
+            callback_url: self.callback_url,
         };
         match self.dead_reason {
             None => OutboxItem::Job(job),

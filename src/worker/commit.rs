@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::shared::{DeliveryRef, Failed, Shared};
 use crate::broker::consume::Settle;
-use crate::job::JobStatus;
+use crate::job::{JobId, JobStatus};
 use crate::store::finish_job::{Finish, Outcome};
 use crate::wire::WireJob;
 
@@ -54,7 +54,9 @@ pub(crate) async fn run(
 
 async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
     let mut follow = Vec::new();
-    let Some(applied) = finish_isolating(shared, &mut batch, &mut follow).await else {
+    let mut webhooks = Vec::new();
+    let Some(applied) = finish_isolating(shared, &mut batch, &mut follow, &mut webhooks).await
+    else {
         // Interrupted while Postgres was unreachable. Hand the deliveries back: their claims
         // lapse with the lease (nothing renews them now), and the redelivery claims them
         // again; holding them unacked would strand them until the channel closed.
@@ -74,6 +76,8 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
     // Retries, long jobs handed back and dead jobs each got an outbox row in the commit: send
     // those messages now, under the relay's row locks. If this fails the relay sends them
     // later; either way the deliveries can be acked, since the commit made them redundant.
+    // Webhook deliveries recorded by the commit go with them, so a receiver hears of a
+    // finish as soon as the job's own messages are out, not after the relay's grace.
     let to_send: Vec<_> = batch
         .iter()
         .zip(&applied)
@@ -82,6 +86,7 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
             Some(JobStatus::Queued) if c.finish.detached => Some(c.finish.id),
             _ => None,
         })
+        .chain(webhooks)
         .collect();
     super::relay::flush_outbox(shared, &to_send).await;
     // Children these outcomes released, and callbacks of batches they completed.
@@ -154,11 +159,13 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
 /// where the claim no longer held. If Postgres refuses the statement because of one job's data
 /// (a result or error it cannot store), the rest are written without it, and that job's
 /// outcome becomes `dead` with Postgres's reason: no other job is requeued or charged for it.
-/// `None` overall if the worker was interrupted first.
+/// `None` overall if the worker was interrupted first. Also returns the webhook deliveries
+/// the commit recorded.
 async fn finish_isolating(
     shared: &Shared,
     batch: &mut [Completion],
-    follow: &mut Vec<crate::job::JobId>,
+    follow: &mut Vec<JobId>,
+    webhooks: &mut Vec<JobId>,
 ) -> Option<Vec<Option<JobStatus>>> {
     let finishes: Vec<Finish> = batch.iter().map(|c| c.finish.clone()).collect();
     match shared
@@ -167,6 +174,7 @@ async fn finish_isolating(
     {
         Ok((done, released)) => {
             follow.extend(released);
+            webhooks.extend(done.iter().filter_map(|d| d.webhook));
             Some(
                 finishes
                     .iter()
@@ -192,13 +200,13 @@ async fn finish_isolating(
             );
             tracing::warn!(job_id = %c.finish.id, %reason, "recording the job as dead instead");
             c.finish.outcome = Outcome::Dead(reason);
-            Box::pin(finish_isolating(shared, batch, follow)).await
+            Box::pin(finish_isolating(shared, batch, follow, webhooks)).await
         }
         Err(Failed::Refused(_)) => {
             let mid = batch.len() / 2;
             let (left, right) = batch.split_at_mut(mid);
-            let mut out = Box::pin(finish_isolating(shared, left, follow)).await?;
-            out.extend(Box::pin(finish_isolating(shared, right, follow)).await?);
+            let mut out = Box::pin(finish_isolating(shared, left, follow, webhooks)).await?;
+            out.extend(Box::pin(finish_isolating(shared, right, follow, webhooks)).await?);
             Some(out)
         }
     }

@@ -160,7 +160,8 @@ async fn deliver(
             });
             let decoded =
                 WireJob::decode(&d.data, message_id.as_deref(), shared.cfg.max_payload_bytes)
-                    .and_then(|job| in_its_queue(&shared.cfg.queue, lane, job));
+                    .and_then(|job| in_its_queue(&shared.cfg.queue, lane, job))
+                    .and_then(|job| callback_allowed(&shared.cfg, recorded, job));
             // A raw producer's job with parents is recorded, not claimed: it waits for them.
             let parents = match (&decoded, recorded) {
                 (Ok(job), false) => {
@@ -253,6 +254,30 @@ fn in_its_queue(prefix: &str, lane: &Lane, job: WireJob) -> Result<WireJob, crat
                 crate::broker::QueueNames::for_queue(prefix, q).work
             ),
         }),
+        _ => Ok(job),
+    }
+}
+
+/// A raw message's `callback_url` must pass this deployment's webhook policy, as an enqueue's
+/// would: a producer who can publish must not make workers call an address the allow-list
+/// does not name. Messages Apiary published for a recorded job were checked at enqueue (and
+/// every delivery checks again).
+fn callback_allowed(
+    cfg: &crate::config::Config,
+    recorded: bool,
+    job: WireJob,
+) -> Result<WireJob, crate::wire::Poison> {
+    match &job.callback_url {
+        Some(url) if !recorded => {
+            match crate::webhook::check(url, &cfg.webhook_hosts, cfg.webhook_secret.as_ref()) {
+                Ok(()) => Ok(job),
+                Err(e) => Err(crate::wire::Poison {
+                    id: job.id,
+                    kind: Some(job.kind.clone()),
+                    reason: e.to_string(),
+                }),
+            }
+        }
         _ => Ok(job),
     }
 }

@@ -133,6 +133,7 @@ pub(crate) async fn record_waiting(
         concurrency_key: job.concurrency_key.clone(),
         depends_on: parents,
         batch_id: None,
+        callback_url: job.callback_url.clone(),
     };
     let rows = [row];
     let written = shared

@@ -89,6 +89,10 @@ pub struct Worker {
 impl Worker {
     /// A worker with `registry`'s handlers, stopping when `shutdown` says so.
     pub fn new(cfg: Config, registry: Registry, shutdown: Shutdown) -> Result<Worker, WorkerError> {
+        // Every worker delivers completion webhooks, whatever registry it was given: a
+        // delivery lands in the queue of the job it reports on.
+        let mut registry = registry;
+        crate::handler::Webhook::register(&mut registry, &cfg);
         let store = Store::connect_lazy(&cfg.database_url, cfg.db_pool)?;
         let lease_store = Store::connect_lazy(&cfg.database_url, 2)?;
         let known_kinds: Vec<String> = registry

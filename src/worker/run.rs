@@ -233,6 +233,8 @@ async fn run_job(
                     }
                     forget(shared, job.id, attempt);
                     inc.delivery.settle(Settle::Ack);
+                    let hooks: Vec<_> = rows.iter().filter_map(|r| r.webhook).collect();
+                    super::relay::flush_outbox(shared, &hooks).await;
                     return;
                 }
                 Err(e) => {

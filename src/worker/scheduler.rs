@@ -103,6 +103,9 @@ fn plan(shared: &Shared, due: &DueSchedule) -> Firing {
                 .or(options.priority)
                 .unwrap_or(0),
             concurrency_key: None,
+            depends_on: Vec::new(),
+            batch_id: None,
+            callback_url: options.callback_url.clone(),
         })
         .collect();
     Firing {
