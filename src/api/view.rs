@@ -154,7 +154,14 @@ mod tests {
     fn without_read_nothing_written_into_the_job_is_shown() {
         let j = job();
         let shown = serde_json::to_value(JobView::of(j.clone(), Granted::NONE)).expect("json");
-        for field in ["payload", "result", "error", "errors", "raw_body", "callback_url"] {
+        for field in [
+            "payload",
+            "result",
+            "error",
+            "errors",
+            "raw_body",
+            "callback_url",
+        ] {
             assert!(shown.get(field).is_none(), "{field} shown: {shown}");
         }
         assert!(!shown.to_string().contains("secret"), "{shown}");
