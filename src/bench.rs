@@ -70,6 +70,15 @@ pub struct BenchArgs {
     /// limits with the APIARY_KINDS variable: the `--kinds` flag reaches only the bench.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub keys: Option<u64>,
+    /// Enqueue every job as one batch (`Client::enqueue_batch`, at most 10,000 jobs) with an
+    /// `echo` callback: the batch's enqueue rate, and its drain against plain jobs' for the
+    /// completion overhead per child.
+    #[arg(long, conflicts_with = "pairs")]
+    pub batch: bool,
+    /// Enqueue the jobs as pairs, the second depending on the first, and report how long each
+    /// child started after its parent finished (the release latency).
+    #[arg(long)]
+    pub pairs: bool,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -124,6 +133,9 @@ pub struct Report {
     pub drain_rate: f64,
     /// Enqueue-to-finished latency percentiles, milliseconds.
     pub latency_ms: Percentiles,
+    /// With `--pairs`: parent finished to child started, milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_ms: Option<Percentiles>,
     /// Largest peak RSS among the workers, MiB.
     pub worker_peak_rss_mib: f64,
     /// Workers' RSS once idle after the run, MiB (largest).
@@ -396,7 +408,40 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     let next = Arc::new(AtomicUsize::new(0));
     let sent = Arc::new(AtomicUsize::new(0));
     let mut publishers = tokio::task::JoinSet::new();
-    for _ in 0..args.publishers.max(1) {
+    if args.batch {
+        anyhow::ensure!(
+            (1..=crate::client::MAX_GROUP_JOBS).contains(&jobs),
+            "--batch takes 1 to {} jobs",
+            crate::client::MAX_GROUP_JOBS
+        );
+        let (client, payload, sent, progress) = (
+            client.clone(),
+            payload.clone(),
+            sent.clone(),
+            progress.clone(),
+        );
+        publishers.spawn(async move {
+            let jobs: Vec<NewJob> = (0..jobs)
+                .map(|_| NewJob::new("echo", payload.clone()))
+                .collect();
+            let n = jobs.len();
+            client
+                .enqueue_batch(
+                    jobs,
+                    crate::client::OnComplete::new("echo", json!("bench")),
+                    false,
+                )
+                .await?;
+            sent.fetch_add(n, Ordering::Relaxed);
+            progress.inc(n as u64);
+            Ok::<(), anyhow::Error>(())
+        });
+    }
+    for _ in 0..if args.batch {
+        0
+    } else {
+        args.publishers.max(1)
+    } {
         let (client, payload, next, sent, progress) = (
             client.clone(),
             payload.clone(),
@@ -404,8 +449,15 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
             sent.clone(),
             progress.clone(),
         );
-        let (batch, rate, mode, keys) =
-            (args.enqueue_batch.max(1), args.rate, args.mode, args.keys);
+        let (batch, rate, mode, keys, pairs) = (
+            args.enqueue_batch.max(1),
+            args.rate,
+            args.mode,
+            args.keys,
+            args.pairs,
+        );
+        // Pairs never straddle two calls: the child names its parent in the same request.
+        let batch = if pairs { batch.div_ceil(2) * 2 } else { batch };
         publishers.spawn(async move {
             loop {
                 let from = next.fetch_add(batch, Ordering::Relaxed);
@@ -419,12 +471,24 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
                     )
                     .await;
                 }
+                let mut parent = None;
                 let jobs: Vec<NewJob> = (from..from + n)
                     .map(|i| {
                         let job = NewJob::new("echo", payload.clone());
-                        match keys {
+                        let job = match keys {
                             Some(k) => job.with_concurrency_key(format!("k{}", i as u64 % k)),
                             None => job,
+                        };
+                        if !pairs {
+                            return job;
+                        }
+                        let id = uuid::Uuid::now_v7();
+                        match (i % 2, parent.take()) {
+                            (1, Some(p)) => job.with_id(id).with_depends_on([p]),
+                            _ => {
+                                parent = Some(id);
+                                job.with_id(id)
+                            }
                         }
                     })
                     .collect();
@@ -549,6 +613,7 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
             e2e_rate: 0.0,
             drain_rate: 0.0,
             latency_ms: Percentiles::default(),
+            release_ms: None,
             worker_peak_rss_mib: 0.0,
             worker_idle_rss_mib: 0.0,
             worker_cpu_seconds: 0.0,
@@ -598,6 +663,28 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
             .copied()
             .unwrap_or(0.0)
     };
+    let release_ms = if args.pairs {
+        let lat: Vec<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM c.started_at - p.finished_at)::float8 * 1000
+               FROM apiary_job_deps d JOIN apiary_jobs c ON c.id = d.child
+               JOIN apiary_jobs p ON p.id = d.parent
+              WHERE c.started_at IS NOT NULL ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await?;
+        let at = |p: f64| {
+            lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        Some(Percentiles {
+            p50: at(0.50),
+            p95: at(0.95),
+            p99: at(0.99),
+        })
+    } else {
+        None
+    };
     let pids = workers.pids();
     let (peak, cpu) = proc_stats(&pids);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -618,6 +705,7 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
             p95: pct(0.95),
             p99: pct(0.99),
         },
+        release_ms,
         worker_peak_rss_mib: peak,
         worker_idle_rss_mib: idle,
         worker_cpu_seconds: cpu,
@@ -815,6 +903,12 @@ fn print_report(r: &Report) {
             "  latency p50/p95/p99          {:.1} / {:.1} / {:.1} ms",
             r.latency_ms.p50, r.latency_ms.p95, r.latency_ms.p99
         );
+        if let Some(r) = &r.release_ms {
+            println!(
+                "  release p50/p95/p99          {:.1} / {:.1} / {:.1} ms (parent finished to child started)",
+                r.p50, r.p95, r.p99
+            );
+        }
         println!(
             "  worker peak RSS / idle       {:.1} / {:.1} MiB",
             r.worker_peak_rss_mib, r.worker_idle_rss_mib

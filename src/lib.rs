@@ -26,6 +26,11 @@
 //! Retries wait in broker delay queues ([`broker::topology`]), not in a worker's memory; dead
 //! jobs go to a dead-letter queue with their reason.
 //!
+//! A job with `depends_on` stops at step 2 as `waiting`: a trigger releases it in the
+//! transaction of its last parent's success, and step 6 publishes it
+//! ([`store::dependencies`]). A batch's last child to finish enqueues its callback the same way
+//! ([`store::batches`], `POST /v1/batches` in [`api::batches`]).
+//!
 //! # Guide: a typed job from enqueue to result
 //!
 //! A job's arguments are a serde type that names its kind once ([`JobArgs`]); its handler
