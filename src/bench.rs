@@ -73,8 +73,9 @@ pub struct BenchArgs {
     /// Enqueue every job as one batch (`Client::enqueue_batch`, at most 10,000 jobs) with an
     /// `echo` callback: the batch's enqueue rate, and its drain against plain jobs' for the
     /// completion overhead per child.
+    /// (`--batch` is taken: it is the worker's APIARY_BATCH.)
     #[arg(long, conflicts_with = "pairs")]
-    pub batch: bool,
+    pub one_batch: bool,
     /// Enqueue the jobs as pairs, the second depending on the first, and report how long each
     /// child started after its parent finished (the release latency).
     #[arg(long)]
@@ -408,10 +409,10 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     let next = Arc::new(AtomicUsize::new(0));
     let sent = Arc::new(AtomicUsize::new(0));
     let mut publishers = tokio::task::JoinSet::new();
-    if args.batch {
+    if args.one_batch {
         anyhow::ensure!(
             (1..=crate::client::MAX_GROUP_JOBS).contains(&jobs),
-            "--batch takes 1 to {} jobs",
+            "--one-batch takes 1 to {} jobs",
             crate::client::MAX_GROUP_JOBS
         );
         let (client, payload, sent, progress) = (
@@ -437,7 +438,7 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
             Ok::<(), anyhow::Error>(())
         });
     }
-    for _ in 0..if args.batch {
+    for _ in 0..if args.one_batch {
         0
     } else {
         args.publishers.max(1)
@@ -540,7 +541,10 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
         tokio::time::Instant::now() + args.duration.unwrap_or_default() + args.timeout;
     loop {
         let finished = done.load(Ordering::Relaxed);
-        if published.is_some() && (args.mode == Mode::Enqueue || finished >= jobs) {
+        // A batch's callback finishes last, and counts as one more completion.
+        if published.is_some()
+            && (args.mode == Mode::Enqueue || finished >= jobs + usize::from(args.one_batch))
+        {
             break;
         }
         tokio::select! {
@@ -654,7 +658,8 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     };
     // With retention running, these are the jobs still kept: the last retention's worth.
     let lat: Vec<f64> = sqlx::query_scalar(
-        "SELECT extract(epoch FROM finished_at - created_at)::float8 * 1000 FROM apiary_jobs ORDER BY 1",
+        "SELECT extract(epoch FROM finished_at - created_at)::float8 * 1000 FROM apiary_jobs
+          WHERE finished_at IS NOT NULL ORDER BY 1",
     )
     .fetch_all(&pool)
     .await?;
