@@ -24,6 +24,8 @@ ALTER TABLE apiary_jobs
     ADD COLUMN IF NOT EXISTS deps_left integer CHECK (deps_left >= 0),
     ADD COLUMN IF NOT EXISTS batch_id uuid;
 
+-- Safe to apply again (as every newest migration must be): each step drops or replaces first.
+ALTER TABLE apiary_jobs DROP CONSTRAINT IF EXISTS waiting_has_parents;
 ALTER TABLE apiary_jobs ADD CONSTRAINT waiting_has_parents
     CHECK (status <> 'waiting' OR deps_left > 0);
 
@@ -104,7 +106,7 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER apiary_jobs_release_dependents AFTER UPDATE OF status ON apiary_jobs
+CREATE OR REPLACE TRIGGER apiary_jobs_release_dependents AFTER UPDATE OF status ON apiary_jobs
     FOR EACH ROW
     WHEN (NEW.has_dependents AND OLD.finished_at IS NULL AND NEW.finished_at IS NOT NULL)
     EXECUTE FUNCTION apiary_release_dependents();
@@ -153,7 +155,7 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER apiary_jobs_batch_progress AFTER UPDATE OF status ON apiary_jobs
+CREATE OR REPLACE TRIGGER apiary_jobs_batch_progress AFTER UPDATE OF status ON apiary_jobs
     FOR EACH ROW
     WHEN (NEW.batch_id IS NOT NULL AND (OLD.finished_at IS NULL) <> (NEW.finished_at IS NULL))
     EXECUTE FUNCTION apiary_batch_progress();

@@ -214,7 +214,13 @@ async fn a_schema_behind_is_fixed_by_migrate_and_one_ahead_is_named() {
         "schema",
         &format!(
             "behind: schema {}, this apiary expects {newest} (missing {name})",
-            newest - 1
+            // The migration before the newest: numbers may have gaps on a branch.
+            apiary::store::MIGRATOR
+                .iter()
+                .map(|m| m.version)
+                .filter(|v| *v < newest)
+                .max()
+                .unwrap_or(0)
         ),
     );
     assert_eq!(fix, "run `apiary migrate`");
