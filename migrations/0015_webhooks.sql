@@ -66,3 +66,23 @@ CREATE TRIGGER apiary_jobs_webhook_on_insert AFTER INSERT ON apiary_jobs
     FOR EACH ROW
     WHEN (NEW.callback_url IS NOT NULL AND NEW.finished_at IS NOT NULL)
     EXECUTE FUNCTION apiary_queue_job_webhook();
+
+-- A batch may carry a callback_url too: when its last child reaches a final status, the
+-- batch's record (as GET /v1/batches/{id} shows it) is delivered the same way, on the queue
+-- of the batch's callback. The batch trigger of migration 0014 sets `finished_at` once, so
+-- this fires once per batch.
+ALTER TABLE apiary_batches
+    ADD COLUMN IF NOT EXISTS callback_url text CHECK (octet_length(callback_url) <= 2048);
+
+CREATE OR REPLACE FUNCTION apiary_queue_batch_webhook() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM apiary_enqueue_webhook('batch', NEW.id, NEW.callback_url, 'batch.' || NEW.status,
+                                   NEW.finished_at, NEW.callback_queue, NEW.prefix, 0::smallint);
+    RETURN NULL;
+END $$;
+
+DROP TRIGGER IF EXISTS apiary_batches_webhook ON apiary_batches;
+CREATE TRIGGER apiary_batches_webhook AFTER UPDATE OF finished_at ON apiary_batches
+    FOR EACH ROW
+    WHEN (NEW.callback_url IS NOT NULL AND NEW.finished_at IS NOT NULL AND OLD.finished_at IS NULL)
+    EXECUTE FUNCTION apiary_queue_batch_webhook();

@@ -74,6 +74,36 @@ pub const MAX_GROUP_JOBS: usize = 10_000;
 /// `on_complete.payload` (`{"batch_id", "counts"}`).
 pub const CALLBACK_ENVELOPE_BYTES: usize = 512;
 
+/// How a batch ends, besides its callback: `on_success` and a `callback_url`. A `bool` converts
+/// into it (`on_success`), so `enqueue_batch(jobs, on_complete, true)` reads as before.
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOptions {
+    /// Enqueue the callback only if every child succeeded.
+    pub on_success: bool,
+    /// When the last child is final, POST the batch's record here, signed, as a job's
+    /// `callback_url` is (same allow-list and secret).
+    pub callback_url: Option<String>,
+}
+
+impl BatchOptions {
+    /// Also POSTs the batch's record to `url` when it finishes (a completion webhook).
+    pub fn with_callback_url(mut self, url: impl Into<String>) -> Self {
+        self.callback_url = Some(url.into());
+        self
+    }
+}
+
+impl From<bool> for BatchOptions {
+    fn from(on_success: bool) -> Self {
+        BatchOptions {
+            on_success,
+            callback_url: None,
+        }
+    }
+}
+
 /// A batch's callback: the job enqueued once its last child is final. Its payload is
 /// `{"batch_id", "counts": {"total", "succeeded", "failed", "dead", "cancelled"}, "payload"}`,
 /// with this `payload` inside.
@@ -332,12 +362,24 @@ impl Client {
     /// Enqueues a batch: `jobs` recorded in one transaction with the batch, all new, and the
     /// `on_complete` callback enqueued exactly once when the last of them reaches a final
     /// status (with `on_success`, only if every one succeeded). Returns the batch's id.
+    /// `options` is `on_success` as a `bool`, or a [`BatchOptions`] with a `callback_url`.
     pub async fn enqueue_batch<J: IntoNewJob>(
         &self,
         jobs: Vec<J>,
         on_complete: OnComplete,
-        on_success: bool,
+        options: impl Into<BatchOptions>,
     ) -> Result<BatchEnqueued, EnqueueError> {
+        let BatchOptions {
+            on_success,
+            callback_url,
+        } = options.into();
+        if let Some(url) = &callback_url {
+            crate::webhook::check(
+                url,
+                &self.inner.webhook_hosts,
+                self.inner.webhook_secret.as_ref(),
+            )?;
+        }
         let jobs = jobs
             .into_iter()
             .map(IntoNewJob::into_new_job)
@@ -412,6 +454,7 @@ impl Client {
                 .unwrap_or(self.inner.max_attempts),
             prefix: self.inner.publisher.prefix().to_string(),
             on_success,
+            callback_url,
         };
         let answers = self
             .inner

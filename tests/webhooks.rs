@@ -613,3 +613,83 @@ async fn a_replayed_job_that_finishes_again_is_delivered_again_under_a_new_id() 
     worker.stop().await;
     env.assert_invariants().await;
 }
+
+#[tokio::test]
+async fn a_batch_with_a_callback_url_is_posted_once_when_its_last_child_ends() {
+    let env = TestEnv::new().await;
+    let rx = Receiver::start().await;
+    let cfg = webhook_cfg(&env, &rx);
+    let client = apiary::Client::new(&cfg).expect("client");
+    let ok = rx.url("ok");
+    let children = |fail: bool| {
+        let mut jobs: Vec<NewJob> = (0..20)
+            .map(|n| NewJob::new("echo", json!({"n": n})))
+            .collect();
+        if fail {
+            jobs.push(NewJob::new("fail", json!({"permanent": true})));
+        }
+        jobs
+    };
+    let on_complete = || apiary::client::OnComplete::new("echo", json!({"done": true}));
+    let completed = client
+        .enqueue_batch(
+            children(true),
+            on_complete(),
+            apiary::client::BatchOptions::default().with_callback_url(&ok),
+        )
+        .await
+        .expect("batch")
+        .id;
+    // With on_success and a dead child there is no callback job, but the batch still ends.
+    let failed = client
+        .enqueue_batch(
+            children(true),
+            on_complete(),
+            apiary::client::BatchOptions {
+                on_success: true,
+                callback_url: Some(ok.clone()),
+            },
+        )
+        .await
+        .expect("batch")
+        .id;
+    let refused = client
+        .enqueue_batch(
+            children(false),
+            on_complete(),
+            apiary::client::BatchOptions::default().with_callback_url("http://elsewhere.test/x"),
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(apiary::EnqueueError::Invalid(e)) if e.field == "callback_url"),
+        "{refused:?}"
+    );
+
+    let worker = env.start_worker_with(cfg.clone(), Registry::builtins());
+    let secret = parse_secret(SECRET).expect("secret");
+    for (id, status) in [(completed, "completed"), (failed, "failed")] {
+        wait_delivery(&env, id, JobStatus::Succeeded).await;
+        let hits = rx.hits_for(id);
+        assert_eq!(hits.len(), 1, "batch {id} posted once: {hits:?}");
+        let hit = &hits[0];
+        assert!(hit.signed_by(&secret), "signed: {:?}", hit.headers);
+        assert_eq!(hit.header("x-apiary-event"), format!("batch.{status}"));
+        let mut body = hit.json();
+        let batch = client.batch(id).await.expect("read").expect("batch");
+        let mut now = serde_json::to_value(&batch).expect("json");
+        // The record is read when the delivery runs; the callback job may have moved on since.
+        body["callback_status"] = Value::Null;
+        now["callback_status"] = Value::Null;
+        assert_eq!(body, now, "the batch's record");
+        assert_eq!(body["status"], status);
+        assert_eq!(body["total"], 21);
+        assert_eq!(body["counts"]["succeeded"], 20);
+        assert_eq!(body["counts"]["dead"], 1);
+        assert_eq!(body["callback_url"], ok.as_str());
+    }
+    // Children carry no callback_url of their own: only the two batches were posted.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(rx.hits().len(), 2, "{:?}", rx.hits());
+    worker.stop().await;
+    env.assert_invariants().await;
+}

@@ -70,6 +70,9 @@ pub struct BatchBody {
     /// Enqueue the callback only if every child succeeded.
     #[serde(default)]
     pub on_success: bool,
+    /// POST the batch's record here when its last child is final (a completion webhook).
+    #[serde(default)]
+    pub callback_url: Option<String>,
 }
 
 /// Records a batch: `202 {"id", "callback_id", "jobs": [ids]}`.
@@ -79,7 +82,14 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<BatchEnqueued>), ApiError> {
     let batch = state
         .client
-        .enqueue_batch(body.jobs, body.on_complete, body.on_success)
+        .enqueue_batch(
+            body.jobs,
+            body.on_complete,
+            crate::client::BatchOptions {
+                on_success: body.on_success,
+                callback_url: body.callback_url,
+            },
+        )
         .await?;
     Ok((StatusCode::ACCEPTED, Json(batch)))
 }

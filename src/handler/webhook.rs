@@ -31,11 +31,11 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// What a delivery job carries: which record, where to, and for which finish.
 #[derive(Debug, Deserialize)]
 struct Delivery {
-    /// `job` (batches later).
+    /// `job` or `batch`.
     record: String,
     id: Uuid,
     url: String,
-    /// `job.succeeded`, `job.dead`, `job.cancelled`, ...
+    /// `job.succeeded`, `job.dead`, `job.cancelled`, `batch.completed`, `batch.failed`.
     event: String,
     finished_at: Option<DateTime<Utc>>,
 }
@@ -98,12 +98,7 @@ impl Webhook {
         job: Option<Job>,
     ) -> Result<(Vec<u8>, Option<&'static str>), HandlerError> {
         let Some(mut job) = job else {
-            // Pruned before this attempt: say what is known, and that the rest is gone.
-            let status = d.event.strip_prefix("job.").unwrap_or(&d.event);
-            let stub = serde_json::json!({
-                "id": d.id, "status": status, "finished_at": d.finished_at,
-            });
-            return Ok((encode(&stub)?, Some("record")));
+            return stub(d);
         };
         let whole = encode(&job)?;
         if whole.len() <= self.max_bytes {
@@ -125,6 +120,19 @@ impl Webhook {
             Some("payload,result,errors,raw_body,progress_detail"),
         ))
     }
+}
+
+/// For a record pruned before this attempt: what the delivery knows (id, status, when), and
+/// that the rest is gone.
+fn stub(d: &Delivery) -> Result<(Vec<u8>, Option<&'static str>), HandlerError> {
+    let status = d
+        .event
+        .split_once('.')
+        .map_or(d.event.as_str(), |(_, status)| status);
+    let stub = serde_json::json!({
+        "id": d.id, "status": status, "finished_at": d.finished_at,
+    });
+    Ok((encode(&stub)?, Some("record")))
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, HandlerError> {
@@ -152,18 +160,30 @@ impl Handler for Webhook {
             ));
         };
         let client = self.client.as_ref().map_err(HandlerError::retry)?;
-        let job = match d.record.as_str() {
-            "job" => crate::store::Store::from_pool(ctx.pool().clone())
-                .get_job(d.id)
+        let store = crate::store::Store::from_pool(ctx.pool().clone());
+        let (body, left_out) = match d.record.as_str() {
+            "job" => {
+                let job = store
+                    .get_job(d.id)
+                    .await
+                    .map_err(|e| HandlerError::retry(format!("reading the job: {e}")))?;
+                self.body(&d, job)?
+            }
+            // A batch's record is its counts, small whatever the batch's size: never cut.
+            "batch" => match store
+                .get_batch(d.id)
                 .await
-                .map_err(|e| HandlerError::retry(format!("reading the job: {e}")))?,
+                .map_err(|e| HandlerError::retry(format!("reading the batch: {e}")))?
+            {
+                Some(batch) => (encode(&batch)?, None),
+                None => stub(&d)?,
+            },
             other => {
                 return Err(HandlerError::permanent(format!(
                     "not delivered: unknown record {other:?}"
                 )));
             }
         };
-        let (body, left_out) = self.body(&d, job)?;
         let timestamp = Utc::now().timestamp();
         let mut request = client
             .post(url)

@@ -37,6 +37,9 @@ pub struct BatchRow {
     pub prefix: String,
     /// Enqueue the callback only if every child succeeded.
     pub on_success: bool,
+    /// Where the batch's record is POSTed when its last child is final (already checked
+    /// against the webhook policy).
+    pub callback_url: Option<String>,
 }
 
 pub(crate) async fn insert_batch(
@@ -45,8 +48,8 @@ pub(crate) async fn insert_batch(
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO apiary_batches (id, total, remaining, callback_id, callback_kind, callback_payload,
-                                     callback_queue, callback_max_attempts, prefix, on_success)
-         VALUES ($1, $2, $2, $3, $4, $5::json, $6, $7, $8, $9)",
+                                     callback_queue, callback_max_attempts, prefix, on_success, callback_url)
+         VALUES ($1, $2, $2, $3, $4, $5::json, $6, $7, $8, $9, $10)",
     )
     .bind(b.id)
     .bind(b.total)
@@ -57,6 +60,7 @@ pub(crate) async fn insert_batch(
     .bind(b.callback_max_attempts)
     .bind(&b.prefix)
     .bind(b.on_success)
+    .bind(&b.callback_url)
     .execute(&mut *tx)
     .await
     .context("recording a batch")?;
@@ -91,6 +95,9 @@ pub struct Batch {
     pub created_at: DateTime<Utc>,
     /// When its last child reached a final status.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Where its record is POSTed when it finishes, if anywhere.
+    #[serde(default)]
+    pub callback_url: Option<String>,
 }
 
 /// One child of a batch as its callback reads it ([`Store::batch_children`]).
@@ -136,9 +143,10 @@ impl Store {
             Option<String>,
             DateTime<Utc>,
             Option<DateTime<Utc>>,
+            Option<String>,
         )> = sqlx::query_as(
             "SELECT b.id, b.status, b.total, b.on_success, b.callback_id, b.callback_kind, c.status,
-                    b.created_at, b.finished_at
+                    b.created_at, b.finished_at, b.callback_url
                FROM apiary_batches b LEFT JOIN apiary_jobs c ON c.id = b.callback_id
               WHERE b.id = $1",
         )
@@ -156,6 +164,7 @@ impl Store {
             cb,
             created_at,
             finished_at,
+            callback_url,
         )) = row
         else {
             return Ok(None);
@@ -189,6 +198,7 @@ impl Store {
             callback_status: cb.and_then(|s| s.parse().ok()),
             created_at,
             finished_at,
+            callback_url,
         }))
     }
 

@@ -262,9 +262,9 @@ impl Store {
     }
 
     /// The jobs whose outbox rows the final statuses of `finished` wrote through the
-    /// triggers: children they released and batch callbacks they enqueued. Read after the
-    /// commit, so the committer can publish those at once instead of leaving them to the
-    /// relay's grace.
+    /// triggers: children they released, callbacks of batches they completed and those
+    /// batches' webhook deliveries. Read after the commit, so the committer can publish those
+    /// at once instead of leaving them to the relay's grace.
     pub async fn released_by(&self, finished: &[JobId]) -> Result<Vec<JobId>, StoreError> {
         sqlx::query_scalar(
             "SELECT o.job_id FROM apiary_outbox o
@@ -272,7 +272,12 @@ impl Store {
                     SELECT d.child FROM apiary_job_deps d WHERE d.parent = ANY($1)
                     UNION ALL
                     SELECT b.callback_id FROM apiary_jobs j JOIN apiary_batches b ON b.id = j.batch_id
-                     WHERE j.id = ANY($1) AND b.status = 'completed')",
+                     WHERE j.id = ANY($1) AND b.status = 'completed'
+                    UNION ALL
+                    -- The batch's own webhook delivery (migration 0015), named by its derived id.
+                    SELECT apiary_webhook_id('batch', b.id, b.finished_at)
+                      FROM apiary_jobs j JOIN apiary_batches b ON b.id = j.batch_id
+                     WHERE j.id = ANY($1) AND b.callback_url IS NOT NULL AND b.finished_at IS NOT NULL)",
         )
         .bind(finished)
         .fetch_all(self.pool())
