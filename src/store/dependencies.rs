@@ -1,4 +1,4 @@
-//! Job dependencies: what recording a job with `depends_on` decides ([`plan`]), what a
+//! Job dependencies: what recording a job with `depends_on` decides (`plan`), what a
 //! handler reads of its parents ([`Store::parent_results`]), and which jobs a finish released
 //! ([`Store::released_by`]). Releasing itself is the schema's: a trigger on the parent's final
 //! status, in the same transaction (migration 0014), so no path that ends a job can forget it.
