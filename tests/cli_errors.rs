@@ -456,7 +456,7 @@ async fn enqueueing_a_kind_no_live_worker_serves_warns() {
         out.stderr.trim_end(),
         format!(
             "warning: no live worker on queue \"default\" serves kind \"send_mail\" (they serve: \
-             collect, echo, fail, sleep, tally); a worker without its handler records the job dead, to \
+             apiary.webhook, collect, echo, fail, sleep, tally); a worker without its handler records the job dead, to \
              replay with `apiary dead replay` once one serves it",
         )
     );
