@@ -74,6 +74,29 @@ pub const MAX_GROUP_JOBS: usize = 10_000;
 /// `on_complete.payload` (`{"batch_id", "counts"}`).
 pub const CALLBACK_ENVELOPE_BYTES: usize = 512;
 
+/// The jobs of a chain or batch (`what`), checked for count: at least one, at most
+/// [`MAX_GROUP_JOBS`].
+fn group_jobs<J: IntoNewJob>(jobs: Vec<J>, what: &str) -> Result<Vec<NewJob>, EnqueueError> {
+    let jobs = jobs
+        .into_iter()
+        .map(IntoNewJob::into_new_job)
+        .collect::<Result<Vec<_>, _>>()?;
+    if jobs.is_empty() {
+        return Err(InvalidJob::new("jobs", format!("a {what} needs at least one job")).into());
+    }
+    if jobs.len() > MAX_GROUP_JOBS {
+        return Err(InvalidJob::new(
+            "jobs",
+            format!(
+                "holds {} jobs; at most {MAX_GROUP_JOBS} allowed",
+                jobs.len()
+            ),
+        )
+        .into());
+    }
+    Ok(jobs)
+}
+
 /// How a batch ends, besides its callback: `on_success` and a `callback_url`. A `bool` converts
 /// into it (`on_success`), so `enqueue_batch(jobs, on_complete, true)` reads as before.
 ///
@@ -324,23 +347,7 @@ impl Client {
         &self,
         jobs: Vec<J>,
     ) -> Result<Vec<Enqueued>, EnqueueError> {
-        let mut jobs = jobs
-            .into_iter()
-            .map(IntoNewJob::into_new_job)
-            .collect::<Result<Vec<_>, _>>()?;
-        if jobs.is_empty() {
-            return Err(InvalidJob::new("jobs", "a chain needs at least one job").into());
-        }
-        if jobs.len() > MAX_GROUP_JOBS {
-            return Err(InvalidJob::new(
-                "jobs",
-                format!(
-                    "holds {} jobs; at most {MAX_GROUP_JOBS} allowed",
-                    jobs.len()
-                ),
-            )
-            .into());
-        }
+        let mut jobs = group_jobs(jobs, "chain")?;
         let mut previous: Option<JobId> = None;
         for job in &mut jobs {
             let id = *job.id.get_or_insert_with(Uuid::now_v7);
@@ -380,23 +387,7 @@ impl Client {
                 self.inner.webhook_secret.as_ref(),
             )?;
         }
-        let jobs = jobs
-            .into_iter()
-            .map(IntoNewJob::into_new_job)
-            .collect::<Result<Vec<_>, _>>()?;
-        if jobs.is_empty() {
-            return Err(InvalidJob::new("jobs", "a batch needs at least one job").into());
-        }
-        if jobs.len() > MAX_GROUP_JOBS {
-            return Err(InvalidJob::new(
-                "jobs",
-                format!(
-                    "holds {} jobs; at most {MAX_GROUP_JOBS} allowed",
-                    jobs.len()
-                ),
-            )
-            .into());
-        }
+        let jobs = group_jobs(jobs, "batch")?;
         if let Some(i) = jobs.iter().position(|j| !j.depends_on.is_empty()) {
             return Err(InvalidJob::new(
                 "depends_on",

@@ -65,6 +65,18 @@ impl<'a> Pass<'a> {
     }
 }
 
+/// The jobs a pass keeps although they are past retention, because they will still be read: a
+/// parent while a child waits on it, and a batch's child until the batch's callback has
+/// finished. An SQL condition on `apiary_jobs`.
+const STILL_READ: &str = "NOT (has_dependents AND EXISTS (
+        SELECT 1 FROM apiary_job_deps d JOIN apiary_jobs c ON c.id = d.child
+         WHERE d.parent = apiary_jobs.id AND c.status = 'waiting'))
+    AND (batch_id IS NULL OR NOT EXISTS (
+        SELECT 1 FROM apiary_batches b LEFT JOIN apiary_jobs cb ON cb.id = b.callback_id
+         WHERE b.id = apiary_jobs.batch_id
+           AND (b.finished_at IS NULL
+                OR (b.status = 'completed' AND cb.id IS NOT NULL AND cb.finished_at IS NULL))))";
+
 impl Store {
     /// Deletes finished jobs past their retention (`retention`, or for the kinds in
     /// `overrides` their own), `batch` rows per statement, oldest first, until none are left
@@ -208,22 +220,13 @@ impl Store {
         // replayed meanwhile (no longer finished) is left alone, and a row someone holds is
         // skipped rather than waited for.
         let (deleted, last): (i64, Option<DateTime<Utc>>) = match pass.kind {
-            None => sqlx::query_as(
+            None => sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "WITH doomed AS (
                      SELECT id FROM apiary_jobs
                       WHERE created_at < now() - $1 * interval '1 millisecond'
                         AND created_at >= $2
                         AND finished_at < now() - $1 * interval '1 millisecond'
-                        -- A parent stays while a child waits on it, and a batch's child
-                        -- until the batch's callback has finished: they will be read.
-                        AND NOT (has_dependents AND EXISTS (
-                            SELECT 1 FROM apiary_job_deps d JOIN apiary_jobs c ON c.id = d.child
-                             WHERE d.parent = apiary_jobs.id AND c.status = 'waiting'))
-                        AND (batch_id IS NULL OR NOT EXISTS (
-                            SELECT 1 FROM apiary_batches b LEFT JOIN apiary_jobs cb ON cb.id = b.callback_id
-                             WHERE b.id = apiary_jobs.batch_id
-                               AND (b.finished_at IS NULL
-                                    OR (b.status = 'completed' AND cb.id IS NOT NULL AND cb.finished_at IS NULL))))
+                        AND {STILL_READ}
                         AND kind <> ALL($3)
                       ORDER BY created_at
                       LIMIT $4
@@ -233,29 +236,20 @@ impl Store {
                      RETURNING id, created_at),
                  edges AS (
                      DELETE FROM apiary_job_deps WHERE child IN (SELECT id FROM gone))
-                 SELECT count(*), max(created_at) FROM gone",
-            )
+                 SELECT count(*), max(created_at) FROM gone"
+            )))
             .bind(pass.keep_ms)
             .bind(pass.from)
             .bind(special)
             .bind(batch),
-            Some(kind) => sqlx::query_as(
+            Some(kind) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "WITH doomed AS (
                      SELECT id FROM apiary_jobs
                       WHERE kind = $3
                         AND created_at < now() - $1 * interval '1 millisecond'
                         AND created_at >= $2
                         AND finished_at < now() - $1 * interval '1 millisecond'
-                        -- A parent stays while a child waits on it, and a batch's child
-                        -- until the batch's callback has finished: they will be read.
-                        AND NOT (has_dependents AND EXISTS (
-                            SELECT 1 FROM apiary_job_deps d JOIN apiary_jobs c ON c.id = d.child
-                             WHERE d.parent = apiary_jobs.id AND c.status = 'waiting'))
-                        AND (batch_id IS NULL OR NOT EXISTS (
-                            SELECT 1 FROM apiary_batches b LEFT JOIN apiary_jobs cb ON cb.id = b.callback_id
-                             WHERE b.id = apiary_jobs.batch_id
-                               AND (b.finished_at IS NULL
-                                    OR (b.status = 'completed' AND cb.id IS NOT NULL AND cb.finished_at IS NULL))))
+                        AND {STILL_READ}
                       ORDER BY created_at
                       LIMIT $4
                       FOR UPDATE SKIP LOCKED),
@@ -264,8 +258,8 @@ impl Store {
                      RETURNING id, created_at),
                  edges AS (
                      DELETE FROM apiary_job_deps WHERE child IN (SELECT id FROM gone))
-                 SELECT count(*), max(created_at) FROM gone",
-            )
+                 SELECT count(*), max(created_at) FROM gone"
+            )))
             .bind(pass.keep_ms)
             .bind(pass.from)
             .bind(kind)
