@@ -4,13 +4,14 @@
 
 pub mod errors;
 
+#[cfg(feature = "api")]
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
-use crate::api::auth::Tokens;
+#[cfg(feature = "api")]
 use crate::api::{self, AppState};
 use crate::broker::{self, QueueNames};
 use crate::client::{Client, EnqueueError};
@@ -20,6 +21,8 @@ use crate::job::NewJob;
 use crate::progress::{Progress, ProgressArgs};
 use crate::shutdown::Shutdown;
 use crate::store;
+#[cfg(feature = "api")]
+use crate::tokens::Tokens;
 use crate::worker::Worker;
 use errors::{CliError, ErrorClass};
 
@@ -59,7 +62,8 @@ pub enum Command {
         #[command(flatten)]
         progress: ProgressArgs,
     },
-    /// Serve the HTTP API.
+    /// Serve the HTTP API (and, with the `dashboard` feature, the dashboard at `/`).
+    #[cfg(feature = "api")]
     Api {
         /// Listen on a non-loopback address without API tokens. Anyone who can reach the
         /// port can then enqueue and read jobs.
@@ -166,7 +170,9 @@ impl Command {
     /// Doctor's passive declares of missing queues are how it finds them: its report says it.
     pub fn default_log_filter(&self) -> &'static str {
         match self {
-            Command::Api { .. } | Command::Worker => "info,sqlx::postgres::notice=warn",
+            #[cfg(feature = "api")]
+            Command::Api { .. } => "info,sqlx::postgres::notice=warn",
+            Command::Worker => "info,sqlx::postgres::notice=warn",
             Command::Doctor(_) => "warn,sqlx::postgres::notice=warn,lapin=off",
             _ => "info,sqlx::postgres::notice=warn,lapin=off",
         }
@@ -401,6 +407,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate { progress } => migrate(&cfg, &progress).await,
+        #[cfg(feature = "api")]
         Command::Api {
             insecure_listen_any,
         } => serve_api(cfg, insecure_listen_any).await,
@@ -714,6 +721,7 @@ async fn migrate(cfg: &Config, progress: &ProgressArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "api")]
 async fn serve_api(cfg: Config, insecure_listen_any: bool) -> anyhow::Result<()> {
     check_listen_addr(cfg.http_addr, insecure_listen_any, &cfg.api_tokens)?;
     let shutdown = Shutdown::on_signals().context("installing signal handlers")?;
@@ -733,6 +741,7 @@ async fn serve_api(cfg: Config, insecure_listen_any: bool) -> anyhow::Result<()>
     Ok(())
 }
 
+#[cfg(feature = "api")]
 /// Without tokens the API is open to anyone who reaches it, so it listens on loopback unless
 /// told otherwise; with tokens every job route needs one, so any address will do. Says at
 /// start-up which of the two it is.

@@ -454,10 +454,10 @@ pub struct Config {
         env = "APIARY_API_TOKENS",
         default_value = "",
         hide_env_values = true,
-        value_parser = crate::api::auth::parse_tokens,
+        value_parser = crate::tokens::parse_tokens,
         global = true
     )]
-    pub api_tokens: crate::api::auth::Tokens,
+    pub api_tokens: crate::tokens::Tokens,
 
     /// Where `apiary worker` serves /metrics, /healthz and /readyz.
     #[arg(
@@ -1486,7 +1486,7 @@ mod tests {
         let mut c = defaults();
         c.database_url = "postgres://u:sekret-pw@h/db".into();
         c.amqp_url = "amqp://u:sekret-pw@h/%2f".into();
-        c.api_tokens = crate::api::auth::parse_tokens("sekret-pw-sekret-pw:read").expect("token");
+        c.api_tokens = crate::tokens::parse_tokens("sekret-pw-sekret-pw:read").expect("token");
         let text = format!("{c:?}");
         assert!(!text.contains("sekret-pw"), "{text}");
         assert!(text.contains("postgres://u:***@h/db"), "{text}");

@@ -204,6 +204,7 @@
 //!   worker's memory.
 #![warn(missing_docs)]
 
+#[cfg(feature = "api")]
 pub mod api;
 pub mod args;
 pub mod bench;
@@ -220,6 +221,7 @@ pub mod schedule;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod tokens;
 pub mod webhook;
 pub mod wire;
 pub mod worker;
