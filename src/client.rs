@@ -132,6 +132,7 @@ impl From<bool> for BatchOptions {
 /// with this `payload` inside.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OnComplete {
     /// The callback's kind.
@@ -162,13 +163,16 @@ impl OnComplete {
 /// What [`Client::enqueue_batch`] recorded.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BatchEnqueued {
     /// The batch's id.
     pub id: Uuid,
     /// The id its callback job will have.
+    #[cfg_attr(feature = "api", schema(value_type = String, format = Uuid))]
     pub callback_id: JobId,
     /// The children's ids, in order.
+    #[cfg_attr(feature = "api", schema(value_type = Vec<String>, format = Uuid))]
     pub jobs: Vec<JobId>,
 }
 
@@ -1031,6 +1035,7 @@ pub enum StatsError {
 /// What `apiary status` prints and `GET /v1/stats` returns.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     /// The `default` queue's work queue: the deployment's name on the broker.

@@ -27,6 +27,7 @@ pub const ENVELOPE_BYTES: usize = 64 * 1024;
 /// Where a job stands. Stored as lower-case text; the schema's CHECK lists the same names. A
 /// final status never changes except by a replay: see the crate's
 /// [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
@@ -136,9 +137,11 @@ impl std::str::FromStr for JobStatus {
 
 /// A job as the store records it and the API returns it. See the crate's
 /// [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Job {
     /// The job's id.
+    #[cfg_attr(feature = "api", schema(value_type = String, format = Uuid))]
     pub id: JobId,
     /// The handler name.
     pub kind: String,
@@ -160,6 +163,7 @@ pub struct Job {
     /// Every failed attempt's error: `[{"attempt": n, "error": "...", "at": "..."}]`.
     pub errors: Value,
     /// For a `duplicate`: the job that owns the dedup key.
+    #[cfg_attr(feature = "api", schema(value_type = Option<String>, format = Uuid))]
     pub duplicate_of: Option<JobId>,
     /// When a scheduled job becomes due.
     pub run_at: Option<DateTime<Utc>>,
@@ -187,6 +191,7 @@ pub struct Job {
     pub progress_at: Option<DateTime<Utc>>,
     /// The jobs it waits for (its `depends_on`); empty for a job without parents.
     #[serde(default)]
+    #[cfg_attr(feature = "api", schema(value_type = Vec<String>, format = Uuid))]
     pub depends_on: Vec<JobId>,
     /// The batch it belongs to, if any.
     #[serde(default)]
@@ -200,6 +205,7 @@ pub struct Job {
 /// [`JobStatus`] as read from a text column; a thin wrapper so `FromRow` can convert it.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct JobStatusText(pub JobStatus);
@@ -231,10 +237,12 @@ impl Job {
 /// languages' producers send. Build with [`NewJob::new`] and the `with_*` methods; from Rust,
 /// [`crate::JobArgs`] names the kind on a type instead. See the crate's
 /// [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewJob {
     /// The id to use; a new UUIDv7 when absent.
     #[serde(default)]
+    #[cfg_attr(feature = "api", schema(value_type = Option<String>, format = Uuid))]
     pub id: Option<JobId>,
     /// The handler name, `[a-z0-9_.-]{1,64}`.
     pub kind: String,
@@ -269,6 +277,7 @@ pub struct NewJob {
     /// `cancelled`. Every parent must be recorded already (or come earlier in the same
     /// request).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "api", schema(value_type = Vec<String>, format = Uuid))]
     pub depends_on: Vec<JobId>,
     /// When the job ends, its final record is POSTed here, signed (a completion webhook);
     /// the kind's `callback_url`, else none, when absent. `http` or `https`, on a host of

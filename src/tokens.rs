@@ -388,7 +388,7 @@ mod tests {
     /// The example Secret's token must not run if copied as it is.
     #[test]
     fn the_example_secrets_token_is_refused() {
-        let example = include_str!("../../deploy/kubernetes/secret.example.yaml");
+        let example = include_str!("../deploy/kubernetes/secret.example.yaml");
         let value = example
             .lines()
             .filter_map(|l| l.trim().strip_prefix("APIARY_API_TOKENS:"))

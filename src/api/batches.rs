@@ -22,6 +22,7 @@ pub const MAX_GROUP_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// `POST /v1/chains`'s body.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChainBody {
@@ -32,6 +33,7 @@ pub struct ChainBody {
 /// `POST /v1/chains`'s answer.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Serialize)]
 pub struct ChainAnswer {
     /// The jobs, in order: the first `queued` (or `waiting` on its own parents), the others
@@ -40,6 +42,16 @@ pub struct ChainAnswer {
 }
 
 /// Records a chain.
+#[utoipa::path(
+    post, path = "/v1/chains", tag = "jobs", operation_id = "enqueue_chain",
+    description = "Enqueues jobs that run one after the other. Needs `enqueue`.",
+    request_body = crate::api::batches::ChainBody,
+    responses(
+        (status = 202, description = "The chain's jobs, in order.", body = crate::api::batches::ChainAnswer),
+        (status = 400, description = "Malformed JSON.", body = crate::api::openapi::ErrorBody), (status = 409, description = "A job of the chain already exists.", body = crate::api::openapi::ErrorBody), (status = 413, description = "The body is over the size limit.", body = crate::api::openapi::ErrorBody), (status = 422, description = "A field has a wrong value; the message names it.", body = crate::api::openapi::ErrorBody),
+    ),
+    security(("bearer" = ["enqueue"]))
+)]
 pub async fn chain(
     State(state): State<AppState>,
     granted: Granted,
@@ -60,6 +72,7 @@ pub async fn chain(
 /// `POST /v1/batches`'s body.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchBody {
@@ -76,6 +89,16 @@ pub struct BatchBody {
 }
 
 /// Records a batch: `202 {"id", "callback_id", "jobs": [ids]}`.
+#[utoipa::path(
+    post, path = "/v1/batches", tag = "batches", operation_id = "enqueue_batch",
+    description = "Enqueues a batch of jobs with a callback job run once all have ended. Needs `enqueue`.",
+    request_body = crate::api::batches::BatchBody,
+    responses(
+        (status = 202, description = "The batch's ids.", body = crate::client::BatchEnqueued),
+        (status = 400, description = "Malformed JSON.", body = crate::api::openapi::ErrorBody), (status = 409, description = "A job of the batch already exists.", body = crate::api::openapi::ErrorBody), (status = 413, description = "The body is over the size limit.", body = crate::api::openapi::ErrorBody), (status = 422, description = "A field has a wrong value; the message names it.", body = crate::api::openapi::ErrorBody),
+    ),
+    security(("bearer" = ["enqueue"]))
+)]
 pub async fn create(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<BatchBody>,
@@ -95,6 +118,16 @@ pub async fn create(
 }
 
 /// Shows a batch.
+#[utoipa::path(
+    get, path = "/v1/batches/{id}", tag = "batches", operation_id = "get_batch",
+    description = "A batch's progress. Needs `read`.",
+    params(("id" = String, Path, description = "The batch's id (a UUID).")),
+    responses(
+        (status = 200, description = "The batch.", body = crate::store::batches::Batch),
+        (status = 400, description = "A malformed id.", body = crate::api::openapi::ErrorBody), (status = 404, description = "No such batch.", body = crate::api::openapi::ErrorBody),
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn get(
     State(state): State<AppState>,
     PathParams(id): PathParams<String>,

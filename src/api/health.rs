@@ -10,12 +10,27 @@ use serde_json::{Value, json};
 use super::AppState;
 
 /// Liveness: the process serves requests.
+#[utoipa::path(
+    get, path = "/healthz", tag = "operate", operation_id = "healthz",
+    description = "Liveness: the process serves requests. Open.",
+    responses((status = 200, description = "Alive.", body = crate::api::openapi::Health)),
+    security(())
+)]
 pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// Readiness: Postgres answered lately, the publisher's channel is open and the API is not
 /// draining. Reads state only: a probe never opens a connection to RabbitMQ.
+#[utoipa::path(
+    get, path = "/readyz", tag = "operate", operation_id = "readyz",
+    description = "Readiness: Postgres answered lately, the publisher's channel is open and the API is not draining. Open.",
+    responses(
+        (status = 200, description = "Ready.", body = crate::api::openapi::Ready),
+        (status = 503, description = "Not ready; the fields say why.", body = crate::api::openapi::Ready),
+    ),
+    security(())
+)]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let postgres = state.readiness.postgres(state.client.store()).await;
     let rabbitmq = state.readiness.rabbitmq(state.client.publisher()).await;
@@ -35,6 +50,12 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
 }
 
 /// The operator's snapshot: queue depths, workers, jobs by status in the last hour.
+#[utoipa::path(
+    get, path = "/v1/stats", tag = "operate", operation_id = "stats",
+    description = "The operator's snapshot: queue depths, workers, jobs by status in the last hour. Needs `read`.",
+    responses((status = 200, description = "The snapshot.", body = crate::client::Stats)),
+    security(("bearer" = ["read"]))
+)]
 pub async fn stats(
     State(state): State<AppState>,
 ) -> Result<Json<crate::client::Stats>, super::ApiError> {
@@ -42,6 +63,12 @@ pub async fn stats(
 }
 
 /// Prometheus metrics of this API process; a JSON 404 when metrics are off.
+#[utoipa::path(
+    get, path = "/metrics", tag = "operate", operation_id = "metrics",
+    description = "Prometheus metrics of this API process. Open.",
+    responses((status = 200, description = "Prometheus text format.", body = String, content_type = "text/plain"), (status = 404, description = "Metrics are off in this process.", body = crate::api::openapi::ErrorBody)),
+    security(())
+)]
 pub async fn metrics() -> Result<String, super::ApiError> {
     crate::telemetry::render_metrics()
         .ok_or_else(|| super::ApiError::NotFound("metrics are not enabled in this process".into()))

@@ -25,13 +25,24 @@ pub const MAX_LIMIT: i64 = 1000;
 /// `?wait=SECONDS`.
 ///
 /// See the crate's [guarantees](crate#guarantees).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct GetParams {
     /// Wait up to this long for the job to finish.
     pub wait: Option<String>,
 }
 
 /// Returns one job; with `wait`, answers as soon as it finishes or the wait is over.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs", operation_id = "get_job",
+    description = "One job. With `wait`, a long poll: answers when the job is final or the wait is over. Needs `read`.",
+    params(("id" = String, Path, description = "The job's id (a UUID)."), crate::api::jobs::GetParams),
+    responses(
+        (status = 200, description = "The job.", body = crate::api::view::JobView),
+        (status = 400, description = "A malformed id or wait.", body = crate::api::openapi::ErrorBody), (status = 404, description = "No such job.", body = crate::api::openapi::ErrorBody),
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn get(
     State(state): State<AppState>,
     granted: Granted,
@@ -111,7 +122,8 @@ fn parse_wait(s: &str) -> Result<Duration, ApiError> {
 /// `GET /v1/jobs` filters.
 ///
 /// See the crate's [guarantees](crate#guarantees).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Only this status.
     pub status: Option<String>,
@@ -130,12 +142,14 @@ pub struct ListParams {
 /// A page of jobs.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Serialize)]
 pub struct JobPage {
     /// The jobs, newest first. Fewer than `limit` (even none) does not mean the last page:
     /// a page also ends at its byte bound and, with a `status` filter, at its scan budget.
     pub jobs: Vec<JobView>,
     /// Pass as `before` for the next page; `null` once nothing older can match.
+    #[cfg_attr(feature = "api", schema(value_type = Option<String>, format = Uuid))]
     pub next: Option<JobId>,
 }
 
@@ -151,6 +165,16 @@ fn no_nul(field: &str, value: &str) -> Result<(), ApiError> {
 }
 
 /// Lists jobs newest first.
+#[utoipa::path(
+    get, path = "/v1/jobs", tag = "jobs", operation_id = "list_jobs",
+    description = "Lists jobs newest first, with keyset pagination (`before`). Needs `read`.",
+    params(crate::api::jobs::ListParams),
+    responses(
+        (status = 200, description = "A page of jobs.", body = crate::api::jobs::JobPage),
+        (status = 400, description = "A malformed filter or cursor.", body = crate::api::openapi::ErrorBody), (status = 422, description = "A filter with a wrong value.", body = crate::api::openapi::ErrorBody),
+    ),
+    security(("bearer" = ["read"]))
+)]
 pub async fn list(
     State(state): State<AppState>,
     granted: Granted,
@@ -217,6 +241,17 @@ pub async fn list(
 
 /// `POST /v1/jobs/{id}/cancel`: a job that has not started never runs; a running one is
 /// told and ends `cancelled` when its handler returns; a finished one is a 409.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/cancel", tag = "jobs", operation_id = "cancel_job",
+    description = "Cancels a job. Needs `admin`.",
+    params(("id" = String, Path, description = "The job's id (a UUID).")),
+    responses(
+        (status = 200, description = "Cancelled.", body = crate::api::view::JobView),
+        (status = 202, description = "Running: cancellation requested from its handler.", body = crate::api::view::JobView),
+        (status = 400, description = "A malformed id.", body = crate::api::openapi::ErrorBody), (status = 404, description = "No such job.", body = crate::api::openapi::ErrorBody), (status = 409, description = "The job is already final.", body = crate::api::openapi::ErrorBody),
+    ),
+    security(("bearer" = ["admin"]))
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     granted: Granted,
@@ -241,6 +276,16 @@ pub async fn cancel(
 
 /// `POST /v1/jobs/{id}/retry`: replays a `dead` or `failed` job with a fresh attempt budget;
 /// 409 for any other status.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/retry", tag = "jobs", operation_id = "retry_job",
+    description = "Replays a dead, failed or cancelled job with a fresh attempt budget. Needs `admin`.",
+    params(("id" = String, Path, description = "The job's id (a UUID).")),
+    responses(
+        (status = 202, description = "Queued again.", body = crate::api::view::JobView),
+        (status = 400, description = "A malformed id.", body = crate::api::openapi::ErrorBody), (status = 404, description = "No such job.", body = crate::api::openapi::ErrorBody), (status = 409, description = "The job is not in a state that can be replayed.", body = crate::api::openapi::ErrorBody),
+    ),
+    security(("bearer" = ["admin"]))
+)]
 pub async fn retry(
     State(state): State<AppState>,
     granted: Granted,

@@ -9,6 +9,7 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod jobs;
+pub mod openapi;
 pub mod queues;
 pub mod readiness;
 pub mod schedules;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::http::{Method, Uri};
-use axum::routing::{get, post, put};
+use axum::routing::{MethodRouter, get, post, put};
 
 use crate::client::Client;
 use crate::shutdown::Shutdown;
@@ -128,10 +129,8 @@ impl AppState {
     }
 }
 
-/// The API's routes. Each job route carries the scope it needs in its own layer
-/// ([`auth::require_scope`]); health checks carry none and stay open. An unknown path and a
-/// known path with the wrong method answer JSON like every other error.
-pub fn router(state: AppState) -> Router {
+/// Every route with its handler and guard, before the fallbacks and the body limit.
+fn routes(state: &AppState) -> Routes {
     let limit = state.max_body_bytes;
     let tokens = state.tokens.clone();
     let needs = move |scope: Scope| {
@@ -143,7 +142,7 @@ pub fn router(state: AppState) -> Router {
             auth::require_scope,
         )
     };
-    Router::new()
+    Routes::default()
         .route(
             "/v1/jobs",
             post(enqueue::enqueue)
@@ -220,6 +219,38 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/openapi.json", get(openapi::document))
+}
+
+/// The router under construction, with the path of every route registered on it, so a test
+/// can hold the paths against the OpenAPI document ([`route_paths`]).
+#[derive(Default)]
+struct Routes {
+    router: Router<AppState>,
+    paths: Vec<&'static str>,
+}
+
+impl Routes {
+    /// Adds a route, as [`Router::route`] does, and records its path.
+    fn route(mut self, path: &'static str, methods: MethodRouter<AppState>) -> Routes {
+        self.paths.push(path);
+        self.router = self.router.route(path, methods);
+        self
+    }
+}
+
+/// The path of every route [`router`] serves, in the order they are registered.
+pub fn route_paths(state: &AppState) -> Vec<&'static str> {
+    routes(state).paths
+}
+
+/// The API's routes. Each job route carries the scope it needs in its own layer
+/// ([`auth::require_scope`]); health checks carry none and stay open. An unknown path and a
+/// known path with the wrong method answer JSON like every other error.
+pub fn router(state: AppState) -> Router {
+    let limit = state.max_body_bytes;
+    routes(&state)
+        .router
         // After every route: it applies to the routes registered before it. axum still sets
         // the `Allow` header on these answers.
         .method_not_allowed_fallback(method_not_allowed)

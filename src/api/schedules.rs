@@ -19,6 +19,7 @@ use crate::store::schedules::ScheduleRow;
 /// `GET /v1/schedules`' answer.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Serialize)]
 pub struct ScheduleList {
     /// The deployment's schedules, by name.
@@ -27,6 +28,18 @@ pub struct ScheduleList {
 
 /// Sets a schedule from its body `{cron, timezone, kind, payload, queue, max_attempts,
 /// priority, missed}`.
+#[utoipa::path(
+    put, path = "/v1/schedules/{name}", tag = "schedules", operation_id = "set_schedule",
+    description = "Creates or replaces a schedule. Needs `admin`.",
+    params(("name" = String, Path, description = "The schedule's name.")),
+    request_body = crate::schedule::ScheduleSpec,
+    responses(
+        (status = 201, description = "Created.", body = crate::client::ScheduleSet),
+        (status = 200, description = "Replaced.", body = crate::client::ScheduleSet),
+        (status = 400, description = "Malformed JSON.", body = crate::api::openapi::ErrorBody), (status = 422, description = "A field has a wrong value; the message names it.", body = crate::api::openapi::ErrorBody),
+    ),
+    security(("bearer" = ["admin"]))
+)]
 pub async fn set(
     State(state): State<AppState>,
     PathParams(name): PathParams<String>,
@@ -51,6 +64,12 @@ pub async fn set(
 }
 
 /// Lists the deployment's schedules.
+#[utoipa::path(
+    get, path = "/v1/schedules", tag = "schedules", operation_id = "list_schedules",
+    description = "The deployment's schedules. Needs `read`.",
+    responses((status = 200, description = "The schedules.", body = crate::api::schedules::ScheduleList)),
+    security(("bearer" = ["read"]))
+)]
 pub async fn list(State(state): State<AppState>) -> Result<Json<ScheduleList>, ApiError> {
     Ok(Json(ScheduleList {
         schedules: state.client.schedules().await?,
@@ -58,6 +77,13 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<ScheduleList>, A
 }
 
 /// One schedule, its next fire times and its recent jobs.
+#[utoipa::path(
+    get, path = "/v1/schedules/{name}", tag = "schedules", operation_id = "get_schedule",
+    description = "One schedule with its next fire times and recent jobs. Needs `read`.",
+    params(("name" = String, Path, description = "The schedule's name.")),
+    responses((status = 200, description = "The schedule.", body = crate::client::ScheduleInfo), (status = 404, description = "No such schedule.", body = crate::api::openapi::ErrorBody), (status = 422, description = "Not a valid schedule name.", body = crate::api::openapi::ErrorBody)),
+    security(("bearer" = ["read"]))
+)]
 pub async fn get(
     State(state): State<AppState>,
     PathParams(name): PathParams<String>,
@@ -66,6 +92,13 @@ pub async fn get(
 }
 
 /// Deletes a schedule.
+#[utoipa::path(
+    delete, path = "/v1/schedules/{name}", tag = "schedules", operation_id = "delete_schedule",
+    description = "Deletes a schedule. Needs `admin`.",
+    params(("name" = String, Path, description = "The schedule's name.")),
+    responses((status = 200, description = "Deleted.", body = crate::api::openapi::Deleted), (status = 404, description = "No such schedule.", body = crate::api::openapi::ErrorBody), (status = 422, description = "Not a valid schedule name.", body = crate::api::openapi::ErrorBody)),
+    security(("bearer" = ["admin"]))
+)]
 pub async fn delete(
     State(state): State<AppState>,
     PathParams(name): PathParams<String>,
@@ -75,6 +108,13 @@ pub async fn delete(
 }
 
 /// Pauses a schedule.
+#[utoipa::path(
+    post, path = "/v1/schedules/{name}/pause", tag = "schedules", operation_id = "pause_schedule",
+    description = "Pauses a schedule; its cursor is kept. Needs `admin`.",
+    params(("name" = String, Path, description = "The schedule's name.")),
+    responses((status = 200, description = "The schedule, paused.", body = crate::store::schedules::ScheduleRow), (status = 404, description = "No such schedule.", body = crate::api::openapi::ErrorBody), (status = 422, description = "Not a valid schedule name.", body = crate::api::openapi::ErrorBody)),
+    security(("bearer" = ["admin"]))
+)]
 pub async fn pause(
     State(state): State<AppState>,
     PathParams(name): PathParams<String>,
@@ -83,6 +123,13 @@ pub async fn pause(
 }
 
 /// Resumes a schedule.
+#[utoipa::path(
+    post, path = "/v1/schedules/{name}/resume", tag = "schedules", operation_id = "resume_schedule",
+    description = "Resumes a schedule; missed slots follow its `missed` policy. Needs `admin`.",
+    params(("name" = String, Path, description = "The schedule's name.")),
+    responses((status = 200, description = "The schedule, running.", body = crate::store::schedules::ScheduleRow), (status = 404, description = "No such schedule.", body = crate::api::openapi::ErrorBody), (status = 422, description = "Not a valid schedule name.", body = crate::api::openapi::ErrorBody)),
+    security(("bearer" = ["admin"]))
+)]
 pub async fn resume(
     State(state): State<AppState>,
     PathParams(name): PathParams<String>,

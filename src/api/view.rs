@@ -18,6 +18,7 @@ use crate::job::{Job, JobId, JobStatus};
 /// A job as one caller may see it.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum JobView {
@@ -53,9 +54,11 @@ impl JobView {
 /// job stands and nothing of what it carries.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RedactedJob {
     /// The job's id.
+    #[cfg_attr(feature = "api", schema(value_type = String, format = Uuid))]
     pub id: JobId,
     /// The handler name.
     pub kind: String,
@@ -68,6 +71,7 @@ pub struct RedactedJob {
     /// Attempts allowed before the job is dead.
     pub max_attempts: i32,
     /// For a `duplicate`: the job that owns the dedup key.
+    #[cfg_attr(feature = "api", schema(value_type = Option<String>, format = Uuid))]
     pub duplicate_of: Option<JobId>,
     /// When a scheduled job becomes due.
     pub run_at: Option<DateTime<Utc>>,

@@ -289,6 +289,7 @@ pub fn is_not_found(e: &lapin::Error) -> bool {
 /// Messages ready in each of a deployment's queues, as the broker counts them.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueDepths {
     /// Ready in the work queue.

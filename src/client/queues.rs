@@ -14,6 +14,7 @@ use crate::store::queues::QueueRow;
 /// One queue of the deployment, as an operator sees it.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QueueInfo {
     /// The queue's name.

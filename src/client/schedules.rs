@@ -37,6 +37,7 @@ pub enum ScheduleError {
 /// A fire time, in UTC and in the schedule's zone.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FireTime {
     /// RFC 3339 in UTC.
@@ -49,6 +50,7 @@ pub struct FireTime {
 /// `GET /v1/schedules/{name}` answers.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleInfo {
     /// The schedule.
@@ -64,6 +66,7 @@ pub struct ScheduleInfo {
 /// What setting a schedule did.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleSet {
     /// The schedule as now recorded.

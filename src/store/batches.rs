@@ -70,6 +70,7 @@ pub(crate) async fn insert_batch(
 /// A batch as `GET /v1/batches/{id}` shows it.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Batch {
     /// The batch's id.
@@ -86,6 +87,7 @@ pub struct Batch {
     /// Whether the callback waits for every child to succeed.
     pub on_success: bool,
     /// The callback job's id (it exists once the batch is `completed`).
+    #[cfg_attr(feature = "api", schema(value_type = String, format = Uuid))]
     pub callback_id: JobId,
     /// The callback's kind.
     pub callback_kind: String,

@@ -17,6 +17,7 @@ use crate::schedule::{Compiled, ScheduleSpec};
 /// A schedule as Postgres records it.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct ScheduleRow {
     /// Its name.
@@ -55,6 +56,7 @@ pub struct ScheduleRow {
 /// One job of a schedule's slot, as `GET /v1/schedules/{name}` lists it.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct ScheduleJob {
     /// The job's id.

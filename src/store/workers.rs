@@ -10,6 +10,7 @@ use super::{Context, Store, StoreError};
 /// One worker's row.
 ///
 /// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct WorkerRow {
     /// The worker's id (the `worker_id` on the jobs it claims).
