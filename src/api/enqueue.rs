@@ -21,7 +21,7 @@ use crate::job::NewJob;
     responses(
         (status = 202, description = "Recorded and published (or left to the outbox).", body = crate::api::view::JobView),
         (status = 200, description = "The (kind, dedup_key) was taken: the existing job.", body = crate::api::view::JobView),
-        (status = 400, description = "Malformed JSON.", body = crate::api::openapi::ErrorBody), (status = 413, description = "The body is over the size limit.", body = crate::api::openapi::ErrorBody), (status = 422, description = "A field has a wrong value; the message names it.", body = crate::api::openapi::ErrorBody),
+        (status = 400, description = "Malformed JSON.", body = crate::api::openapi::ErrorBody), (status = 409, description = "The job's `id` already belongs to another job.", body = crate::api::openapi::ErrorBody), (status = 413, description = "The body is over the size limit.", body = crate::api::openapi::ErrorBody), (status = 422, description = "A field has a wrong value; the message names it.", body = crate::api::openapi::ErrorBody),
     ),
     security(("bearer" = ["enqueue"]))
 )]
