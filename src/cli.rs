@@ -163,6 +163,17 @@ pub enum Command {
 }
 
 impl Command {
+    /// The OpenTelemetry `service.name` of this command's spans, unless `OTEL_SERVICE_NAME`
+    /// names one.
+    pub fn service_name(&self) -> &'static str {
+        match self {
+            #[cfg(feature = "api")]
+            Command::Api { .. } => "apiary-api",
+            Command::Worker => "apiary-worker",
+            _ => "apiary",
+        }
+    }
+
     /// The log filter when `RUST_LOG` is unset. A command that runs once reports its own failure,
     /// so lapin's log lines about the same refused or lost connection would only repeat it; the
     /// long-running roles keep them, since they carry on after a broker outage. Postgres's notices

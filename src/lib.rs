@@ -222,6 +222,7 @@ pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod tokens;
+pub mod trace;
 pub mod webhook;
 pub mod wire;
 pub mod worker;

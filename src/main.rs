@@ -23,10 +23,17 @@ async fn main() -> ExitCode {
             return ExitCode::from(class.code());
         }
     };
-    apiary::telemetry::init_with(cli.config.log_format, cli.command.default_log_filter());
+    apiary::telemetry::init_for(
+        cli.config.log_format,
+        cli.command.default_log_filter(),
+        cli.command.service_name(),
+    );
     let targets = Targets::of(&cli.config);
     let format = cli.config.log_format;
-    match apiary::cli::run(cli).await {
+    let outcome = apiary::cli::run(cli).await;
+    // After the drain: the last spans leave before the process does.
+    apiary::telemetry::shutdown();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => errors::explain(&e, &targets).await.print(format),
     }

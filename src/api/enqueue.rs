@@ -5,13 +5,15 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use tracing::Instrument as _;
 
 use super::auth::Granted;
 use super::extract::JsonBody;
 use super::view::JobView;
 use super::{ApiError, AppState};
 use crate::job::NewJob;
+use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 
 /// Enqueues the job in the body.
 #[utoipa::path(
@@ -28,9 +30,16 @@ use crate::job::NewJob;
 pub async fn enqueue(
     State(state): State<AppState>,
     granted: Granted,
+    headers: HeaderMap,
     JsonBody(job): JsonBody<NewJob>,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
-    let enqueued = state.client.enqueue(job).await?;
+    // The caller's trace continues here, and from here in the job's message.
+    let span = tracing::info_span!("POST /v1/jobs", otel.kind = "server", kind = %job.kind);
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(parent) = text(TRACEPARENT).and_then(|p| TraceContext::parse(p, text(TRACESTATE))) {
+        crate::telemetry::set_trace_parent(&span, &parent);
+    }
+    let enqueued = state.client.enqueue(job).instrument(span).await?;
     let status = if enqueued.created {
         StatusCode::ACCEPTED
     } else {

@@ -243,11 +243,19 @@ impl Publisher {
             .is_some_and(|c| c.status().connected())
     }
 
-    /// Publishes jobs, each to its queue's work queue or first delay tier.
+    /// Publishes jobs, each to its queue's work queue or first delay tier, carrying the
+    /// current span's trace context (`traceparent`) when there is one.
     pub async fn publish_jobs(&self, jobs: &[WireJob]) -> Result<(), BrokerError> {
+        let trace = crate::telemetry::current_trace();
         let out: Vec<Outgoing> = jobs
             .iter()
-            .map(|j| Outgoing::job(&self.prefix, j))
+            .map(|j| {
+                let mut m = Outgoing::job(&self.prefix, j);
+                if let (Some(t), Some(h)) = (&trace, m.headers.as_mut()) {
+                    t.write_headers(h);
+                }
+                m
+            })
             .collect();
         self.publish(&out).await
     }

@@ -41,6 +41,8 @@ pub(crate) struct Incoming {
     /// The message carries [`crate::wire::RECORDED_HEADER`]: Apiary published it for a
     /// recorded job.
     pub(crate) recorded: bool,
+    /// The producer's trace context, from the message's `traceparent` header.
+    pub(crate) trace: Option<crate::trace::TraceContext>,
     pub(crate) delivery: DeliveryRef,
     /// When it arrived: a delivery is never held unclaimed past `APIARY_DETACH_AFTER`.
     pub(crate) arrived: Instant,

@@ -211,6 +211,9 @@ async fn deliver(
                         lane: lane.clone(),
                         redelivered: d.redelivered,
                         recorded,
+                        trace: crate::trace::TraceContext::from_headers(
+                            d.properties.headers().as_ref(),
+                        ),
                         delivery,
                         arrived: now,
                         again: 0,

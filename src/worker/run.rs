@@ -81,7 +81,18 @@ async fn run_job(
     _permit: Option<OwnedSemaphorePermit>,
 ) {
     let job = inc.job.clone();
-    let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt);
+    let span = tracing::info_span!(
+        "job",
+        job_id = %job.id,
+        kind = %job.kind,
+        attempt,
+        queue = job.queue_name(),
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+    );
+    if let Some(parent) = &inc.trace {
+        crate::telemetry::set_trace_parent(&span, parent);
+    }
     let Handles {
         cancel,
         cancel_requested,

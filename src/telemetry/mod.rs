@@ -19,6 +19,9 @@ use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::{LogFormat, mask_url};
 
+#[cfg(feature = "otel")]
+mod otel;
+
 /// Installs the global subscriber. Call once, at start-up.
 pub fn init(format: LogFormat) {
     init_with(format, "info");
@@ -27,22 +30,66 @@ pub fn init(format: LogFormat) {
 /// Installs the global subscriber with `default_filter` when `RUST_LOG` is unset. Call once,
 /// at start-up.
 pub fn init_with(format: LogFormat, default_filter: &str) {
+    init_for(format, default_filter, "apiary");
+}
+
+/// Installs the global subscriber: logs to stderr filtered by `RUST_LOG` (else
+/// `default_filter`) and, with the `otel` feature and `OTEL_EXPORTER_OTLP_ENDPOINT` set,
+/// spans at `info` and above exported as `service` (unless `OTEL_SERVICE_NAME` names it).
+/// Call once, at start-up; call [`shutdown`] before exit.
+pub fn init_for(format: LogFormat, default_filter: &str, service: &str) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     // Colour only on a terminal, and never with NO_COLOR (https://no-color.org).
     let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(!no_color && io::stderr().is_terminal())
         .with_writer(MaskedStderr);
-    let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder
+    let fmt = match format {
+        LogFormat::Human => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .try_init(),
+            .with_filter(filter)
+            .boxed(),
     };
+    let registry = tracing_subscriber::registry().with(fmt);
+    #[cfg(feature = "otel")]
+    let registry = registry.with(
+        otel::layer(service).map(|l| l.with_filter(tracing_subscriber::filter::LevelFilter::INFO)),
+    );
+    #[cfg(not(feature = "otel"))]
+    let _ = service;
+    let _ = registry.try_init();
+}
+
+/// Sends the spans still buffered to the OTLP endpoint, if export is on. Call once, before
+/// exit.
+pub fn shutdown() {
+    #[cfg(feature = "otel")]
+    otel::shutdown();
+}
+
+/// The current span's trace context, for a message published inside it; `None` without the
+/// `otel` feature or when no exported span is current.
+pub fn current_trace() -> Option<crate::trace::TraceContext> {
+    #[cfg(feature = "otel")]
+    return otel::current();
+    #[cfg(not(feature = "otel"))]
+    None
+}
+
+/// Makes a message's trace context the parent of `span`; nothing without the `otel` feature.
+pub fn set_trace_parent(span: &tracing::Span, parent: &crate::trace::TraceContext) {
+    #[cfg(feature = "otel")]
+    otel::set_parent(span, parent);
+    #[cfg(not(feature = "otel"))]
+    let _ = (span, parent);
 }
 
 /// Stderr, with the passwords of URLs masked. The formatter writes each event with one
