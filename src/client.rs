@@ -222,10 +222,12 @@ struct Inner {
 }
 
 /// One job waiting for the batcher, and where its answer goes.
-type Pending = (
-    NewJob,
-    tokio::sync::oneshot::Sender<Result<Enqueued, EnqueueError>>,
-);
+struct Pending {
+    job: NewJob,
+    /// The caller's trace context: the batcher publishes outside the caller's span.
+    trace: Option<crate::trace::TraceContext>,
+    reply: tokio::sync::oneshot::Sender<Result<Enqueued, EnqueueError>>,
+}
 
 impl Client {
     /// A client for `cfg`'s Postgres and RabbitMQ. Connections open on first use. Must be
@@ -307,12 +309,13 @@ impl Client {
         let mut job = job;
         job.id.get_or_insert_with(Uuid::now_v7);
         let began = std::time::Instant::now();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let result = match self.batcher.send((job, tx)) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let trace = crate::telemetry::current_trace();
+        let result = match self.batcher.send(Pending { job, trace, reply }) {
             Ok(()) => rx.await.unwrap_or_else(|_| {
                 Err(InvalidJob::new("kind", "the enqueue batcher stopped").into())
             }),
-            Err(mpsc::error::SendError((job, _))) => {
+            Err(mpsc::error::SendError(Pending { job, .. })) => {
                 let mut out = self.inner.enqueue_many(vec![job]).await?;
                 out.pop()
                     .ok_or_else(|| EnqueueError::Invalid(InvalidJob::new("kind", "no job given")))
@@ -702,6 +705,7 @@ impl Inner {
                 depends_on: job.depends_on.clone(),
                 batch_id: None,
                 callback_url: self.callback_url(job, options.callback_url)?,
+                trace: crate::telemetry::current_trace(),
             });
         }
         Ok(rows)
@@ -787,7 +791,7 @@ impl Inner {
         } else {
             self.store.get_jobs(&with_parents).await.unwrap_or_default()
         };
-        let fresh: Vec<WireJob> = rows
+        let (fresh, traces): (Vec<WireJob>, Vec<Option<&crate::trace::TraceContext>>) = rows
             .iter()
             .zip(&inserted)
             .filter(|(r, ins)| {
@@ -797,11 +801,15 @@ impl Inner {
                             .iter()
                             .any(|j| j.id == r.id && j.status() == JobStatus::Queued))
             })
-            .map(|(r, _)| wire_of(r))
-            .collect();
+            .map(|(r, _)| (wire_of(r), r.trace.as_ref()))
+            .unzip();
         let mut publish_error: Option<BrokerError> = None;
         if !fresh.is_empty() {
-            let publish = || async { self.publisher.publish_jobs(&fresh).await };
+            let publish = || async {
+                self.publisher
+                    .publish_traced(fresh.iter().zip(traces.iter().copied()))
+                    .await
+            };
             // A brief broker hiccup should not fail the call; a longer outage does, and the
             // relay publishes the recorded jobs later.
             match publish
@@ -933,10 +941,10 @@ async fn batch_enqueues(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Pendi
         let mut jobs = Vec::with_capacity(batch.len());
         let mut rows = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
-        for (job, reply) in batch {
+        for Pending { job, trace, reply } in batch {
             match inner.rows(std::slice::from_ref(&job)) {
                 Ok(mut r) => {
-                    rows.extend(r.pop());
+                    rows.extend(r.pop().map(|row| JobRow { trace, ..row }));
                     jobs.push(job);
                     replies.push(reply);
                 }

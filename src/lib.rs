@@ -213,6 +213,8 @@ pub mod cli;
 pub mod client;
 pub mod completions;
 pub mod config;
+#[cfg(feature = "dashboard")]
+pub mod dashboard;
 pub mod doctor;
 pub mod handler;
 pub mod job;

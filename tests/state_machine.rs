@@ -640,6 +640,7 @@ async fn step(env: &TestEnv, w: &mut World, op: Op) -> Result<(), TestCaseError>
                 depends_on: Vec::new(),
                 batch_id: None,
                 callback_url: None,
+                trace: None,
             };
             let got = store.insert_jobs(&[row], false).await.map_err(fail)?;
             let answer = format!("{got:?}");
@@ -1522,6 +1523,7 @@ async fn recorded_job(env: &TestEnv, budget: i32) -> Model {
         depends_on: Vec::new(),
         batch_id: None,
         callback_url: None,
+        trace: None,
     };
     env.store.insert_jobs(&[row], false).await.expect("insert");
     m

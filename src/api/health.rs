@@ -62,6 +62,55 @@ pub async fn stats(
     Ok(Json(state.client.stats().await?))
 }
 
+/// `GET /v1/stats/series`' filters.
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SeriesParams {
+    /// How far back, in minutes: 1 to 1440, default 60. The window is cut in 120 slots
+    /// (a slot is at least a second).
+    pub minutes: Option<String>,
+}
+
+/// The slots of a window of `minutes`: 120 of them, each at least a second long.
+fn slots_of(minutes: i64) -> (i64, i64) {
+    let seconds = minutes * 60;
+    let slots = 120.min(seconds);
+    (seconds / slots, slots)
+}
+
+/// Throughput and latency over time, for the dashboard's charts.
+#[utoipa::path(
+    get, path = "/v1/stats/series", tag = "operate", operation_id = "stats_series",
+    description = "Jobs finished per second (succeeded, failed), retries per second and enqueue-to-finish latency (p50, p99) in equal slots up to now. Counts jobs created at most an hour before the window opens. Needs `read`.",
+    params(crate::api::health::SeriesParams),
+    responses(
+        (status = 200, description = "The series, oldest slot first.", body = crate::store::series::Series),
+        (status = 400, description = "`minutes` out of range.", body = crate::api::openapi::ErrorBody),
+    ),
+    security(("bearer" = ["read"]))
+)]
+pub async fn series(
+    State(state): State<AppState>,
+    super::extract::QueryParams(p): super::extract::QueryParams<SeriesParams>,
+) -> Result<Json<crate::store::series::Series>, super::ApiError> {
+    let minutes = match p.minutes.as_deref() {
+        None => 60,
+        Some(m) => m
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=1440).contains(n))
+            .ok_or_else(|| {
+                super::ApiError::BadRequest(format!(
+                    "minutes: must be an integer from 1 to 1440, got {m:?}"
+                ))
+            })?,
+    };
+    let (step, slots) = slots_of(minutes);
+    Ok(Json(state.client.store().series(step, slots).await?))
+}
+
 /// Prometheus metrics of this API process; a JSON 404 when metrics are off.
 #[utoipa::path(
     get, path = "/metrics", tag = "operate", operation_id = "metrics",
@@ -72,4 +121,14 @@ pub async fn stats(
 pub async fn metrics() -> Result<String, super::ApiError> {
     crate::telemetry::render_metrics()
         .ok_or_else(|| super::ApiError::NotFound("metrics are not enabled in this process".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_window_is_cut_in_whole_slots() {
+        assert_eq!(super::slots_of(60), (30, 120));
+        assert_eq!(super::slots_of(1), (1, 60));
+        assert_eq!(super::slots_of(1440), (720, 120));
+    }
 }

@@ -133,6 +133,10 @@ pub struct ListParams {
     pub dedup_key: Option<String>,
     /// Only this queue.
     pub queue: Option<String>,
+    /// Only jobs created at or after this instant (RFC 3339, e.g. `2026-12-03T08:00:00Z`).
+    pub created_after: Option<String>,
+    /// Only jobs created before this instant (RFC 3339).
+    pub created_before: Option<String>,
     /// Page size, default 50.
     pub limit: Option<String>,
     /// The cursor: the `next` of the previous page.
@@ -162,6 +166,57 @@ fn no_nul(field: &str, value: &str) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// `GET /v1/jobs/{id}/children`' answer.
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
+#[derive(Debug, Serialize)]
+pub struct Children {
+    /// The jobs that named this one in `depends_on`, oldest first (at most 1,000).
+    pub children: Vec<crate::store::dependencies::Child>,
+}
+
+/// The jobs that depend on one job.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/children", tag = "jobs", operation_id = "job_children",
+    description = "The jobs that named this one in `depends_on`, with their status, oldest first. Needs `read`.",
+    params(("id" = String, Path, description = "The job's id (a UUID).")),
+    responses(
+        (status = 200, description = "Its dependents (possibly none).", body = crate::api::jobs::Children),
+        (status = 400, description = "A malformed id.", body = crate::api::openapi::ErrorBody), (status = 404, description = "No such job.", body = crate::api::openapi::ErrorBody),
+    ),
+    security(("bearer" = ["read"]))
+)]
+pub async fn children(
+    State(state): State<AppState>,
+    PathParams(id): PathParams<String>,
+) -> Result<Json<Children>, ApiError> {
+    let id = parse_id(&id)?;
+    let store = state.client.store();
+    found(store.get_job(id).await?, id)?;
+    Ok(Json(Children {
+        children: store.children(id).await?,
+    }))
+}
+
+/// A time filter's value: RFC 3339 with an offset.
+fn instant(
+    field: &str,
+    value: Option<&str>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+    value
+        .map(|v| {
+            chrono::DateTime::parse_from_rfc3339(v)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .map_err(|e| {
+                    ApiError::BadRequest(format!(
+                        "{field}: {v:?} is not an RFC 3339 instant such as 2026-12-03T08:00:00Z ({e})"
+                    ))
+                })
+        })
+        .transpose()
 }
 
 /// Lists jobs newest first.
@@ -218,11 +273,15 @@ pub async fn list(
             ApiError::BadRequest(format!("before: malformed cursor {b:?}: expected a job id"))
         })?),
     };
+    let created_after = instant("created_after", p.created_after.as_deref())?;
+    let created_before = instant("created_before", p.created_before.as_deref())?;
     let filter = JobFilter {
         status,
         kind: p.kind,
         dedup_key: p.dedup_key,
         queue: p.queue,
+        created_after,
+        created_before,
         before,
         limit,
         max_bytes: state.options.max_page_bytes,

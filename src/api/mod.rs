@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod batches;
+pub mod dead;
 pub mod enqueue;
 pub mod error;
 pub mod extract;
@@ -174,6 +175,10 @@ fn routes(state: &AppState) -> Routes {
             get(jobs::get).route_layer(needs(Scope::Read)),
         )
         .route(
+            "/v1/jobs/{id}/children",
+            get(jobs::children).route_layer(needs(Scope::Read)),
+        )
+        .route(
             "/v1/jobs/{id}/cancel",
             post(jobs::cancel).route_layer(needs(Scope::Admin)),
         )
@@ -213,8 +218,16 @@ fn routes(state: &AppState) -> Routes {
             post(schedules::resume).route_layer(needs(Scope::Admin)),
         )
         .route(
+            "/v1/dead/replay",
+            post(dead::replay).route_layer(needs(Scope::Admin)),
+        )
+        .route(
             "/v1/stats",
             get(health::stats).route_layer(needs(Scope::Read)),
+        )
+        .route(
+            "/v1/stats/series",
+            get(health::series).route_layer(needs(Scope::Read)),
         )
         .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))
@@ -249,8 +262,12 @@ pub fn route_paths(state: &AppState) -> Vec<&'static str> {
 /// known path with the wrong method answer JSON like every other error.
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
-    routes(&state)
-        .router
+    let router = routes(&state).router;
+    // The dashboard's pages and assets: static, public, and outside the API's contract (they
+    // read the API with the visitor's own token).
+    #[cfg(feature = "dashboard")]
+    let router = router.merge(crate::dashboard::router());
+    router
         // After every route: it applies to the routes registered before it. axum still sets
         // the `Allow` header on these answers.
         .method_not_allowed_fallback(method_not_allowed)

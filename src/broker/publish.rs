@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use super::{BrokerError, Context, QueueNames, topology};
 use crate::job::JobId;
+use crate::trace::TraceContext;
 use crate::wire::{RECORDED_HEADER, WireJob};
 
 /// How long a publish may take, writing and waiting for the broker's confirms. Past it the publish counts as failed
@@ -247,11 +248,21 @@ impl Publisher {
     /// current span's trace context (`traceparent`) when there is one.
     pub async fn publish_jobs(&self, jobs: &[WireJob]) -> Result<(), BrokerError> {
         let trace = crate::telemetry::current_trace();
+        self.publish_traced(jobs.iter().map(|j| (j, trace.as_ref())))
+            .await
+    }
+
+    /// Publishes jobs as [`Publisher::publish_jobs`] does, each with its own trace context:
+    /// jobs written together for several callers each continue their own caller's trace.
+    pub async fn publish_traced<'a>(
+        &self,
+        jobs: impl IntoIterator<Item = (&'a WireJob, Option<&'a TraceContext>)>,
+    ) -> Result<(), BrokerError> {
         let out: Vec<Outgoing> = jobs
-            .iter()
-            .map(|j| {
+            .into_iter()
+            .map(|(j, trace)| {
                 let mut m = Outgoing::job(&self.prefix, j);
-                if let (Some(t), Some(h)) = (&trace, m.headers.as_mut()) {
+                if let (Some(t), Some(h)) = (trace, m.headers.as_mut()) {
                     t.write_headers(h);
                 }
                 m

@@ -2,7 +2,9 @@
 //! `{"attempts": K+1}`; `{"permanent": true}` fails permanently. `{"panic": true}` panics, to
 //! show that a panicking handler costs one attempt and nothing else. `{"message": "..."}` is
 //! the error text to fail with, and `{"ms": N}` works N milliseconds before each attempt ends
-//! (stopping early if cancelled), so tests can fail long jobs.
+//! (stopping early if cancelled), so tests can fail long jobs. `{"until": "<RFC 3339>"}` fails
+//! every attempt before that instant (permanently with `"permanent": true`) and succeeds after
+//! it: a handler whose cause was fixed, for replaying dead jobs.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -26,6 +28,8 @@ struct Args {
     message: Option<String>,
     #[serde(default)]
     ms: u64,
+    #[serde(default)]
+    until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Handler for Fail {
@@ -41,6 +45,19 @@ impl Handler for Fail {
         }
         if args.panic {
             panic!("fail handler asked to panic");
+        }
+        if let Some(until) = args.until {
+            if chrono::Utc::now() >= until {
+                return Ok(json!({ "attempts": ctx.attempt() }));
+            }
+            let message = args
+                .message
+                .unwrap_or_else(|| format!("failing until {until}, as asked"));
+            return Err(if args.permanent {
+                HandlerError::permanent(message)
+            } else {
+                HandlerError::retry(message)
+            });
         }
         if args.permanent {
             return Err(HandlerError::permanent(

@@ -285,3 +285,38 @@ impl Store {
         .context("reading released jobs")
     }
 }
+
+/// A job that waits for (or waited for) another: what the parent's page lists.
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[cfg_attr(feature = "api", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct Child {
+    /// The child's id.
+    #[cfg_attr(feature = "api", schema(value_type = String, format = Uuid))]
+    pub id: JobId,
+    /// Its kind.
+    pub kind: String,
+    /// Its status now.
+    pub status: String,
+}
+
+/// The most children [`Store::children`] returns.
+pub const MAX_CHILDREN: i64 = 1_000;
+
+impl Store {
+    /// The jobs that named `parent` in `depends_on`, oldest first, at most [`MAX_CHILDREN`].
+    pub async fn children(&self, parent: JobId) -> Result<Vec<Child>, StoreError> {
+        sqlx::query_as(
+            "SELECT j.id, j.kind, j.status FROM apiary_job_deps d
+               JOIN apiary_jobs j ON j.id = d.child
+              WHERE d.parent = $1
+              ORDER BY j.created_at, j.id LIMIT $2",
+        )
+        .bind(parent)
+        .bind(MAX_CHILDREN)
+        .fetch_all(self.pool())
+        .await
+        .context("reading a job's dependents")
+    }
+}

@@ -42,6 +42,8 @@ pub struct JobRow {
     pub batch_id: Option<Uuid>,
     /// Where its final record is POSTed (already checked against the webhook policy).
     pub callback_url: Option<String>,
+    /// The producer's trace context, carried in the message's headers (not recorded).
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 /// What recording one job did.

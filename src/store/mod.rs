@@ -20,6 +20,7 @@ pub mod queues;
 pub mod rescue_job;
 pub mod schedules;
 pub mod schema;
+pub mod series;
 pub mod stats;
 pub mod workers;
 

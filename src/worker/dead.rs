@@ -134,6 +134,7 @@ pub(crate) async fn record_waiting(
         depends_on: parents,
         batch_id: None,
         callback_url: job.callback_url.clone(),
+        trace: None,
     };
     let rows = [row];
     let written = shared

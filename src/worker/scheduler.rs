@@ -106,6 +106,7 @@ fn plan(shared: &Shared, due: &DueSchedule) -> Firing {
             depends_on: Vec::new(),
             batch_id: None,
             callback_url: options.callback_url.clone(),
+            trace: None,
         })
         .collect();
     Firing {

@@ -283,6 +283,16 @@ pub async fn publish_raw_props(
     bodies: &[(Option<String>, Vec<u8>)],
     priority: Option<u8>,
 ) {
+    publish_raw_with(queue, bodies, priority, None).await;
+}
+
+/// [`publish_raw_props`], each message also carrying `headers`.
+pub async fn publish_raw_with(
+    queue: &str,
+    bodies: &[(Option<String>, Vec<u8>)],
+    priority: Option<u8>,
+    headers: Option<lapin::types::FieldTable>,
+) {
     let conn = Connection::connect(AMQP, Default::default())
         .await
         .expect("rabbitmq");
@@ -299,6 +309,9 @@ pub async fn publish_raw_props(
         }
         if let Some(p) = priority {
             props = props.with_priority(p);
+        }
+        if let Some(h) = &headers {
+            props = props.with_headers(h.clone());
         }
         ch.basic_publish(
             "".into(),
