@@ -113,6 +113,9 @@ pub async fn migrate_queues(
         for queue in order {
             let converted = !has_type(conn, names, &queue, to).await?;
             if converted {
+                tracing::info!(%queue, to = %to, "moving the queue's messages aside");
+            }
+            if converted {
                 let hold = holding_queue(&queue);
                 channel
                     .queue_declare(
@@ -141,7 +144,15 @@ pub async fn migrate_queues(
             });
         }
     }
-    // The delete above may have closed the channel on a refusal; every path that did returned.
+    // A fresh channel from here: RabbitMQ 3.10 keeps, per channel, the state of each queue it
+    // used by name, and a publish to the new queue on the channel that read the old one
+    // crashes the channel (`function_clause` in `rabbit_classic_queue:update`).
+    let _ = channel.close(200, "emptied".into()).await;
+    let channel = conn.create_channel().await.context("opening a channel")?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .context("enabling confirms")?;
     for names in queues {
         topology::declare(conn, &channel, names, to).await?;
     }

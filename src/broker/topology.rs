@@ -351,10 +351,12 @@ pub async fn declare(
         } else {
             spec.args
         };
-        channel
+        let result = channel
             .queue_declare(spec.name.as_str().into(), durable(), args)
-            .await
-            .map_err(|e| mismatch_or(e, &spec.name, kind, spec.declaring))?;
+            .await;
+        if let Err(e) = result {
+            return Err(mismatch_or(conn, names, &spec.name, kind, e, spec.declaring).await);
+        }
     }
     Ok(declared)
 }
@@ -377,36 +379,75 @@ async fn declare_work(
             work_args(names, kind),
         )
         .await;
-    match result {
+    let e = match result {
         Ok(_) => {
             let _ = probe.close(200, "declared".into()).await;
-            Ok(match kind {
+            return Ok(match kind {
                 QueueType::Classic => Declared::WithPriorities,
                 QueueType::Quorum => Declared::Quorum,
-            })
+            });
         }
-        Err(e) if existing_type(&e).is_some() => Err(mismatch_or(
-            e,
-            &names.work,
-            kind,
-            "declaring the work queue",
-        )),
-        Err(e) if kind == QueueType::Classic && is_precondition_failed(&e) => {
+        Err(e) if is_precondition_failed(&e) => e,
+        Err(e) => return Err(e).context("declaring the work queue"),
+    };
+    match mismatch_or(
+        conn,
+        names,
+        &names.work,
+        kind,
+        e,
+        "declaring the work queue",
+    )
+    .await
+    {
+        mismatch @ BrokerError::QueueTypeMismatch { .. } => Err(mismatch),
+        _ if kind == QueueType::Classic => {
             tracing::warn!(
                 queue = %names.work,
                 "the work queue exists without priority levels (declared by an earlier Apiary); using it as it is, so priorities are ignored for it"
             );
             Ok(Declared::WithoutPriorities)
         }
-        Err(e) => Err(e).context("declaring the work queue"),
+        other => Err(other),
     }
 }
 
-/// The type of the queue a refused declaration found, when the refusal was about the type:
-/// RabbitMQ answers `inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received
-/// the value 'quorum' of type 'longstr' but current is the value 'classic' of type
-/// 'longstr'` (or `... but current is none`, for a classic queue declared without the
-/// argument).
+/// The type `queue` (one of `names`) exists with, found by declaring it as Apiary declares
+/// each type, each on a throwaway channel (a refusal closes it): the one accepted is its type.
+/// `None` if it matches neither, or cannot be asked.
+pub async fn probe_type(
+    conn: &lapin::Connection,
+    names: &QueueNames,
+    queue: &str,
+) -> Option<QueueType> {
+    for kind in [QueueType::Classic, QueueType::Quorum] {
+        let mut candidates: Vec<FieldTable> = specs(names, kind)
+            .into_iter()
+            .filter(|s| s.name == queue)
+            .map(|s| s.args)
+            .collect();
+        if kind == QueueType::Classic && queue == names.work {
+            candidates.push(work_args_without_priorities());
+        }
+        for args in candidates {
+            let ch = conn.create_channel().await.ok()?;
+            if ch
+                .queue_declare(queue.into(), durable(), args)
+                .await
+                .is_ok()
+            {
+                let _ = ch.close(200, "probed".into()).await;
+                return Some(kind);
+            }
+        }
+    }
+    None
+}
+
+/// The type a refused declaration says the queue has, when the refusal names
+/// `x-queue-type`: RabbitMQ 3.10 answers `inequivalent arg 'x-queue-type' for queue 'q' in
+/// vhost '/': received 'quorum' but current is 'classic'`. It names only the first argument
+/// that differs, which is often another one: [`probe_type`] asks the broker instead.
 pub fn existing_type(e: &lapin::Error) -> Option<String> {
     let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
         return None;
@@ -416,30 +457,41 @@ pub fn existing_type(e: &lapin::Error) -> Option<String> {
         return None;
     }
     let current = text.rsplit("current is ").next().unwrap_or("");
+    let current = current.strip_prefix("the value ").unwrap_or(current);
     Some(
         current
-            .strip_prefix("the value '")
+            .strip_prefix('\'')
             .and_then(|v| v.split('\'').next())
             .unwrap_or("classic")
             .to_string(),
     )
 }
 
-/// `e` as [`BrokerError::QueueTypeMismatch`] if it says `queue` exists with another type,
-/// else with `context`.
-fn mismatch_or(
-    e: lapin::Error,
+/// `e`, a refused declaration of `queue`, as [`BrokerError::QueueTypeMismatch`] if the queue
+/// exists with another type than `kind`, else with `context`.
+async fn mismatch_or(
+    conn: &lapin::Connection,
+    names: &QueueNames,
     queue: &str,
     kind: QueueType,
+    e: lapin::Error,
     context: &'static str,
 ) -> BrokerError {
-    match existing_type(&e) {
-        Some(existing) => BrokerError::QueueTypeMismatch {
+    let existing = if is_precondition_failed(&e) {
+        match probe_type(conn, names, queue).await {
+            Some(t) => Some(t.as_str().to_string()),
+            None => existing_type(&e),
+        }
+    } else {
+        None
+    };
+    match existing {
+        Some(existing) if existing != kind.as_str() => BrokerError::QueueTypeMismatch {
             queue: queue.to_string(),
             existing,
             wanted: kind,
         },
-        None => BrokerError::Amqp { context, source: e },
+        _ => BrokerError::Amqp { context, source: e },
     }
 }
 
