@@ -89,9 +89,16 @@ async fn a_dead_first_address_is_skipped_by_the_worker_and_the_client() {
 #[tokio::test]
 async fn a_worker_whose_connection_is_closed_connects_again_and_keeps_consuming() {
     let mut env = TestEnv::new().await;
-    // The real broker twice: after the loss the worker starts from the second address.
+    // The real broker twice around a dead address: after a loss the worker starts from the
+    // address after the one lost, so it tries the dead one (and says so at debug level).
     env.cfg.amqp_url = format!("{AMQP},{DEAD},{AMQP}");
-    let mut worker = env.spawn(&["worker"], &[("APIARY_CONCURRENCY", "4")]);
+    let mut worker = env.spawn(
+        &["worker"],
+        &[
+            ("APIARY_CONCURRENCY", "4"),
+            ("RUST_LOG", "info,apiary::broker=debug"),
+        ],
+    );
     let client = env.client();
     let mut all = Vec::new();
     for round in 0..3 {
@@ -113,6 +120,13 @@ async fn a_worker_whose_connection_is_closed_connects_again_and_keeps_consuming(
             env.wait_for_status(*id, JobStatus::Succeeded, T).await;
         }
         all.extend(ids);
+        if round == 0 {
+            let log = worker.log_text();
+            assert!(
+                !log.contains("trying the next"),
+                "the first address answered:\n{log}"
+            );
+        }
         assert!(
             close_rabbit_connections_of(worker.pid()).await >= 1,
             "found the worker's connection"
@@ -129,6 +143,12 @@ async fn a_worker_whose_connection_is_closed_connects_again_and_keeps_consuming(
     );
     let log = worker.log_text();
     assert!(log.contains("rabbitmq available again"), "{log}");
+    assert!(
+        log.contains("rabbitmq address did not answer; trying the next")
+            && log.contains("amqp://guest:***@127.0.0.1:1/%2f"),
+        "after a loss the next attempt starts from the next address:\n{log}"
+    );
+    assert!(!log.contains("guest:guest"), "passwords are masked:\n{log}");
     worker.signal("TERM");
     assert!(worker.wait(T).await.success(), "{}", worker.log_text());
     env.assert_invariants_quiescent().await;

@@ -159,3 +159,24 @@ async fn open(url: &str, name: &str) -> Result<Connection, BrokerError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(url, props).await.context("connecting")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loss_moves_the_start_to_the_next_address_and_wraps() {
+        let urls = "amqp://a:1/%2f,amqp://b:2/%2f,amqp://c:3/%2f";
+        assert_eq!(start_of(urls, 3), 0);
+        set_start(urls, 2);
+        assert_eq!(start_of(urls, 3), 2);
+        lost(urls);
+        assert_eq!(start_of(urls, 3), 0, "wraps to the first");
+        lost(urls);
+        assert_eq!(start_of(urls, 3), 1);
+        // One address: nothing to rotate.
+        let one = "amqp://solo:1/%2f";
+        lost(one);
+        assert_eq!(start_of(one, 1), 0);
+    }
+}
