@@ -180,6 +180,28 @@ async fn a_queue_of_the_other_type_is_a_clear_error() {
         "{message}"
     );
 
+    // `apiary doctor` names it too.
+    let mut doctor = env.spawn(&["doctor"], &[("APIARY_QUEUE_TYPE", "quorum")]);
+    doctor.wait(Duration::from_secs(120)).await;
+    let text = doctor.log_text();
+    assert!(
+        text.contains(&format!(
+            "queue {} is a classic queue, but APIARY_QUEUE_TYPE is quorum",
+            env.names().work
+        )),
+        "{text}"
+    );
+    // A worker says it while it waits for the queues to be migrated.
+    let worker = env.spawn(&["worker"], &[("APIARY_QUEUE_TYPE", "quorum")]);
+    env.wait_until("the worker to name the mismatch", T, || async {
+        worker
+            .log_text()
+            .contains("exists as a classic queue, but APIARY_QUEUE_TYPE is quorum")
+            .then_some(())
+    })
+    .await;
+    drop(worker);
+
     // And the other way round.
     let env = TestEnv::with_queue_type(QueueType::Quorum).await;
     let mut classic = env.spawn(&["migrate"], &[("APIARY_QUEUE_TYPE", "classic")]);

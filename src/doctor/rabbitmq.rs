@@ -204,10 +204,30 @@ async fn check_queues(
                 continue;
             }
         }
-        match channel
+        let declared = channel
             .queue_declare(spec.name.as_str().into(), topology::durable(), spec.args)
-            .await
+            .await;
+        // Refused: of the other type? RabbitMQ names only the first argument that differs,
+        // so the broker is asked with each type's arguments.
+        if let Err(e) = &declared
+            && amqp_code(e) == Some(406)
+            && let Some(existing) = topology::probe_type(conn, names, &spec.name).await
+            && existing != kind
         {
+            out.push(Finding::bad(
+                "queues",
+                Level::Fail,
+                format!(
+                    "queue {} is a {existing} queue, but APIARY_QUEUE_TYPE is {kind}",
+                    spec.name
+                ),
+                format!(
+                    "set APIARY_QUEUE_TYPE={existing}, or stop every worker and producer and run `apiary migrate-queues --to {kind}`"
+                ),
+            ));
+            continue;
+        }
+        match declared {
             Ok(_) => {
                 let _ = channel.close(200, "checked".into()).await;
             }
@@ -226,20 +246,6 @@ async fn check_queues(
                     format!(
                         "to get priorities: stop its producers and workers, let it drain (or move its messages with a shovel),                          delete it (`rabbitmqctl delete_queue {}`), and run `apiary migrate`",
                         spec.name
-                    ),
-                ))
-            }
-            Err(e) if topology::existing_type(&e).is_some() => {
-                let existing = topology::existing_type(&e).unwrap_or_default();
-                out.push(Finding::bad(
-                    "queues",
-                    Level::Fail,
-                    format!(
-                        "queue {} is a {existing} queue, but APIARY_QUEUE_TYPE is {kind}",
-                        spec.name
-                    ),
-                    format!(
-                        "set APIARY_QUEUE_TYPE={existing}, or stop every worker and producer and run `apiary migrate-queues --to {kind}`"
                     ),
                 ))
             }

@@ -41,6 +41,7 @@ impl Session {
 /// was open then, for the drain to settle and close.
 pub(crate) async fn keep_consuming(shared: &Arc<Shared>) -> Option<Session> {
     let mut delays = reconnect_delays();
+    let mut said_mismatch = false;
     while !shared.stop_taking.is_cancelled() {
         let opened = tokio::select! {
             r = open(shared) => r,
@@ -62,6 +63,14 @@ pub(crate) async fn keep_consuming(shared: &Arc<Shared>) -> Option<Session> {
                         *shared.publisher.write().await = None;
                         *shared.stats_channel.write().await = None;
                     }
+                }
+            }
+            // Not an outage but a setting at odds with the broker: said at error level, once,
+            // and retried, so the worker starts consuming once the queues are migrated.
+            Err(e @ BrokerError::QueueTypeMismatch { .. }) => {
+                if !said_mismatch {
+                    tracing::error!(error = %e, "cannot consume until the queues and APIARY_QUEUE_TYPE agree; retrying with backoff");
+                    said_mismatch = true;
                 }
             }
             Err(e) => shared.rabbit.down(&e),
