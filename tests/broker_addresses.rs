@@ -153,3 +153,70 @@ async fn a_worker_whose_connection_is_closed_connects_again_and_keeps_consuming(
     assert!(worker.wait(T).await.success(), "{}", worker.log_text());
     env.assert_invariants_quiescent().await;
 }
+
+/// Spawns `apiary api` on a free local port and returns it with its base URL.
+async fn spawn_api(env: &TestEnv, extra: &[(&str, &str)]) -> (common::Proc, String) {
+    let mut vars = vec![("APIARY_HTTP_ADDR", "127.0.0.1:0")];
+    vars.extend_from_slice(extra);
+    let api = env.spawn(&["api"], &vars);
+    let line = api.wait_for_log("api listening", T).await;
+    let addr = line
+        .split("addr=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("the api's address in its log")
+        .to_string();
+    (api, format!("http://{addr}"))
+}
+
+#[tokio::test]
+async fn the_apis_publisher_connects_again_from_the_next_address() {
+    let mut env = TestEnv::new().await;
+    env.cfg.amqp_url = format!("{AMQP},{DEAD},{AMQP}");
+    let (mut api, base) = spawn_api(&env, &[("RUST_LOG", "info,apiary::broker=debug")]).await;
+    let worker = env.start_worker();
+    let http = reqwest::Client::new();
+    let post = |n: usize| {
+        let http = http.clone();
+        let base = base.clone();
+        async move {
+            let r = http
+                .post(format!("{base}/v1/jobs"))
+                .json(&json!({"kind": "tally", "payload": {"counter": "api"}, "dedup_key": format!("a{n}")}))
+                .send()
+                .await
+                .expect("POST /v1/jobs");
+            assert_eq!(r.status().as_u16(), 202, "{:?}", r.text().await);
+            let body: serde_json::Value = r.json().await.expect("json");
+            body["id"]
+                .as_str()
+                .and_then(|s| s.parse::<uuid::Uuid>().ok())
+                .expect("an id")
+        }
+    };
+    let first = post(0).await;
+    env.wait_for_status(first, JobStatus::Succeeded, T).await;
+    assert!(
+        close_rabbit_connections_of(api.pid()).await >= 1,
+        "found the api's connection"
+    );
+    // The next enqueues reconnect, from the address after the lost one.
+    let mut ids = Vec::new();
+    for n in 1..10 {
+        ids.push(post(n).await);
+    }
+    for id in &ids {
+        env.wait_for_status(*id, JobStatus::Succeeded, T).await;
+    }
+    assert_eq!(env.tally("api").await, Some(10), "each once");
+    let log = api.log_text();
+    assert!(
+        log.contains("rabbitmq address did not answer; trying the next"),
+        "{log}"
+    );
+    assert!(!log.contains("guest:guest"), "passwords are masked:\n{log}");
+    worker.stop().await;
+    api.signal("TERM");
+    api.wait(T).await;
+    env.assert_invariants_quiescent().await;
+}
