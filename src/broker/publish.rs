@@ -186,7 +186,8 @@ impl Publisher {
         };
         if conn.as_ref().is_none_or(|c| !c.status().connected()) {
             if conn.is_some() {
-                // Lost, not yet opened: start from the next address of the list.
+                // The connection this publisher had is gone: the next attempt starts from
+                // the address after the one it was on.
                 super::lost(url);
             }
             *conn = Some(Box::new(super::connect(url, name).await?));
