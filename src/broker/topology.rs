@@ -579,6 +579,48 @@ mod tests {
     }
 
     #[test]
+    fn each_type_declares_its_own_arguments() {
+        let n = QueueNames::new("q1");
+        let has = |args: &FieldTable, key: &str| args.inner().contains_key(key);
+        for kind in [QueueType::Classic, QueueType::Quorum] {
+            for spec in specs(&n, kind) {
+                assert_eq!(
+                    spec.args.inner().get("x-queue-type"),
+                    Some(&AMQPValue::LongString(kind.as_str().into())),
+                    "{}",
+                    spec.name
+                );
+            }
+        }
+        let classic = work_args(&n, QueueType::Classic);
+        assert!(has(&classic, "x-max-priority"));
+        assert!(!has(&classic, "x-delivery-limit"));
+        let quorum = work_args(&n, QueueType::Quorum);
+        assert!(!has(&quorum, "x-max-priority"), "RabbitMQ 3.x refuses it");
+        assert_eq!(
+            quorum.inner().get("x-delivery-limit"),
+            Some(&AMQPValue::LongLongInt(DELIVERY_LIMIT))
+        );
+        assert_eq!(
+            quorum.inner().get("x-dead-letter-routing-key"),
+            Some(&AMQPValue::LongString("q1.dead".into()))
+        );
+        let tiers = specs(&n, QueueType::Quorum);
+        let tier = tiers
+            .iter()
+            .find(|s| s.name == n.delay(100))
+            .expect("a tier");
+        assert!(has(&tier.args, "x-dead-letter-strategy"));
+        let dead = tiers.iter().find(|s| s.name == n.dead).expect("dead");
+        assert!(
+            !has(&dead.args, "x-delivery-limit"),
+            "sweeps requeue dead letters"
+        );
+        assert_eq!(QueueType::parse("quorum"), Some(QueueType::Quorum));
+        assert_eq!(QueueType::parse("stream"), None);
+    }
+
+    #[test]
     fn names_derive_from_the_queue() {
         let n = QueueNames::new("q1");
         assert_eq!(n.dead, "q1.dead");
