@@ -381,3 +381,46 @@ async fn classic_queues_declared_before_queue_types_are_used_as_they_are() {
     worker.stop().await;
     assert_all_of_type(&env, "classic").await;
 }
+
+/// Why a quorum work queue has no priorities: the broker refuses the argument outright.
+#[tokio::test]
+async fn the_broker_refuses_priorities_on_a_quorum_queue() {
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let name = format!("apiary.t.{}.priority-probe", uuid::Uuid::new_v4().simple());
+    let conn = apiary::broker::connect(common::AMQP, "test: priority probe")
+        .await
+        .expect("rabbitmq");
+    let ch = conn.create_channel().await.expect("channel");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
+    let refused = ch
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .expect_err("refused");
+    let text = refused.to_string();
+    assert!(
+        apiary::broker::topology::is_precondition_failed(&refused),
+        "{text}"
+    );
+    assert!(text.contains("x-max-priority"), "{text}");
+    eprintln!("RabbitMQ answers: {text}");
+    // In case a broker ever accepts it.
+    if let Ok(ch) = conn.create_channel().await {
+        let _ = ch
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = conn.close(200, "".into()).await;
+}
