@@ -244,7 +244,7 @@ pub async fn run(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     {
         let conn = broker::connect(&cfg.amqp_url, "apiary bench setup").await?;
         let ch = conn.create_channel().await.context("channel")?;
-        broker::topology::declare(&conn, &ch, &QueueNames::new(&cfg.queue)).await?;
+        broker::topology::declare(&conn, &ch, &QueueNames::new(&cfg.queue), cfg.queue_type).await?;
         let _ = conn.close(200, "".into()).await;
     }
     let result = measure(&cfg, args).await;

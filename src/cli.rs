@@ -62,6 +62,14 @@ pub enum Command {
         #[command(flatten)]
         progress: ProgressArgs,
     },
+    /// Move the deployment's RabbitMQ queues to another type (`classic` or `quorum`), keeping
+    /// every message. Stop every worker and producer first; then set APIARY_QUEUE_TYPE to the
+    /// new type and start them again. Safe to run again after a failure: it resumes.
+    MigrateQueues {
+        /// The type to move to.
+        #[arg(long, value_parser = parse_queue_type_arg)]
+        to: crate::broker::topology::QueueType,
+    },
     /// Serve the HTTP API (and, with the `dashboard` feature, the dashboard at `/`).
     #[cfg(feature = "api")]
     Api {
@@ -418,6 +426,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate { progress } => migrate(&cfg, &progress).await,
+        Command::MigrateQueues { to } => migrate_queues(&cfg, to).await,
         #[cfg(feature = "api")]
         Command::Api {
             insecure_listen_any,
@@ -664,6 +673,49 @@ fn no_job(id: uuid::Uuid) -> CliError {
     CliError::new(ErrorClass::NotFound, format!("no job with id {id}"))
 }
 
+/// Parses `--to`.
+fn parse_queue_type_arg(s: &str) -> Result<crate::broker::topology::QueueType, String> {
+    crate::broker::topology::QueueType::parse(s)
+        .ok_or_else(|| format!("{s:?} is not a queue type; it must be classic or quorum"))
+}
+
+/// `apiary migrate-queues --to TYPE`: every queue the deployment knows (configured, paused,
+/// or consumed by a recent worker), moved by [`broker::migrate`].
+async fn migrate_queues(
+    cfg: &Config,
+    to: crate::broker::topology::QueueType,
+) -> anyhow::Result<()> {
+    let store = store::Store::connect_lazy(&cfg.database_url, 2)?;
+    let known = store
+        .known_queues(
+            &cfg.queue,
+            &cfg.configured_queues(),
+            std::time::Duration::from_secs(86_400),
+        )
+        .await?;
+    let names: Vec<QueueNames> = known
+        .iter()
+        .map(|q| QueueNames::for_queue(&cfg.queue, q))
+        .collect();
+    let conn = broker::connect(&cfg.amqp_url, "apiary migrate-queues")
+        .await
+        .context("connecting to RabbitMQ")?;
+    let moved = broker::migrate::migrate_queues(&conn, &names, to).await;
+    let _ = conn.close(200, "done".into()).await;
+    let moved = moved?;
+    for m in &moved {
+        if m.converted {
+            println!("{}: now {to}, {} message(s) kept", m.queue, m.messages);
+        } else {
+            println!("{}: already {to}", m.queue);
+        }
+    }
+    if to != cfg.queue_type {
+        eprintln!("now set APIARY_QUEUE_TYPE={to} for every worker and producer");
+    }
+    Ok(())
+}
+
 async fn migrate(cfg: &Config, progress: &ProgressArgs) -> anyhow::Result<()> {
     // A bad schedules file is a configuration error, told before anything is written.
     let schedules = match &cfg.schedules_file {
@@ -702,7 +754,8 @@ async fn migrate(cfg: &Config, progress: &ProgressArgs) -> anyhow::Result<()> {
         .context("connecting to RabbitMQ")?;
     let channel = conn.create_channel().await.context("opening a channel")?;
     for queue in cfg.configured_queues() {
-        broker::topology::declare(&conn, &channel, &QueueNames::for_queue(&cfg.queue, &queue))
+        let names = QueueNames::for_queue(&cfg.queue, &queue);
+        broker::topology::declare(&conn, &channel, &names, cfg.queue_type)
             .await
             .context("declaring queues")?;
     }

@@ -235,7 +235,9 @@ impl Client {
     pub fn new(cfg: &Config) -> Result<Client, StoreError> {
         let store = Store::connect_lazy(&cfg.database_url, cfg.db_pool)?;
         let name = format!("apiary client pid {}", std::process::id());
-        let publisher = Arc::new(Publisher::new(&cfg.amqp_url, &name, &cfg.queue));
+        let publisher = Arc::new(
+            Publisher::new(&cfg.amqp_url, &name, &cfg.queue).with_queue_type(cfg.queue_type),
+        );
         Ok(Client::from_parts(store, publisher, cfg))
     }
 

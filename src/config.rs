@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+pub use crate::broker::topology::QueueType;
+
 /// Parses `25s`, `150ms`, `10m`, `7d` and the like.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
@@ -278,6 +280,21 @@ fn parse_addr(var: &str, s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{var} is {s:?}; it must be an address like 127.0.0.1:8080"))
 }
 
+/// Parses `APIARY_QUEUE_TYPE`.
+fn parse_queue_type(s: &str) -> Result<QueueType, String> {
+    QueueType::parse(s)
+        .ok_or_else(|| format!("APIARY_QUEUE_TYPE is {s:?}; it must be classic or quorum"))
+}
+
+/// The items of a comma-separated list of connection strings (`AMQP_URL`), trimmed, empty
+/// ones left out.
+pub fn url_list(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
 /// Parses `APIARY_LOG_FORMAT`.
 fn parse_log_format(s: &str) -> Result<LogFormat, String> {
     match s.trim() {
@@ -308,6 +325,12 @@ pub fn mask_url(text: &str) -> String {
         let end = after
             .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`'))
             .unwrap_or(after.len());
+        // In a list (`amqp://a:pw@h1,amqp://b:pw@h2`) it ends at the comma before the next
+        // URL: a comma inside a password is followed by no scheme.
+        let end = match after[..end].find("://") {
+            Some(next) => after[..next].rfind(',').unwrap_or(end),
+            None => end,
+        };
         let (url, tail) = after.split_at(end);
         // The authority ends at the query or fragment; its userinfo at its last '@'.
         let authority_end = url.find(['?', '#']).unwrap_or(url.len());
@@ -416,7 +439,9 @@ pub struct Config {
     )]
     pub database_url: String,
 
-    /// RabbitMQ connection string.
+    /// RabbitMQ connection string, or several, comma-separated
+    /// (`amqp://a:5672/%2f,amqp://b:5672/%2f`): the nodes of one cluster, tried in order; after
+    /// a lost connection the next attempt starts from the address after the one lost.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -436,6 +461,19 @@ pub struct Config {
         global = true
     )]
     pub queue: String,
+
+    /// The type of every broker queue Apiary declares: `classic` or `quorum` (replicated across
+    /// the cluster; RabbitMQ 3.x gives quorum queues no priorities, so job priorities are
+    /// ignored). A queue's type cannot change in place: `apiary migrate-queues --to quorum`
+    /// moves existing queues.
+    #[arg(
+        long,
+        env = "APIARY_QUEUE_TYPE",
+        default_value = "classic",
+        value_parser = parse_queue_type,
+        global = true
+    )]
+    pub queue_type: QueueType,
 
     /// Where `apiary api` listens.
     #[arg(
@@ -952,9 +990,23 @@ impl Config {
                     .map_err(|e| e.to_string())
             },
         )?;
-        check_url("AMQP_URL", &self.amqp_url, &["amqp", "amqps"], |u| {
-            lapin::uri::AMQPUri::from_str(u).map(drop)
-        })?;
+        let amqp = url_list(&self.amqp_url);
+        if amqp.is_empty() {
+            return Err(ConfigError(
+                "AMQP_URL is empty; it must be a URL like amqp://USER:PASSWORD@HOST:5672/%2f, or several, comma-separated".into(),
+            ));
+        }
+        for (i, url) in amqp.iter().enumerate() {
+            // One address is named as before; an item of a list by its place in it.
+            let var = if amqp.len() == 1 {
+                "AMQP_URL".to_string()
+            } else {
+                format!("AMQP_URL item {} of {}", i + 1, amqp.len())
+            };
+            check_url(&var, url, &["amqp", "amqps"], |u| {
+                lapin::uri::AMQPUri::from_str(u).map(drop)
+            })?;
+        }
         if self.queue.is_empty() || self.queue.len() > MAX_PREFIX_BYTES {
             return Err(ConfigError(format!(
                 "APIARY_QUEUE is {} bytes long; it must be 1 to {MAX_PREFIX_BYTES}",
@@ -1072,6 +1124,7 @@ impl fmt::Debug for Config {
             .field("database_url", &mask_url(&self.database_url))
             .field("amqp_url", &mask_url(&self.amqp_url))
             .field("queue", &self.queue)
+            .field("queue_type", &self.queue_type)
             .field("http_addr", &self.http_addr)
             .field("api_tokens", &self.api_tokens)
             .field("worker_http_addr", &self.worker_http_addr)
@@ -1344,6 +1397,20 @@ mod tests {
                 "AMQP_URL is amqp://u:***@h:99999/%2f; it does not parse",
             ),
             (
+                |c| c.amqp_url = "amqp://u:sekret-pw@h1/%2f,http://u:sekret-pw@h2".into(),
+                "AMQP_URL item 2 of 2 is http://u:***@h2; it must start with amqp:// or amqps://",
+            ),
+            (
+                |c| {
+                    c.amqp_url = "amqp://u:sekret-pw@h1/%2f, amqp://u:sekret-pw@h2:99999/%2f".into()
+                },
+                "AMQP_URL item 2 of 2 is amqp://u:***@h2:99999/%2f; it does not parse",
+            ),
+            (
+                |c| c.amqp_url = " , ".into(),
+                "AMQP_URL is empty; it must be a URL like amqp://",
+            ),
+            (
                 |c| {
                     c.kinds.0.insert(
                         "report".into(),
@@ -1475,6 +1542,17 @@ mod tests {
                 "{\"url\":\"postgres://u:***@h/db\"}",
             ),
             ("no url here", "no url here"),
+            // A list: every item's password goes.
+            (
+                "amqp://a:pw1@h1:5672/%2f,amqp://b:pw2@h2:5672/%2f",
+                "amqp://a:***@h1:5672/%2f,amqp://b:***@h2:5672/%2f",
+            ),
+            (
+                "amqp://h0:1/%2f, amqps://b:pw2@h2/%2f,amqp://c:pw3@h3",
+                "amqp://h0:1/%2f, amqps://b:***@h2/%2f,amqp://c:***@h3",
+            ),
+            // A comma inside a password is not a list's.
+            ("amqp://u:pa,ss@h/%2f", "amqp://u:***@h/%2f"),
         ];
         for (input, expected) in cases {
             assert_eq!(mask_url(input), expected, "{input}");
@@ -1482,10 +1560,42 @@ mod tests {
     }
 
     #[test]
+    fn address_lists_split_and_validate_item_by_item() {
+        assert_eq!(
+            url_list(" amqp://a:1/%2f, ,amqp://b:2/%2f,"),
+            vec!["amqp://a:1/%2f", "amqp://b:2/%2f"]
+        );
+        assert_eq!(url_list("amqp://a/%2f"), vec!["amqp://a/%2f"]);
+        let mut c = defaults();
+        c.amqp_url =
+            "amqp://guest:guest@127.0.0.1:1/%2f,amqp://guest:guest@127.0.0.1:5672/%2f".into();
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn queue_types_parse_and_name_the_variable() {
+        assert_eq!(defaults().queue_type, QueueType::Classic);
+        assert_eq!(parse_queue_type("quorum"), Ok(QueueType::Quorum));
+        assert_eq!(parse_queue_type(" classic "), Ok(QueueType::Classic));
+        assert_eq!(
+            parse_queue_type("stream").unwrap_err(),
+            "APIARY_QUEUE_TYPE is \"stream\"; it must be classic or quorum"
+        );
+        use clap::Parser;
+        let e = EnvOnly::try_parse_from(["apiary", "--queue-type", "Quorum"])
+            .err()
+            .expect("not a type");
+        assert_eq!(
+            ConfigError::from_clap(&e).to_string(),
+            "invalid configuration: APIARY_QUEUE_TYPE is \"Quorum\"; it must be classic or quorum"
+        );
+    }
+
+    #[test]
     fn debug_masks_urls_and_tokens() {
         let mut c = defaults();
         c.database_url = "postgres://u:sekret-pw@h/db".into();
-        c.amqp_url = "amqp://u:sekret-pw@h/%2f".into();
+        c.amqp_url = "amqp://u:sekret-pw@h/%2f,amqp://v:sekret-pw@h2/%2f".into();
         c.api_tokens = crate::tokens::parse_tokens("sekret-pw-sekret-pw:read").expect("token");
         let text = format!("{c:?}");
         assert!(!text.contains("sekret-pw"), "{text}");

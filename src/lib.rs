@@ -24,7 +24,9 @@
 //! (`worker/scheduler.rs`, [`store::fire_schedules`]), each slot one job by its dedup key.
 //!
 //! Retries wait in broker delay queues ([`broker::topology`]), not in a worker's memory; dead
-//! jobs go to a dead-letter queue with their reason.
+//! jobs go to a dead-letter queue with their reason. The queues are classic or quorum
+//! (`APIARY_QUEUE_TYPE`); [`broker::migrate`] moves a deployment's queues from one type to the
+//! other. `AMQP_URL` may list several nodes, tried in turn ([`broker::connect`]).
 //!
 //! A job with `depends_on` stops at step 2 as `waiting`: a trigger releases it in the
 //! transaction of its last parent's success, and step 6 publishes it

@@ -418,7 +418,9 @@ async fn republishes_route_by_the_jobs_recorded_deployment() {
             .await
             .expect("rabbitmq");
         let ch = conn.create_channel().await.expect("channel");
-        topology::declare(&conn, &ch, &b).await.expect("declare b");
+        topology::declare(&conn, &ch, &b, cfg_b.queue_type)
+            .await
+            .expect("declare b");
         let _ = conn.close(200, "".into()).await;
     }
     let purge = |queue: String| {

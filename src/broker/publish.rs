@@ -114,6 +114,8 @@ pub struct Publisher {
     prefix: String,
     /// Work queues declared on the current channel, so each is declared once per channel.
     declared: Mutex<HashSet<String>>,
+    /// The type queues are declared with (`APIARY_QUEUE_TYPE`).
+    queue_type: topology::QueueType,
 }
 
 impl Publisher {
@@ -130,6 +132,7 @@ impl Publisher {
             channel: Mutex::new(None),
             prefix: prefix.to_string(),
             declared: Mutex::new(HashSet::new()),
+            queue_type: topology::QueueType::Classic,
         }
     }
 
@@ -149,7 +152,15 @@ impl Publisher {
             channel: Mutex::new(Some(channel)),
             prefix: prefix.to_string(),
             declared: Mutex::new(HashSet::new()),
+            queue_type: topology::QueueType::Classic,
         })
+    }
+
+    /// This publisher, declaring the queues it publishes to as `kind` (classic unless
+    /// told).
+    pub fn with_queue_type(mut self, kind: topology::QueueType) -> Publisher {
+        self.queue_type = kind;
+        self
     }
 
     /// The deployment's prefix this publisher routes by.
@@ -175,6 +186,11 @@ impl Publisher {
             return Err(BrokerError::Disconnected);
         };
         if conn.as_ref().is_none_or(|c| !c.status().connected()) {
+            if conn.is_some() {
+                // The connection this publisher had is gone: the next attempt starts from
+                // the address after the one it was on.
+                super::lost(url);
+            }
             *conn = Some(Box::new(super::connect(url, name).await?));
         }
         let Some(c) = conn.as_ref() else {
@@ -210,7 +226,7 @@ impl Publisher {
                 .create_channel()
                 .await
                 .context("opening a channel to declare queues")?;
-            topology::declare(conn, &ch, &m.names).await?;
+            topology::declare(conn, &ch, &m.names, self.queue_type).await?;
             let _ = ch.close(200, "declared".into()).await;
             declared.insert(m.names.work.clone());
         }

@@ -11,9 +11,25 @@
 //!
 //! A queue name cannot hold `:`, so no queue's names can collide with another's.
 //!
-//! - The work queue is declared with `x-max-priority` ([`MAX_PRIORITY`]): RabbitMQ delivers
-//!   higher priorities first. A work queue declared by an older version without it is used as
-//!   it is (priorities are then ignored for it; the worker logs it and `apiary doctor` warns).
+//! - Every queue is durable, never exclusive or auto-delete, and of the type
+//!   `APIARY_QUEUE_TYPE` names ([`QueueType`]), given as `x-queue-type`.
+//! - A classic work queue is declared with `x-max-priority` ([`MAX_PRIORITY`]): RabbitMQ
+//!   delivers higher priorities first. A work queue declared by an older version without it is
+//!   used as it is (priorities are then ignored for it; the worker logs it and `apiary doctor`
+//!   warns).
+//! - A quorum work queue has no priorities: RabbitMQ 3.x refuses `x-max-priority` on a quorum
+//!   queue (406 PRECONDITION_FAILED, "invalid arg 'x-max-priority'"), so it is declared
+//!   without, jobs are delivered in arrival order whatever their priority, and the worker says
+//!   so once when it starts. Instead it gets `x-delivery-limit` ([`DELIVERY_LIMIT`]), a second
+//!   poison guard beside the claim's attempt count: a message returned to the queue that many
+//!   times (say, because it kills every worker that takes it before its claim) is
+//!   dead-lettered by the broker into the dead-letter queue rather than delivered again.
+//!   Delay tiers dead-letter `at-least-once` (with `x-overflow: reject-publish`, which that
+//!   needs), so a message due again is never dropped between a tier and the work queue.
+//! - A queue's type cannot change once it exists: declaring it with the other type is refused
+//!   (406), which [`declare`] reports as [`BrokerError::QueueTypeMismatch`], naming the queue,
+//!   its type and `APIARY_QUEUE_TYPE`. `apiary migrate-queues --to quorum` (module
+//!   [`migrate`](super::migrate)) moves a deployment's queues from one type to the other.
 //! - Delay tiers each have a fixed message TTL and dead-letter expired messages back into the
 //!   work queue, so a wait is durable in the broker and never in a worker's memory. Fixed
 //!   per-queue TTLs keep expiry in arrival order, and tiers keep a long wait from blocking a
@@ -33,6 +49,57 @@ pub const DELAY_TIERS_MS: [u64; 7] = [100, 1_000, 5_000, 25_000, 120_000, 600_00
 /// The highest message priority a work queue is declared with (`x-max-priority`): jobs carry
 /// 0 to 9.
 pub const MAX_PRIORITY: u8 = crate::job::MAX_PRIORITY;
+
+/// A quorum work queue's `x-delivery-limit`: deliveries of one message before the broker
+/// dead-letters it. As high as a job's most attempts ([`crate::job::MAX_ATTEMPTS_LIMIT`]),
+/// because every return counts, not only crashes: a drain hands its prefetched messages back,
+/// a rate-limited queue hands back what it may not start yet, a Postgres outage hands back
+/// what cannot be claimed. A job's own attempts stay guarded by the claim; this only stops a
+/// message that never gets that far from circling for ever.
+pub const DELIVERY_LIMIT: i64 = crate::job::MAX_ATTEMPTS_LIMIT as i64;
+
+/// The kind of RabbitMQ queue a deployment's queues are (`APIARY_QUEUE_TYPE`).
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum QueueType {
+    /// Classic queues: priorities honoured. The default.
+    #[default]
+    Classic,
+    /// Quorum queues: replicated by Raft across the cluster's nodes, so a queue survives the
+    /// loss of a minority of them; no priorities on RabbitMQ 3.x.
+    Quorum,
+}
+
+impl QueueType {
+    /// The name RabbitMQ and `APIARY_QUEUE_TYPE` use: `classic` or `quorum`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+
+    /// Parses `classic` or `quorum`.
+    pub fn parse(s: &str) -> Option<QueueType> {
+        match s.trim() {
+            "classic" => Some(QueueType::Classic),
+            "quorum" => Some(QueueType::Quorum),
+            _ => None,
+        }
+    }
+
+    /// The `x-queue-type` argument.
+    fn arg(self) -> AMQPValue {
+        AMQPValue::LongString(self.as_str().into())
+    }
+}
+
+impl std::fmt::Display for QueueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// The broker names of one Apiary queue of one deployment.
 ///
@@ -149,23 +216,40 @@ pub struct QueueSpec {
     pub declaring: &'static str,
 }
 
-/// Every queue of a deployment with the arguments it is declared with: the work queue, the
-/// dead-letter queue, then the delay tiers, finest first.
-pub fn specs(names: &QueueNames) -> Vec<QueueSpec> {
+/// Every queue of a deployment with the arguments it is declared with as `kind`: the work
+/// queue, the dead-letter queue, then the delay tiers, finest first.
+pub fn specs(names: &QueueNames, kind: QueueType) -> Vec<QueueSpec> {
+    let mut dead = FieldTable::default();
+    dead.insert("x-queue-type".into(), kind.arg());
     let mut out = vec![
         QueueSpec {
             name: names.work.clone(),
-            args: work_args(),
+            args: work_args(names, kind),
             declaring: "declaring the work queue",
         },
         QueueSpec {
             name: names.dead.clone(),
-            args: FieldTable::default(),
+            // No delivery limit here even for quorum: a dead-letter sweep requeues the
+            // letters it keeps, and a limit would drop them after enough sweeps.
+            args: dead,
             declaring: "declaring the dead-letter queue",
         },
     ];
     for tier in DELAY_TIERS_MS {
         let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), kind.arg());
+        if kind == QueueType::Quorum {
+            // At-most-once (the default) may drop a message whose move to the work queue
+            // fails; at-least-once retries it, and RabbitMQ requires reject-publish for it.
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        }
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier as i64));
         args.insert(
             "x-dead-letter-exchange".into(),
@@ -192,13 +276,42 @@ pub fn durable() -> QueueDeclareOptions {
     }
 }
 
-/// The work queue's arguments: priority levels 0 to [`MAX_PRIORITY`].
-pub fn work_args() -> FieldTable {
+/// The work queue's arguments: for a classic queue, priority levels 0 to [`MAX_PRIORITY`];
+/// for a quorum queue, the [`DELIVERY_LIMIT`], past which the broker moves a message to the
+/// dead-letter queue (rather than dropping it, as it would without a dead-letter target).
+pub fn work_args(names: &QueueNames, kind: QueueType) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert(
-        "x-max-priority".into(),
-        AMQPValue::ShortShortUInt(MAX_PRIORITY),
-    );
+    args.insert("x-queue-type".into(), kind.arg());
+    match kind {
+        QueueType::Classic => {
+            args.insert(
+                "x-max-priority".into(),
+                AMQPValue::ShortShortUInt(MAX_PRIORITY),
+            );
+        }
+        QueueType::Quorum => {
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(DELIVERY_LIMIT),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(names.dead.as_str().into()),
+            );
+        }
+    }
+    args
+}
+
+/// The arguments of a classic work queue declared by a version before priorities: the
+/// queue type alone.
+fn work_args_without_priorities() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), QueueType::Classic.arg());
     args
 }
 
@@ -212,60 +325,173 @@ pub enum Declared {
     /// It already existed without them (declared by a version before queues had
     /// priorities): it is used as it is, and priorities are ignored for it.
     WithoutPriorities,
+    /// A quorum queue: no priorities on RabbitMQ 3.x, by design (see the module docs).
+    Quorum,
 }
 
-/// Declares every queue of `names`, durable. Idempotent: declaring an existing queue with the
-/// same arguments is a no-op, so `migrate`, workers and producers may all call it.
+/// Declares every queue of `names`, durable, as `kind`. Idempotent: declaring an existing
+/// queue with the same arguments is a no-op, so `migrate`, workers and producers may all call
+/// it.
 ///
-/// A work queue that already exists without priority levels makes RabbitMQ refuse the
+/// A work queue that already exists with other arguments makes RabbitMQ refuse the
 /// declaration and close the channel (406 PRECONDITION_FAILED; a queue's arguments cannot be
-/// changed). That is looked up on a throwaway channel of `conn` first, so `channel` stays open.
+/// changed). That is found out on a throwaway channel of `conn` first, so `channel` stays open
+/// when the answer is only that a classic queue has no priority levels. A queue of the other
+/// type is [`BrokerError::QueueTypeMismatch`].
 pub async fn declare(
     conn: &lapin::Connection,
     channel: &Channel,
     names: &QueueNames,
+    kind: QueueType,
 ) -> Result<Declared, BrokerError> {
-    let declared = declare_work(conn, names).await?;
-    for spec in specs(names) {
+    let declared = declare_work(conn, names, kind).await?;
+    for spec in specs(names, kind) {
         let args = if spec.name == names.work && declared == Declared::WithoutPriorities {
-            FieldTable::default()
+            work_args_without_priorities()
         } else {
             spec.args
         };
-        channel
+        let result = channel
             .queue_declare(spec.name.as_str().into(), durable(), args)
-            .await
-            .context(spec.declaring)?;
+            .await;
+        if let Err(e) = result {
+            return Err(mismatch_or(conn, names, &spec.name, kind, e, spec.declaring).await);
+        }
     }
     Ok(declared)
 }
 
-/// Declares the work queue with priorities on a channel of its own, falling back to the
-/// queue as it exists when RabbitMQ refuses the arguments.
+/// Declares the work queue on a channel of its own, falling back to a classic queue as it
+/// exists when RabbitMQ refuses its priority levels.
 async fn declare_work(
     conn: &lapin::Connection,
     names: &QueueNames,
+    kind: QueueType,
 ) -> Result<Declared, BrokerError> {
     let probe = conn
         .create_channel()
         .await
         .context("opening a channel to declare a work queue")?;
     let result = probe
-        .queue_declare(names.work.as_str().into(), durable(), work_args())
+        .queue_declare(
+            names.work.as_str().into(),
+            durable(),
+            work_args(names, kind),
+        )
         .await;
-    match result {
+    let e = match result {
         Ok(_) => {
             let _ = probe.close(200, "declared".into()).await;
-            Ok(Declared::WithPriorities)
+            return Ok(match kind {
+                QueueType::Classic => Declared::WithPriorities,
+                QueueType::Quorum => Declared::Quorum,
+            });
         }
-        Err(e) if is_precondition_failed(&e) => {
+        Err(e) if is_precondition_failed(&e) => e,
+        Err(e) => return Err(e).context("declaring the work queue"),
+    };
+    match mismatch_or(
+        conn,
+        names,
+        &names.work,
+        kind,
+        e,
+        "declaring the work queue",
+    )
+    .await
+    {
+        mismatch @ BrokerError::QueueTypeMismatch { .. } => Err(mismatch),
+        _ if kind == QueueType::Classic => {
             tracing::warn!(
                 queue = %names.work,
                 "the work queue exists without priority levels (declared by an earlier Apiary); using it as it is, so priorities are ignored for it"
             );
             Ok(Declared::WithoutPriorities)
         }
-        Err(e) => Err(e).context("declaring the work queue"),
+        other => Err(other),
+    }
+}
+
+/// The type `queue` (one of `names`) exists with, found by declaring it as Apiary declares
+/// each type, each on a throwaway channel (a refusal closes it): the one accepted is its type.
+/// `None` if it matches neither, or cannot be asked.
+pub async fn probe_type(
+    conn: &lapin::Connection,
+    names: &QueueNames,
+    queue: &str,
+) -> Option<QueueType> {
+    for kind in [QueueType::Classic, QueueType::Quorum] {
+        let mut candidates: Vec<FieldTable> = specs(names, kind)
+            .into_iter()
+            .filter(|s| s.name == queue)
+            .map(|s| s.args)
+            .collect();
+        if kind == QueueType::Classic && queue == names.work {
+            candidates.push(work_args_without_priorities());
+        }
+        for args in candidates {
+            let ch = conn.create_channel().await.ok()?;
+            if ch
+                .queue_declare(queue.into(), durable(), args)
+                .await
+                .is_ok()
+            {
+                let _ = ch.close(200, "probed".into()).await;
+                return Some(kind);
+            }
+        }
+    }
+    None
+}
+
+/// The type a refused declaration says the queue has, when the refusal names
+/// `x-queue-type`: RabbitMQ 3.10 answers `inequivalent arg 'x-queue-type' for queue 'q' in
+/// vhost '/': received 'quorum' but current is 'classic'`. It names only the first argument
+/// that differs, which is often another one: [`probe_type`] asks the broker instead.
+pub fn existing_type(e: &lapin::Error) -> Option<String> {
+    let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return None;
+    };
+    let text = amqp.get_message().as_str();
+    if amqp.get_id() != 406 || !text.contains("'x-queue-type'") {
+        return None;
+    }
+    let current = text.rsplit("current is ").next().unwrap_or("");
+    let current = current.strip_prefix("the value ").unwrap_or(current);
+    Some(
+        current
+            .strip_prefix('\'')
+            .and_then(|v| v.split('\'').next())
+            .unwrap_or("classic")
+            .to_string(),
+    )
+}
+
+/// `e`, a refused declaration of `queue`, as [`BrokerError::QueueTypeMismatch`] if the queue
+/// exists with another type than `kind`, else with `context`.
+async fn mismatch_or(
+    conn: &lapin::Connection,
+    names: &QueueNames,
+    queue: &str,
+    kind: QueueType,
+    e: lapin::Error,
+    context: &'static str,
+) -> BrokerError {
+    let existing = if is_precondition_failed(&e) {
+        match probe_type(conn, names, queue).await {
+            Some(t) => Some(t.as_str().to_string()),
+            None => existing_type(&e),
+        }
+    } else {
+        None
+    };
+    match existing {
+        Some(existing) if existing != kind.as_str() => BrokerError::QueueTypeMismatch {
+            queue: queue.to_string(),
+            existing,
+            wanted: kind,
+        },
+        _ => BrokerError::Amqp { context, source: e },
     }
 }
 
@@ -350,6 +576,48 @@ mod tests {
         assert_eq!(tier_for(1_000), Some(1_000));
         assert_eq!(tier_for(4 * 3_600_000), Some(3_600_000));
         assert_eq!(tier_for(-5), None);
+    }
+
+    #[test]
+    fn each_type_declares_its_own_arguments() {
+        let n = QueueNames::new("q1");
+        let has = |args: &FieldTable, key: &str| args.inner().contains_key(key);
+        for kind in [QueueType::Classic, QueueType::Quorum] {
+            for spec in specs(&n, kind) {
+                assert_eq!(
+                    spec.args.inner().get("x-queue-type"),
+                    Some(&AMQPValue::LongString(kind.as_str().into())),
+                    "{}",
+                    spec.name
+                );
+            }
+        }
+        let classic = work_args(&n, QueueType::Classic);
+        assert!(has(&classic, "x-max-priority"));
+        assert!(!has(&classic, "x-delivery-limit"));
+        let quorum = work_args(&n, QueueType::Quorum);
+        assert!(!has(&quorum, "x-max-priority"), "RabbitMQ 3.x refuses it");
+        assert_eq!(
+            quorum.inner().get("x-delivery-limit"),
+            Some(&AMQPValue::LongLongInt(DELIVERY_LIMIT))
+        );
+        assert_eq!(
+            quorum.inner().get("x-dead-letter-routing-key"),
+            Some(&AMQPValue::LongString("q1.dead".into()))
+        );
+        let tiers = specs(&n, QueueType::Quorum);
+        let tier = tiers
+            .iter()
+            .find(|s| s.name == n.delay(100))
+            .expect("a tier");
+        assert!(has(&tier.args, "x-dead-letter-strategy"));
+        let dead = tiers.iter().find(|s| s.name == n.dead).expect("dead");
+        assert!(
+            !has(&dead.args, "x-delivery-limit"),
+            "sweeps requeue dead letters"
+        );
+        assert_eq!(QueueType::parse("quorum"), Some(QueueType::Quorum));
+        assert_eq!(QueueType::parse("stream"), None);
     }
 
     #[test]

@@ -146,9 +146,18 @@ impl Targets {
     }
 
     fn rabbitmq(&self) -> String {
-        match lapin::uri::AMQPUri::from_str(&self.amqp_url) {
-            Ok(u) => format!("RabbitMQ at {}:{}", u.authority.host, u.authority.port),
-            Err(_) => "RabbitMQ".into(),
+        // Every address of the list, in order: any of them may be the one that failed.
+        let hosts: Option<Vec<String>> = crate::config::url_list(&self.amqp_url)
+            .into_iter()
+            .map(|u| {
+                lapin::uri::AMQPUri::from_str(u)
+                    .ok()
+                    .map(|u| format!("{}:{}", u.authority.host, u.authority.port))
+            })
+            .collect();
+        match hosts {
+            Some(h) if !h.is_empty() => format!("RabbitMQ at {}", h.join(", ")),
+            _ => "RabbitMQ".into(),
         }
     }
 
@@ -157,7 +166,8 @@ impl Targets {
     }
 
     fn rabbitmq_user(&self) -> Option<String> {
-        lapin::uri::AMQPUri::from_str(&self.amqp_url)
+        let first = crate::config::url_list(&self.amqp_url).first().copied()?;
+        lapin::uri::AMQPUri::from_str(first)
             .ok()
             .map(|u| u.authority.userinfo.username)
     }
@@ -523,6 +533,18 @@ fn broker(e: &BrokerError, chain: &str, targets: &Targets) -> Option<Report> {
                 targets.rabbitmq_var()
             ),
         )),
+        BrokerError::ConnectTimeout(_) => Some(Report::new(
+            ErrorClass::Connect,
+            format!(
+                "cannot connect to {} ({}): no address answered in time",
+                targets.rabbitmq(),
+                targets.rabbitmq_var()
+            ),
+        )),
+        // Our own words already name the queue, its type, the setting and the way out.
+        BrokerError::QueueTypeMismatch { .. } => {
+            Some(Report::new(ErrorClass::Config, e.to_string()))
+        }
         _ => None,
     }
 }

@@ -107,7 +107,12 @@ pub fn judge_detach(
 /// Reads `consumer_timeout` from the broker with `rabbitmqctl`, when the broker is on this
 /// host. The error says why it could not.
 async fn read_consumer_timeout(amqp_url: &str) -> Result<BrokerTimeout, String> {
-    let host = lapin::uri::AMQPUri::from_str(amqp_url)
+    // The first address of the list: rabbitmqctl reads the node on this host.
+    let first = crate::config::url_list(amqp_url)
+        .first()
+        .copied()
+        .unwrap_or(amqp_url);
+    let host = lapin::uri::AMQPUri::from_str(first)
         .map(|u| u.authority.host)
         .map_err(|_| "AMQP_URL does not parse".to_string())?;
     let local = host == "localhost"

@@ -27,12 +27,30 @@ fn amqp_message(e: &lapin::Error) -> String {
 }
 
 pub(super) async fn check_rabbitmq(cfg: &Config) -> Vec<Finding> {
-    let (at, vhost, user) = match lapin::uri::AMQPUri::from_str(&cfg.amqp_url) {
-        Ok(u) => (
-            format!("{}:{}", u.authority.host, u.authority.port),
-            u.vhost,
-            u.authority.userinfo.username,
+    // Every address of AMQP_URL; the user and vhost reported are the first's.
+    let parsed: Result<Vec<_>, _> = crate::config::url_list(&cfg.amqp_url)
+        .into_iter()
+        .map(lapin::uri::AMQPUri::from_str)
+        .collect();
+    let (hosts, vhost, user) = match parsed {
+        Ok(list) if !list.is_empty() => (
+            list.iter()
+                .map(|u| format!("{}:{}", u.authority.host, u.authority.port))
+                .collect::<Vec<_>>(),
+            list[0].vhost.clone(),
+            list[0].authority.userinfo.username.clone(),
         ),
+        Ok(_) => {
+            return vec![
+                Finding::bad(
+                    "rabbitmq",
+                    Level::Fail,
+                    "AMQP_URL is empty".to_string(),
+                    "set AMQP_URL to amqp://USER:PASSWORD@HOST:PORT/VHOST",
+                ),
+                Finding::skip("queues", "no broker"),
+            ];
+        }
         Err(e) => {
             return vec![
                 Finding::bad(
@@ -45,13 +63,14 @@ pub(super) async fn check_rabbitmq(cfg: &Config) -> Vec<Finding> {
             ];
         }
     };
+    let at = hosts.join(", ");
     let connected = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        broker::connect(&cfg.amqp_url, "apiary doctor"),
+        broker::connect_indexed(&cfg.amqp_url, "apiary doctor"),
     )
     .await;
-    let conn = match connected {
-        Ok(Ok(c)) => c,
+    let (conn, answered) = match connected {
+        Ok(Ok((c, i))) => (c, hosts.get(i).cloned().unwrap_or_else(|| at.clone())),
         Ok(Err(e)) => {
             return vec![
                 rabbitmq_problem(&e, &at, &user, &vhost),
@@ -74,11 +93,18 @@ pub(super) async fn check_rabbitmq(cfg: &Config) -> Vec<Finding> {
     };
     let mut out = vec![Finding::ok(
         "rabbitmq",
-        format!("RabbitMQ answers at {at}, vhost \"{vhost}\""),
+        format!("RabbitMQ answers at {answered}, vhost \"{vhost}\""),
     )];
     // Every queue the configuration names (`default`, `APIARY_QUEUES`, the kinds' queues).
     for queue in cfg.configured_queues() {
-        out.extend(check_queues(&conn, &QueueNames::for_queue(&cfg.queue, &queue)).await);
+        out.extend(
+            check_queues(
+                &conn,
+                &QueueNames::for_queue(&cfg.queue, &queue),
+                cfg.queue_type,
+            )
+            .await,
+        );
     }
     let _ = conn.close(200, "doctor done".into()).await;
     out
@@ -132,8 +158,12 @@ fn rabbitmq_problem(e: &BrokerError, at: &str, user: &str, vhost: &str) -> Findi
 /// which the broker refuses on a queue declared otherwise, naming the argument). A queue that
 /// exists with the same arguments is left as it was; doctor creates a queue only if one is
 /// deleted in the instant between its two declares, and then as `apiary migrate` would.
-async fn check_queues(conn: &lapin::Connection, names: &QueueNames) -> Vec<Finding> {
-    let specs = topology::specs(names);
+async fn check_queues(
+    conn: &lapin::Connection,
+    names: &QueueNames,
+    kind: topology::QueueType,
+) -> Vec<Finding> {
+    let specs = topology::specs(names, kind);
     let total = specs.len();
     let mut missing = Vec::new();
     let mut out = Vec::new();
@@ -174,10 +204,30 @@ async fn check_queues(conn: &lapin::Connection, names: &QueueNames) -> Vec<Findi
                 continue;
             }
         }
-        match channel
+        let declared = channel
             .queue_declare(spec.name.as_str().into(), topology::durable(), spec.args)
-            .await
+            .await;
+        // Refused: of the other type? RabbitMQ names only the first argument that differs,
+        // so the broker is asked with each type's arguments.
+        if let Err(e) = &declared
+            && amqp_code(e) == Some(406)
+            && let Some(existing) = topology::probe_type(conn, names, &spec.name).await
+            && existing != kind
         {
+            out.push(Finding::bad(
+                "queues",
+                Level::Fail,
+                format!(
+                    "queue {} is a {existing} queue, but APIARY_QUEUE_TYPE is {kind}",
+                    spec.name
+                ),
+                format!(
+                    "set APIARY_QUEUE_TYPE={existing}, or stop every worker and producer and run `apiary migrate-queues --to {kind}`"
+                ),
+            ));
+            continue;
+        }
+        match declared {
             Ok(_) => {
                 let _ = channel.close(200, "checked".into()).await;
             }

@@ -211,6 +211,13 @@ impl Worker {
             worker = %shared.id, prefix = %cfg.queue, queues = %queues.join(","),
             kinds = ?shared.registry.kinds(), "worker starting"
         );
+        if cfg.queue_type == crate::broker::topology::QueueType::Quorum {
+            // Once here rather than per session: a reconnect changes nothing about it.
+            tracing::info!(
+                prefix = %cfg.queue,
+                "APIARY_QUEUE_TYPE is quorum: RabbitMQ 3.x quorum queues have no priorities, so job priorities are ignored and jobs run in arrival order"
+            );
+        }
 
         let claimer_stop = CancellationToken::new();
         let claimers = shared

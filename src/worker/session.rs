@@ -41,6 +41,7 @@ impl Session {
 /// was open then, for the drain to settle and close.
 pub(crate) async fn keep_consuming(shared: &Arc<Shared>) -> Option<Session> {
     let mut delays = reconnect_delays();
+    let mut said_mismatch = false;
     while !shared.stop_taking.is_cancelled() {
         let opened = tokio::select! {
             r = open(shared) => r,
@@ -57,9 +58,19 @@ pub(crate) async fn keep_consuming(shared: &Arc<Shared>) -> Option<Session> {
                     None => return Some(session),
                     Some(e) => {
                         shared.rabbit.down(&e);
+                        // The next attempt starts from the next address of AMQP_URL.
+                        crate::broker::lost(&shared.cfg.amqp_url);
                         *shared.publisher.write().await = None;
                         *shared.stats_channel.write().await = None;
                     }
+                }
+            }
+            // Not an outage but a setting at odds with the broker: said at error level, once,
+            // and retried, so the worker starts consuming once the queues are migrated.
+            Err(e @ BrokerError::QueueTypeMismatch { .. }) => {
+                if !said_mismatch {
+                    tracing::error!(error = %e, "cannot consume until the queues and APIARY_QUEUE_TYPE agree; retrying with backoff");
+                    said_mismatch = true;
                 }
             }
             Err(e) => shared.rabbit.down(&e),
@@ -107,14 +118,20 @@ fn reconnect_delays() -> impl Iterator<Item = Duration> {
 async fn open(shared: &Arc<Shared>) -> Result<Session, BrokerError> {
     let name = format!("apiary worker {} pid {}", shared.id, std::process::id());
     let conn = Arc::new(crate::broker::connect(&shared.cfg.amqp_url, &name).await?);
-    let publisher = Arc::new(Publisher::on(conn.clone(), &shared.cfg.queue).await?);
+    let publisher = Arc::new(
+        Publisher::on(conn.clone(), &shared.cfg.queue)
+            .await?
+            .with_queue_type(shared.cfg.queue_type),
+    );
     let mut lanes = Vec::with_capacity(shared.lanes.len());
     for lane in &shared.lanes {
         let channel = conn
             .create_channel()
             .await
             .context("opening a consume channel")?;
-        if topology::declare(&conn, &channel, &lane.names).await? == Declared::WithoutPriorities {
+        let declared =
+            topology::declare(&conn, &channel, &lane.names, shared.cfg.queue_type).await?;
+        if declared == Declared::WithoutPriorities {
             tracing::warn!(queue = %lane.queue(), "priorities are ignored for this queue until its work queue is declared again with them (see the README)");
         }
         channel

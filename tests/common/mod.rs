@@ -7,6 +7,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use apiary::broker::topology::QueueType;
 use apiary::broker::{self, QueueNames};
 use apiary::config::Config;
 use apiary::store::Store;
@@ -34,6 +35,11 @@ pub struct TestEnv {
 impl TestEnv {
     /// A migrated database and declared queues, named after a fresh id.
     pub async fn new() -> TestEnv {
+        TestEnv::with_queue_type(QueueType::Classic).await
+    }
+
+    /// [`TestEnv::new`] with its queues declared as `kind` (`APIARY_QUEUE_TYPE`).
+    pub async fn with_queue_type(kind: QueueType) -> TestEnv {
         let short = Uuid::new_v4().simple().to_string()[..12].to_string();
         let name = format!("apiary_t_{short}");
         let mut cfg = Config::from_env().expect("default config");
@@ -46,6 +52,7 @@ impl TestEnv {
         cfg.outbox_grace = Duration::from_secs(1);
         // Small pools: test binaries run side by side on a Postgres with 100 connections.
         cfg.db_pool = TEST_DB_POOL;
+        cfg.queue_type = kind;
         apiary::store::migrate(&cfg.database_url)
             .await
             .expect("migrate");
@@ -53,7 +60,7 @@ impl TestEnv {
             .await
             .expect("rabbitmq");
         let ch = conn.create_channel().await.expect("channel");
-        broker::topology::declare(&conn, &ch, &QueueNames::new(&cfg.queue))
+        broker::topology::declare(&conn, &ch, &QueueNames::new(&cfg.queue), kind)
             .await
             .expect("declare");
         let _ = conn.close(200, "setup done".into()).await;
@@ -131,6 +138,10 @@ impl TestEnv {
             ("DATABASE_URL".into(), self.cfg.database_url.clone()),
             ("AMQP_URL".into(), self.cfg.amqp_url.clone()),
             ("APIARY_QUEUE".into(), self.cfg.queue.clone()),
+            (
+                "APIARY_QUEUE_TYPE".into(),
+                self.cfg.queue_type.as_str().into(),
+            ),
             ("APIARY_RETRY_BASE".into(), "100ms".into()),
             ("APIARY_RETRY_CAP".into(), "1s".into()),
             ("APIARY_LEASE".into(), "3s".into()),
