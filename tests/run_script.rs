@@ -294,8 +294,19 @@ async fn two_instances_run_side_by_side_answer_at_their_printed_urls_and_stop_wi
     let job = wait_succeeded(&http, &a.api, &id_a).await;
     assert_eq!(job["result"], json!({ "from": "a" }));
 
-    // The sample commands it printed work as printed.
+    // The dashboard it printed answers there.
     let printed = b.output();
+    let dashboard = line_after(&printed, "API:");
+    assert_eq!(dashboard, format!("dashboard: {}/", b.api), "{printed}");
+    let page = http
+        .get(dashboard.trim_start_matches("dashboard: "))
+        .send()
+        .await
+        .expect("GET dashboard");
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.expect("page").contains("/ui/app.js"));
+
+    // The sample commands it printed work as printed.
     let enqueue_line = line_after(&printed, "Enqueue an echo job");
     assert!(
         enqueue_line.starts_with(&format!("curl -s -X POST {}/v1/jobs ", b.api)),
