@@ -15,41 +15,6 @@ const T: Duration = Duration::from_secs(60);
 /// Nothing listens on port 1: a connection there is refused at once.
 const DEAD: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
 
-/// Closes the RabbitMQ connections of the OS process `pid`, found by the pid in their
-/// connection name; returns how many.
-async fn close_rabbit_connections_of(pid: i32) -> usize {
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "list_connections",
-            "pid",
-            "client_properties",
-            "--no-table-headers",
-            "-q",
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("rabbitmqctl");
-    let needle = format!("pid {pid}\"");
-    let mut closed = 0;
-    for line in String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(&needle))
-    {
-        let Some(cpid) = line.split('\t').next() else {
-            continue;
-        };
-        let status = tokio::process::Command::new("rabbitmqctl")
-            .args(["close_connection", cpid, "test: connection closed"])
-            .stdin(std::process::Stdio::null())
-            .status()
-            .await
-            .expect("close_connection");
-        closed += usize::from(status.success());
-    }
-    closed
-}
-
 /// A world whose `AMQP_URL` lists a dead address before the real one.
 async fn dead_first() -> TestEnv {
     let mut env = TestEnv::new().await;
@@ -128,7 +93,7 @@ async fn a_worker_whose_connection_is_closed_connects_again_and_keeps_consuming(
             );
         }
         assert!(
-            close_rabbit_connections_of(worker.pid()).await >= 1,
+            common::close_rabbit_connections_of(worker.pid()).await >= 1,
             "found the worker's connection"
         );
     }
@@ -197,7 +162,7 @@ async fn the_apis_publisher_connects_again_from_the_next_address() {
     let first = post(0).await;
     env.wait_for_status(first, JobStatus::Succeeded, T).await;
     assert!(
-        close_rabbit_connections_of(api.pid()).await >= 1,
+        common::close_rabbit_connections_of(api.pid()).await >= 1,
         "found the api's connection"
     );
     // The next enqueues reconnect, from the address after the lost one.

@@ -526,22 +526,36 @@ async fn series_counts_finishes_retries_and_latency() {
         env.wait_for_status(*id, JobStatus::Succeeded, T).await;
     }
     env.wait_for_status(dead, JobStatus::Dead, T).await;
-    let (code, s) = get(&format!("{}/v1/stats/series?minutes=10", d.base)).await;
-    assert_eq!(code, 200, "{s}");
+    // The worker writes what it finished at its next heartbeat: wait for all of it.
+    let sum = |s: &Value, k: &str| -> f64 {
+        s["points"]
+            .as_array()
+            .map(|p| p.iter().map(|p| p[k].as_f64().unwrap_or(0.0) * 5.0).sum())
+            .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + T;
+    let s = loop {
+        let (code, s) = get(&format!("{}/v1/stats/series?minutes=10", d.base)).await;
+        assert_eq!(code, 200, "{s}");
+        if (sum(&s, "succeeded_per_second") - 13.0).abs() < 1e-6
+            && (sum(&s, "failed_per_second") - 1.0).abs() < 1e-6
+            && (sum(&s, "retried_per_second") - 2.0).abs() < 1e-6
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the series never added up: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(s["step_seconds"], 5);
     let points = s["points"].as_array().expect("points");
     assert_eq!(points.len(), 120);
-    let sum = |k: &str| -> f64 {
-        points
-            .iter()
-            .map(|p| p[k].as_f64().unwrap_or(0.0) * 5.0)
-            .sum()
-    };
-    assert!((sum("succeeded_per_second") - 13.0).abs() < 1e-6, "{s}");
-    assert!((sum("failed_per_second") - 1.0).abs() < 1e-6, "{s}");
-    assert!((sum("retried_per_second") - 2.0).abs() < 1e-6, "{s}");
     let p99: Vec<f64> = points.iter().filter_map(|p| p["p99_ms"].as_f64()).collect();
-    assert!(!p99.is_empty() && p99.iter().all(|v| *v >= 0.0), "{s}");
+    assert!(!p99.is_empty() && p99.iter().all(|v| *v > 0.0), "{s}");
+    // The samples are the deployment's own: another deployment's series is empty.
+    let other = TestEnv::new().await;
+    let d2 = deploy(&other, None).await;
+    let (_, s2) = get(&format!("{}/v1/stats/series?minutes=10", d2.base)).await;
+    assert_eq!(sum(&s2, "succeeded_per_second"), 0.0, "{s2}");
     for bad in ["0", "1441", "x"] {
         let (code, body) = get(&format!("{}/v1/stats/series?minutes={bad}", d.base)).await;
         assert_eq!(code, 400, "{bad}: {body}");

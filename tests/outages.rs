@@ -14,38 +14,6 @@ use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
 
-/// The RabbitMQ connections of one OS process, found by the pid in their connection name.
-async fn close_rabbit_connections_of(pid: i32) -> usize {
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "list_connections",
-            "pid",
-            "client_properties",
-            "--no-table-headers",
-            "-q",
-        ])
-        .output()
-        .await
-        .expect("rabbitmqctl");
-    let needle = format!("pid {pid}\"");
-    let mut closed = 0;
-    for line in String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(&needle))
-    {
-        let Some(cpid) = line.split('\t').next() else {
-            continue;
-        };
-        let status = tokio::process::Command::new("rabbitmqctl")
-            .args(["close_connection", cpid, "test: simulated outage"])
-            .status()
-            .await
-            .expect("close_connection");
-        closed += usize::from(status.success());
-    }
-    closed
-}
-
 async fn terminate_postgres_backends(db: &str) -> i64 {
     let mut conn =
         <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{}/postgres", common::PG_ROOT))
@@ -85,7 +53,7 @@ async fn connection_kills_on_both_sides_mid_stream_lose_nothing() {
         })
         .await;
         assert!(
-            close_rabbit_connections_of(worker.pid()).await >= 1,
+            common::close_rabbit_connections_of(worker.pid()).await >= 1,
             "found the worker's connection"
         );
         terminate_postgres_backends(&env.name).await;
@@ -259,7 +227,7 @@ async fn a_mixed_run_with_connection_kills_ends_with_everything_in_its_place() {
         if n == 2 {
             env.publish_raw(&poison).await;
             for w in [&w1, &w2] {
-                close_rabbit_connections_of(w.pid()).await;
+                common::close_rabbit_connections_of(w.pid()).await;
             }
             terminate_postgres_backends(&env.name).await;
         }

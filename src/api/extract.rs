@@ -26,3 +26,26 @@ pub struct QueryParams<T>(pub T);
 #[derive(Debug, FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct PathParams<T>(pub T);
+
+/// A whole-number query parameter within `range`, `default` when absent; 400 naming `field`
+/// otherwise.
+pub fn int_param(
+    field: &str,
+    raw: Option<&str>,
+    default: i64,
+    range: std::ops::RangeInclusive<i64>,
+) -> Result<i64, ApiError> {
+    let Some(raw) = raw else {
+        return Ok(default);
+    };
+    raw.parse::<i64>()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{field}: must be an integer from {} to {}, got {raw:?}",
+                range.start(),
+                range.end()
+            ))
+        })
+}

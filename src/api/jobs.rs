@@ -255,18 +255,7 @@ pub async fn list(
         no_nul("queue", queue)?;
         validate_queue(queue).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     }
-    let limit = match p.limit.as_deref() {
-        None => 50,
-        Some(l) => l
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "limit: must be an integer from 1 to {MAX_LIMIT}, got {l:?}"
-                ))
-            })?,
-    };
+    let limit = super::extract::int_param("limit", p.limit.as_deref(), 50, 1..=MAX_LIMIT)?;
     let before = match p.before.as_deref() {
         None => None,
         Some(b) => Some(b.parse().map_err(|_| {

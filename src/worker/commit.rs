@@ -116,17 +116,24 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
             Some(st) => {
                 finished += 1;
                 match st {
-                    JobStatus::Succeeded => km.succeeded.increment(1),
+                    JobStatus::Succeeded => {
+                        km.succeeded.increment(1);
+                        shared
+                            .samples
+                            .succeeded(super::run::due_ms(&c.job).map(|at| now_ms - at));
+                    }
                     JobStatus::Retrying => {
                         failed += 1;
                         km.failed.increment(1);
                         km.retried.increment(1);
+                        shared.samples.retried();
                         tracing::info!(job_id = %c.job.id, kind = %c.job.kind, attempt = c.finish.attempt, "attempt failed; retrying");
                     }
                     JobStatus::Dead => {
                         failed += 1;
                         km.failed.increment(1);
                         km.dead.increment(1);
+                        shared.samples.dead();
                         if let Outcome::Dead(reason) = &c.finish.outcome {
                             tracing::warn!(job_id = %c.job.id, kind = %c.job.kind, attempt = c.finish.attempt, reason = %reason, "job is dead");
                         }

@@ -90,6 +90,16 @@ pub(crate) async fn drain(
         let _ = t.await;
     }
     let quick = Duration::from_secs(2);
+    // What it finished since its last heartbeat, so the charts miss nothing of a drain.
+    let sample = shared.samples.take();
+    if !sample.is_empty() {
+        let write = shared
+            .store
+            .record_sample(&shared.cfg.queue, shared.id, &sample);
+        if !matches!(tokio::time::timeout(quick, write).await, Ok(Ok(()))) {
+            tracing::debug!("could not write this worker's last sample for the charts");
+        }
+    }
     match tokio::time::timeout(quick, shared.store.remove_worker(shared.id)).await {
         Ok(Ok(())) => {}
         _ => {

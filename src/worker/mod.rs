@@ -26,6 +26,7 @@ mod relay;
 pub mod rescuer;
 pub mod retry;
 mod run;
+pub mod samples;
 pub mod scheduler;
 mod session;
 pub(crate) mod shared;
@@ -144,6 +145,7 @@ impl Worker {
             interrupt: CancellationToken::new(),
             tasks: TaskTracker::new(),
             counters: Counters::default(),
+            samples: samples::Sampler::default(),
             rabbit: Outage::new("rabbitmq"),
             postgres: Outage::new("postgres"),
             ready: AtomicBool::new(false),

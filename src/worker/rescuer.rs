@@ -291,13 +291,31 @@ async fn register(shared: &Shared) {
         rate
     };
     let row = registry_row(shared, rate);
-    let beat = shared.store.beat_worker(&row);
+    let sample = shared.samples.take();
+    let beat = async {
+        shared.store.beat_worker(&row).await?;
+        if !sample.is_empty() {
+            shared
+                .store
+                .record_sample(&shared.cfg.queue, shared.id, &sample)
+                .await?;
+        }
+        Ok::<(), crate::store::StoreError>(())
+    };
     // Bounded by the lease, like a renewal: a slow link delays the next beat, never abandons
     // this one (which would leave the row to look silent, and the worker gone).
+    // A sample that was not written goes with the next one: the charts lose no finish, they
+    // only place it a heartbeat late.
     match tokio::time::timeout(shared.cfg.lease, beat).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::debug!(error = %e, "could not update the worker registry"),
-        Err(_) => tracing::debug!("the worker registry update timed out"),
+        Ok(Err(e)) => {
+            shared.samples.put_back(&sample);
+            tracing::debug!(error = %e, "could not update the worker registry");
+        }
+        Err(_) => {
+            shared.samples.put_back(&sample);
+            tracing::debug!("the worker registry update timed out");
+        }
     }
 }
 

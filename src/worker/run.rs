@@ -238,6 +238,9 @@ async fn run_job(
                     super::relay::flush_released(shared, &follow).await;
                     shared.counters.finished.fetch_add(1, Ordering::Relaxed);
                     km.succeeded.increment(1);
+                    shared.samples.succeeded(
+                        due_ms(&job).map(|at| chrono::Utc::now().timestamp_millis() - at),
+                    );
                     if let Some(at) = enqueued_ms(&job) {
                         let ms = (chrono::Utc::now().timestamp_millis() - at).max(0);
                         km.end_to_end.record(ms as f64 / 1000.0);
@@ -295,6 +298,13 @@ fn complete(shared: &Shared, finish: Finish, inc: Incoming) {
         // The completer is gone only after the drain; the delivery is requeued by the close.
         tracing::debug!(job_id = %e.0.job.id, "completer closed");
     }
+}
+
+/// When the job was due, in ms since the epoch: when it was enqueued, or its `run_at` when
+/// later (a scheduled job's wait is not latency).
+pub(crate) fn due_ms(job: &WireJob) -> Option<i64> {
+    let enqueued = enqueued_ms(job)?;
+    Some(job.run_at.map_or(enqueued, |t| t.timestamp_millis().max(enqueued)))
 }
 
 /// When a job was enqueued, from its UUIDv7 id (ids of other versions carry no time).

@@ -107,6 +107,8 @@ pub(crate) struct Shared {
     /// Every task that holds a delivery.
     pub(crate) tasks: TaskTracker,
     pub(crate) counters: Counters,
+    /// What it finished since its last heartbeat, for the dashboard's charts.
+    pub(crate) samples: super::samples::Sampler,
     pub(crate) rabbit: Outage,
     pub(crate) postgres: Outage,
     pub(crate) ready: AtomicBool,

@@ -1066,3 +1066,38 @@ pub async fn passive_declare(queue: &str) -> lapin::Queue {
     let _ = conn.close(200, "".into()).await;
     q
 }
+
+/// Closes the RabbitMQ connections of the OS process `pid`, found by the pid in their
+/// connection name; returns how many.
+pub async fn close_rabbit_connections_of(pid: i32) -> usize {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "pid",
+            "client_properties",
+            "--no-table-headers",
+            "-q",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("rabbitmqctl");
+    let needle = format!("pid {pid}\"");
+    let mut closed = 0;
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&needle))
+    {
+        let Some(cpid) = line.split('\t').next() else {
+            continue;
+        };
+        let status = tokio::process::Command::new("rabbitmqctl")
+            .args(["close_connection", cpid, "test: connection closed"])
+            .stdin(std::process::Stdio::null())
+            .status()
+            .await
+            .expect("close_connection");
+        closed += usize::from(status.success());
+    }
+    closed
+}
