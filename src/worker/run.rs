@@ -304,7 +304,10 @@ fn complete(shared: &Shared, finish: Finish, inc: Incoming) {
 /// later (a scheduled job's wait is not latency).
 pub(crate) fn due_ms(job: &WireJob) -> Option<i64> {
     let enqueued = enqueued_ms(job)?;
-    Some(job.run_at.map_or(enqueued, |t| t.timestamp_millis().max(enqueued)))
+    Some(
+        job.run_at
+            .map_or(enqueued, |t| t.timestamp_millis().max(enqueued)),
+    )
 }
 
 /// When a job was enqueued, from its UUIDv7 id (ids of other versions carry no time).

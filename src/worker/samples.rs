@@ -33,7 +33,7 @@ pub(crate) struct Sampler {
     latency: [AtomicU32; BUCKETS],
 }
 
-/// One heartbeat's worth, taken from a [`Sampler`].
+/// One heartbeat's worth of what a worker finished.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Sample {
     /// Jobs that succeeded.
@@ -142,7 +142,10 @@ mod tests {
         for ms in [1.5_f64, 2.0, 10.0, 47.0, 1_000.0, 86_400_000.0] {
             let b = bucket_of(ms);
             let upper = bucket_upper_ms(b);
-            assert!(upper >= ms && upper <= ms * 1.14, "{ms} ms -> bucket {b} up to {upper}");
+            assert!(
+                upper >= ms && upper <= ms * 1.14,
+                "{ms} ms -> bucket {b} up to {upper}"
+            );
         }
         assert_eq!(bucket_of(0.0), 0);
         assert_eq!(bucket_of(1.0), 0);
