@@ -199,3 +199,53 @@ pub enum RelayError<E> {
     #[error("republishing outbox rows: {0}")]
     Publish(E),
 }
+
+impl Store {
+    /// Gives an outbox row (so the relay publishes it again) to every job of `queues` in the
+    /// deployment `prefix` that is due since longer than `grace`, waiting for a worker
+    /// (`queued` or `retrying`), and carried by nothing the database knows of. The caller
+    /// has seen those queues empty in the broker (nothing ready, nothing in a delay tier), so
+    /// such a job's message was lost: RabbitMQ 3.x can drop a message that a quorum delay tier
+    /// is dead-lettering while the tier's leader dies. A job whose message was not lost after
+    /// all gets a second one, which its claim settles as a duplicate.
+    ///
+    /// One worker of a deployment does it at a time (an advisory lock), and it looks at jobs
+    /// created in the last 7 days, at most 10,000 per pass. Returns how many it gave a row.
+    pub async fn requeue_lost(
+        &self,
+        prefix: &str,
+        queues: &[String],
+        grace: Duration,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool().begin().await.context("finding lost messages")?;
+        let locked: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_xact_lock(hashtext('apiary lost messages ' || $1))",
+        )
+        .bind(prefix)
+        .fetch_one(&mut *tx)
+        .await
+        .context("finding lost messages")?;
+        if !locked {
+            return Ok(0);
+        }
+        let done = sqlx::query(
+            "INSERT INTO apiary_outbox (job_id, created_at)
+             SELECT j.id, '-infinity' FROM apiary_jobs j
+              WHERE j.created_at > now() - interval '7 days'
+                AND j.prefix = $1 AND j.queue = ANY($2)
+                AND j.status IN ('queued', 'retrying')
+                AND coalesce(j.next_attempt_at, j.run_at, j.created_at) < now() - $3::interval
+                AND NOT EXISTS (SELECT 1 FROM apiary_outbox o WHERE o.job_id = j.id)
+              LIMIT 10000
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(prefix)
+        .bind(queues)
+        .bind(grace)
+        .execute(&mut *tx)
+        .await
+        .context("finding lost messages")?;
+        tx.commit().await.context("finding lost messages")?;
+        Ok(done.rows_affected())
+    }
+}

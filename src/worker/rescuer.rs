@@ -8,6 +8,8 @@
 //! - **relay**: outbox rows whose sender died between its commit and the broker's confirm.
 //! - **rescue**: running jobs whose lease expired (detached jobs, jobs of workers whose
 //!   heartbeat stopped, and once a minute every running job), put back or ended.
+//! - **lost messages**: jobs due for a while with nothing in their queue's broker queues to
+//!   carry them (every 3 leases), given back to the relay ([`crate::store::Store::requeue_lost`]).
 //! - **prune**: finished jobs past their retention.
 //! - **dead-letter sweep**: removes the letters of replayed jobs from each of its queues'
 //!   dead-letter queues, one pass for many replays, one worker at a time.
@@ -65,6 +67,12 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             Duration::from_secs(10),
             |s| Box::pin(async move { sweep_dead_letters(&s).await }),
         )),
+        tokio::spawn(every(
+            shared.clone(),
+            stop.clone(),
+            shared.cfg.lease * LOST_AFTER_LEASES,
+            |s| Box::pin(async move { requeue_lost(&s).await }),
+        )),
         tokio::spawn(prune_loop(shared.clone(), stop.clone())),
         tokio::spawn(every(
             shared.clone(),
@@ -85,6 +93,50 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     ];
     for t in tasks {
         let _ = t.await;
+    }
+}
+
+/// In leases (`APIARY_LEASE`, 10 s by default): how often a worker looks for jobs whose
+/// messages the broker lost, and how long past its due time a waiting job with nothing in
+/// the broker to carry it must be before it counts as lost. A delivery a worker holds is
+/// claimed, or put back in a delay tier, well within that.
+pub const LOST_AFTER_LEASES: u32 = 3;
+
+/// Finds the queues this worker serves that the broker holds nothing of (not paused, nothing
+/// ready, nothing delayed), and has the jobs Postgres says are due in them published again.
+async fn requeue_lost(shared: &Shared) {
+    let Some(ch) = shared.stats_channel.read().await.clone() else {
+        return;
+    };
+    let mut empty = Vec::new();
+    for lane in &shared.lanes {
+        if lane.is_paused() {
+            continue;
+        }
+        let read = crate::broker::topology::depths(&ch, &lane.names);
+        if let Ok(Ok(d)) = tokio::time::timeout(Duration::from_secs(5), read).await
+            && d.ready == 0
+            && d.delayed == 0
+        {
+            empty.push(lane.queue().to_string());
+        }
+    }
+    if empty.is_empty() {
+        return;
+    }
+    let grace = shared.cfg.lease * LOST_AFTER_LEASES;
+    match shared
+        .store
+        .requeue_lost(&shared.cfg.queue, &empty, grace)
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            jobs = n,
+            queues = ?empty,
+            "jobs due with nothing in the broker to carry them: publishing them again"
+        ),
+        Err(e) => tracing::debug!(error = %e, "could not look for lost messages"),
     }
 }
 
