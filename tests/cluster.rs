@@ -698,6 +698,22 @@ async fn assert_consuming(env: &TestEnv, producer: &Producer, workers: &[Proc]) 
     .await;
 }
 
+/// The `down_seconds` of each "available again" line of a log.
+fn down_times(log: &str) -> Vec<String> {
+    common::strip_ansi(log)
+        .lines()
+        .filter(|l| l.contains("available again"))
+        .map(|l| {
+            l.split("down_seconds=")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse::<f64>().ok())
+                .map(|s| format!("{s:.1}s"))
+                .unwrap_or_else(|| "?".into())
+        })
+        .collect()
+}
+
 /// SIGTERM, and a clean exit.
 async fn stop(what: &str, p: &mut Proc) {
     p.signal("TERM");
@@ -855,9 +871,10 @@ async fn broker_node_dies() {
     assert_outcomes(&env, &plans, &outcomes, &[("probe", 2)]).await;
     assert_eq!(env.count(apiary::JobStatus::Running).await, 0);
     assert_consuming(&env, &producer, &workers).await;
-    let reconnects: Vec<usize> = workers
-        .iter()
-        .map(|w| w.log_text().matches("rabbitmq available again").count())
+    // Each process's own account of its outages: "rabbitmq available again ... down_seconds=".
+    let outages: Vec<Vec<String>> = std::iter::once(&api)
+        .chain(&workers)
+        .map(|p| down_times(&p.log_text()))
         .collect();
     for (k, w) in workers.iter_mut().enumerate() {
         stop(&format!("worker {k}"), w).await;
@@ -875,7 +892,7 @@ async fn broker_node_dies() {
             secs(*restarted)
         );
     }
-    eprintln!("  worker reconnects        {reconnects:?}");
+    eprintln!("  down, as each process saw it (api, workers): {outages:?}");
     eprintln!(
         "  producer retries         {} enqueues, {} cancels: {:?}",
         producer
@@ -991,7 +1008,12 @@ async fn postgres_restarts() {
     stop("api", &mut api).await;
     env.assert_invariants_quiescent().await;
 
+    let outages: Vec<Vec<String>> = std::iter::once(&api)
+        .chain(&workers)
+        .map(|p| down_times(&p.log_text()))
+        .collect();
     eprintln!("cluster figures (Postgres stopped 10 s)");
+    eprintln!("  down, as each process saw it (api, workers): {outages:?}");
     eprintln!(
         "  stop / start             {} / {}",
         secs(stopped_in),
