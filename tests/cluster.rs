@@ -86,10 +86,26 @@ async fn try_script(name: &str, args: &[&str]) -> Option<String> {
 struct Teardown {
     name: &'static str,
     args: Vec<String>,
+    /// The servers' state directory: when the test fails, its `*.log` files are copied to
+    /// `${TMPDIR:-/tmp}/apiary-cluster-failure-PID/` first, to explain the failure.
+    logs: Option<std::path::PathBuf>,
 }
 
 impl Drop for Teardown {
     fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = &self.logs
+        {
+            let keep =
+                std::env::temp_dir().join(format!("apiary-cluster-failure-{}", std::process::id()));
+            let _ = std::fs::create_dir_all(&keep);
+            let _ = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(r#"find "$1" -name '*.log' -exec cp --parents {} "$2" \;"#)
+                .args(["sh", &dir.to_string_lossy(), &keep.to_string_lossy()])
+                .status();
+            eprintln!("cluster: the servers' logs are in {}", keep.display());
+        }
         let _ = std::process::Command::new(script(self.name))
             .args(&self.args)
             .stdin(std::process::Stdio::null())
@@ -751,6 +767,11 @@ async fn broker_node_dies() {
     let _cluster = Teardown {
         name: "rabbitmq-cluster",
         args: cluster("stop"),
+        logs: Some(
+            std::env::temp_dir()
+                .join("apiary-rabbitmq-cluster")
+                .join(CLUSTER_NAME),
+        ),
     };
     let start: Vec<String> = cluster("start");
     let start: Vec<&str> = start.iter().map(String::as_str).collect();
@@ -927,6 +948,7 @@ async fn postgres_restarts() {
     let _pg = Teardown {
         name: "pg-private",
         args: vec!["remove".into(), "--port".into(), port.clone()],
+        logs: Some(std::env::temp_dir().join("apiary-pg-private").join(&port)),
     };
     let url = run_script("pg-private", &["start", "--port", &port]).await;
     let root = url

@@ -315,6 +315,7 @@ pub(crate) fn dispatch(
             }
         }
         Claim::Finished | Claim::Duplicate(_) | Claim::Cancelled | Claim::Gone => {
+            tracing::debug!(job_id = %inc.job.id, claim = ?claim, "acked unrun");
             if matches!(claim, Claim::Gone) {
                 tracing::info!(job_id = %inc.job.id, "message of a job that finished and was pruned: acked unrun");
             }
