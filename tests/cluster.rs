@@ -566,13 +566,31 @@ async fn settle(env: &TestEnv, procs: &mut [(&str, &mut Proc)], cluster: Option<
                 .await
                 .unwrap_or(-1);
             eprintln!("--- outbox rows: {outbox}");
-            let stuck: Vec<(Uuid, String, String, i32)> = sqlx::query_as(
-                "SELECT id, kind, status, attempts FROM apiary_jobs
-                  WHERE status NOT IN ('succeeded', 'cancelled', 'dead', 'failed') LIMIT 10",
+            type Stuck = (
+                Uuid,
+                String,
+                String,
+                i32,
+                Option<String>,
+                Option<DateTime<Utc>>,
+            );
+            let stuck: Vec<Stuck> = sqlx::query_as(
+                "SELECT id, kind, status, attempts, dedup_key, run_at FROM apiary_jobs
+                  WHERE status NOT IN ('succeeded', 'cancelled', 'dead', 'failed')
+                  ORDER BY id LIMIT 40",
             )
             .fetch_all(env.store.pool())
             .await
             .unwrap_or_default();
+            let delayed: Vec<(bool, i64)> = sqlx::query_as(
+                "SELECT run_at IS NOT NULL, count(*) FROM apiary_jobs
+                  WHERE status NOT IN ('succeeded', 'cancelled', 'dead', 'failed')
+                  GROUP BY 1",
+            )
+            .fetch_all(env.store.pool())
+            .await
+            .unwrap_or_default();
+            eprintln!("--- not final, (delayed?, count): {delayed:?}");
             for (what, p) in procs.iter() {
                 let log = common::strip_ansi(&p.log_text());
                 let tail: Vec<&str> = log.lines().rev().take(30).collect();
