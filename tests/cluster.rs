@@ -7,8 +7,8 @@
 //! Each test starts heavy private servers (`scripts/rabbitmq-cluster`: three RabbitMQ nodes;
 //! `scripts/pg-private`: a Postgres), so they run one after the other (`SERIAL`), each bounded
 //! by [`BUDGET`], and stop and remove what they started when they end, pass or fail (a guard
-//! runs the script's stop synchronously in its `Drop`). The cluster test takes about 2 minutes,
-//! the Postgres one about 1.5 minutes, on a 2-core VM. They print their timings (`cluster:`
+//! runs the script's stop synchronously in its `Drop`). The cluster test takes 1.5–2.5 minutes
+//! (up to 3.5 with other builds beside it), the Postgres one about 1 minute, on a 2-core VM. They print their timings (`cluster:`
 //! lines on stderr; run with `--nocapture` to see them as they come).
 //!
 //! The producer retries every enqueue and cancel that fails during an outage with the same
