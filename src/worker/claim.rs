@@ -315,6 +315,7 @@ pub(crate) fn dispatch(
             }
         }
         Claim::Finished | Claim::Duplicate(_) | Claim::Cancelled | Claim::Gone => {
+            tracing::debug!(job_id = %inc.job.id, claim = ?claim, "acked unrun");
             if matches!(claim, Claim::Gone) {
                 tracing::info!(job_id = %inc.job.id, "message of a job that finished and was pruned: acked unrun");
             }
@@ -459,7 +460,8 @@ pub(crate) async fn hop_waiting(shared: &Arc<Shared>, batch: Vec<Incoming>) {
         .collect();
     match publisher.publish(&out).await {
         Ok(()) => {
-            for inc in hops {
+            for (inc, m) in hops.into_iter().zip(&out) {
+                tracing::debug!(job_id = %inc.job.id, tier = %m.queue, "sent on to a delay tier");
                 inc.delivery.settle(Settle::Ack);
             }
         }
@@ -500,7 +502,10 @@ async fn hop(shared: &Shared, inc: Incoming, remaining_ms: i64) {
     };
     let out = hop_message(&inc, remaining_ms);
     match publisher.publish(std::slice::from_ref(&out)).await {
-        Ok(()) => inc.delivery.settle(Settle::Ack),
+        Ok(()) => {
+            tracing::debug!(job_id = %inc.job.id, tier = %out.queue, "sent on to a delay tier");
+            inc.delivery.settle(Settle::Ack)
+        }
         Err(e) => {
             tracing::warn!(job_id = %inc.job.id, error = %e, "could not send a waiting job on; handing its message back");
             requeue_later(shared, inc.delivery).await

@@ -30,6 +30,12 @@ pub struct TestEnv {
     pub store: Store,
     /// Named queues this test uses besides `default`: their broker queues go with the test.
     pub queues: Vec<String>,
+    /// The Postgres server holding the database (`postgres://user@host:port`), where the
+    /// database is dropped when the test ends.
+    pub pg_root: String,
+    /// The broker addresses the queues were declared on (`AMQP_URL`, maybe a list), where
+    /// they are deleted when the test ends.
+    pub amqp_url: String,
 }
 
 impl TestEnv {
@@ -40,11 +46,19 @@ impl TestEnv {
 
     /// [`TestEnv::new`] with its queues declared as `kind` (`APIARY_QUEUE_TYPE`).
     pub async fn with_queue_type(kind: QueueType) -> TestEnv {
+        TestEnv::on(AMQP, PG_ROOT, kind).await
+    }
+
+    /// A world on other servers than the shared ones: its database on the Postgres at
+    /// `pg_root` (`postgres://postgres@127.0.0.1:5451`, no database), its queues declared as
+    /// `kind` on the broker `amqp_url` (one address or a comma-separated list, tried in
+    /// order, as `AMQP_URL`). Both are removed again from there when the test ends.
+    pub async fn on(amqp_url: &str, pg_root: &str, kind: QueueType) -> TestEnv {
         let short = Uuid::new_v4().simple().to_string()[..12].to_string();
         let name = format!("apiary_t_{short}");
         let mut cfg = Config::from_env().expect("default config");
-        cfg.database_url = format!("{PG_ROOT}/{name}");
-        cfg.amqp_url = AMQP.to_string();
+        cfg.database_url = format!("{pg_root}/{name}");
+        cfg.amqp_url = amqp_url.to_string();
         cfg.queue = format!("apiary.t.{short}");
         cfg.retry_base = Duration::from_millis(100);
         cfg.retry_cap = Duration::from_secs(1);
@@ -56,7 +70,7 @@ impl TestEnv {
         apiary::store::migrate(&cfg.database_url)
             .await
             .expect("migrate");
-        let conn = broker::connect(AMQP, "apiary test setup")
+        let conn = broker::connect(amqp_url, "apiary test setup")
             .await
             .expect("rabbitmq");
         let ch = conn.create_channel().await.expect("channel");
@@ -70,6 +84,8 @@ impl TestEnv {
             cfg,
             store,
             queues: Vec::new(),
+            pg_root: pg_root.to_string(),
+            amqp_url: amqp_url.to_string(),
         }
     }
 
@@ -340,9 +356,9 @@ pub async fn publish_raw_with(
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        remove_world(&self.name, &self.names());
+        remove_world_on(&self.pg_root, &self.amqp_url, &self.name, &self.names());
         for q in &self.queues {
-            remove_queues(&self.names_of(q));
+            remove_queues_on(&self.amqp_url, &self.names_of(q));
         }
     }
 }
@@ -363,9 +379,24 @@ fn clean_up<F: Future<Output = ()> + Send + 'static>(work: F) {
 
 /// Deletes `names`' broker queues.
 pub fn remove_queues(names: &QueueNames) {
+    remove_queues_on(AMQP, names)
+}
+
+/// Deletes `names`' broker queues on the broker `amqp_url`: the first of its addresses that
+/// answers, when it is a comma-separated list.
+pub fn remove_queues_on(amqp_url: &str, names: &QueueNames) {
     let queues = names.all();
+    let urls: Vec<String> = amqp_url.split(',').map(|u| u.trim().to_string()).collect();
     clean_up(async move {
-        if let Ok(conn) = Connection::connect(AMQP, Default::default()).await
+        let mut conn = None;
+        for url in &urls {
+            let dial = Connection::connect(url, Default::default());
+            if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(10), dial).await {
+                conn = Some(c);
+                break;
+            }
+        }
+        if let Some(conn) = conn
             && let Ok(ch) = conn.create_channel().await
         {
             for q in queues {
@@ -381,18 +412,23 @@ pub fn remove_queues(names: &QueueNames) {
 /// Drops the database `name` and deletes `names`' queues, whatever made them: a [`TestEnv`]
 /// when it ends, or a test whose world a script or a CLI created.
 pub fn remove_world(name: &str, names: &QueueNames) {
+    remove_world_on(PG_ROOT, AMQP, name, names)
+}
+
+/// [`remove_world`] on other servers: the database on the Postgres at `pg_root`, the queues
+/// on the broker `amqp_url`.
+pub fn remove_world_on(pg_root: &str, amqp_url: &str, name: &str, names: &QueueNames) {
     let name = name.to_string();
+    let admin = format!("{pg_root}/postgres");
     clean_up(async move {
-        if let Ok(mut conn) =
-            <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{PG_ROOT}/postgres")).await
-        {
+        if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await {
             let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
             let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .execute(&mut conn)
                 .await;
         }
     });
-    remove_queues(names);
+    remove_queues_on(amqp_url, names);
 }
 
 /// A worker running inside the test process.
