@@ -330,7 +330,8 @@ async fn growing_from_one_shard_to_three_keeps_every_job() {
     // Producers on three shards from here; what waits in shard 0 stays where it is.
     ids.extend(backlog(&three, 300, 30).await);
     let by_shard = ready_by_shard(&names, 3).await;
-    assert_eq!(by_shard.iter().sum::<u32>(), 600, "{by_shard:?}");
+    // The scheduled jobs may have come due meanwhile: at least the 600 due ones are ready.
+    assert!(by_shard.iter().sum::<u32>() >= 600, "{by_shard:?}");
     assert!(by_shard[1] > 0 && by_shard[2] > 0, "{by_shard:?}");
     let info = reported(&three).await;
     assert_eq!(info.ready + info.delayed, 660, "{info:?}");

@@ -24,9 +24,14 @@ use crate::broker::consume::Acks;
 use crate::broker::{BrokerError, Context as _};
 use crate::wire::{RECORDED_HEADER, WireJob};
 
-/// The consumer tag of this worker: its id, so `rabbitmqctl list_consumers` names it.
-pub(crate) fn consumer_tag(shared: &Shared) -> String {
-    format!("apiary-{}", shared.id)
+/// The consumer tag of this worker on `queue`, one of `lane`'s shards: its id, so
+/// `rabbitmqctl list_consumers` names it, and for shards past 0 the shard's number, since
+/// a tag may be used once per channel and every shard of a lane shares the lane's channel.
+pub(crate) fn consumer_tag(shared: &Shared, lane: &Lane, queue: &str) -> String {
+    match queue.strip_prefix(lane.names.work.as_str()) {
+        Some(shard) if !shard.is_empty() => format!("apiary-{}{shard}", shared.id),
+        _ => format!("apiary-{}", shared.id),
+    }
 }
 
 /// Consumes `queue`, one of `lane`'s shards, on `channel` until the drain begins (returns
@@ -54,7 +59,7 @@ pub(crate) async fn consume_lane(
         let consumer = channel
             .basic_consume(
                 queue.into(),
-                consumer_tag(shared).as_str().into(),
+                consumer_tag(shared, lane, queue).as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
