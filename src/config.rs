@@ -1204,6 +1204,24 @@ mod tests {
     }
 
     #[test]
+    fn shards_parse_within_their_range() {
+        let o = parse_queue_options("default:shards=4;emails:rate=5/s,shards=2").expect("parses");
+        let mut cfg = defaults();
+        cfg.queue_options = o;
+        assert_eq!(cfg.shards().of("default"), 4);
+        assert_eq!(cfg.shards().of("emails"), 2);
+        assert_eq!(cfg.shards().of("reports"), 1, "one unless told");
+        assert_eq!(
+            cfg.queue_names("emails").work_queues(),
+            ["q:emails", "q:emails~1"]
+        );
+        for bad in ["0", "65", "-1", "two", ""] {
+            let e = parse_queue_options(&format!("default:shards={bad}")).expect_err(bad);
+            assert!(e.contains("default shards") && e.contains("1 to 64"), "{e}");
+        }
+    }
+
+    #[test]
     fn queues_and_limits_parse_and_name_what_is_wrong() {
         let q = parse_queues("default:64, emails:16,reports:2").expect("parses");
         assert_eq!(

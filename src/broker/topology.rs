@@ -24,7 +24,9 @@
 //! | delay tier of shard `k` | `<prefix>~<k>.delay.<ms>` | `<prefix>:<q>~<k>:delay:<ms>` |
 //!
 //! A queue name cannot hold `~` either, and the `default` queue's names hold no `:`, so
-//! shards collide with no other queue's names. The dead-letter queue stays one per queue:
+//! within a deployment no shard's name is another queue's (across deployments, a prefix
+//! chosen as another's `<prefix>~1` would collide, as one chosen as `<prefix>.dead` already
+//! would). The dead-letter queue stays one per queue:
 //! a dead letter waits for an operator, not a worker, and needs no spreading.
 //!
 //! - A job goes to shard `fnv1a64(key) % N`, where the key is its `concurrency_key`'s bytes
