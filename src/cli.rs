@@ -693,10 +693,7 @@ async fn migrate_queues(
             std::time::Duration::from_secs(86_400),
         )
         .await?;
-    let names: Vec<QueueNames> = known
-        .iter()
-        .map(|q| QueueNames::for_queue(&cfg.queue, q))
-        .collect();
+    let names: Vec<QueueNames> = known.iter().map(|q| cfg.queue_names(q)).collect();
     let conn = broker::connect(&cfg.amqp_url, "apiary migrate-queues")
         .await
         .context("connecting to RabbitMQ")?;
@@ -754,7 +751,7 @@ async fn migrate(cfg: &Config, progress: &ProgressArgs) -> anyhow::Result<()> {
         .context("connecting to RabbitMQ")?;
     let channel = conn.create_channel().await.context("opening a channel")?;
     for queue in cfg.configured_queues() {
-        let names = QueueNames::for_queue(&cfg.queue, &queue);
+        let names = cfg.queue_names(&queue);
         broker::topology::declare(&conn, &channel, &names, cfg.queue_type)
             .await
             .context("declaring queues")?;

@@ -236,7 +236,9 @@ impl Client {
         let store = Store::connect_lazy(&cfg.database_url, cfg.db_pool)?;
         let name = format!("apiary client pid {}", std::process::id());
         let publisher = Arc::new(
-            Publisher::new(&cfg.amqp_url, &name, &cfg.queue).with_queue_type(cfg.queue_type),
+            Publisher::new(&cfg.amqp_url, &name, &cfg.queue)
+                .with_queue_type(cfg.queue_type)
+                .with_shards(cfg.shards()),
         );
         Ok(Client::from_parts(store, publisher, cfg))
     }

@@ -513,8 +513,10 @@ pub struct Config {
     #[arg(long, env = "APIARY_QUEUES", default_value = "", value_parser = parse_queues, global = true)]
     pub queues: QueueSettings,
 
-    /// Per-queue settings: `reports:rate=5/s;emails:rate=100/m`. A queue's `rate` counts
-    /// the starts of all its jobs, whatever their kind, across every worker.
+    /// Per-queue settings: `reports:rate=5/s;emails:rate=100/m,shards=4`. A queue's `rate`
+    /// counts the starts of all its jobs, whatever their kind, across every worker; its
+    /// `shards` spreads its messages over that many broker work queues (default 1). Every
+    /// producer and worker should be given the same value.
     #[arg(long, env = "APIARY_QUEUE_OPTIONS", default_value = "", value_parser = parse_queue_options, global = true)]
     pub queue_options: QueueOptionSettings,
 
@@ -660,6 +662,11 @@ pub struct QueueOptions {
     /// At most this many of the queue's jobs start in any window of the period, across every
     /// worker.
     pub rate: Option<Rate>,
+    /// How many broker work queues the queue is spread over (`shards=N`, 1 to
+    /// [`crate::broker::topology::MAX_SHARDS`]); `None` means 1, the single queue of earlier
+    /// versions. Producers and workers must agree on it; see
+    /// [`crate::broker::topology`]'s module docs for the names and what changing it does.
+    pub shards: Option<u16>,
 }
 
 /// `APIARY_QUEUE_OPTIONS`, parsed: options by queue.
@@ -690,9 +697,24 @@ pub fn parse_queue_options(s: &str) -> Result<QueueOptionSettings, String> {
                             .map_err(|e| format!("APIARY_QUEUE_OPTIONS: {queue} rate: {e}"))?,
                     )
                 }
+                "shards" => {
+                    let max = crate::broker::topology::MAX_SHARDS;
+                    let n = v
+                        .trim()
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|n| (1..=max).contains(n))
+                        .ok_or_else(|| {
+                            format!(
+                                "APIARY_QUEUE_OPTIONS: {queue} shards: {:?}: expected a whole number from 1 to {max}",
+                                v.trim()
+                            )
+                        })?;
+                    o.shards = Some(n);
+                }
                 other => {
                     return Err(format!(
-                        "APIARY_QUEUE_OPTIONS: {queue}: unknown setting {other:?} (expected rate)"
+                        "APIARY_QUEUE_OPTIONS: {queue}: unknown setting {other:?} (expected rate or shards)"
                     ));
                 }
             }
@@ -1073,6 +1095,23 @@ impl Config {
         Ok(self)
     }
 
+    /// Every queue's shard count (`shards=` of `APIARY_QUEUE_OPTIONS`).
+    pub fn shards(&self) -> crate::broker::topology::Shards {
+        crate::broker::topology::Shards(
+            self.queue_options
+                .0
+                .iter()
+                .filter_map(|(q, o)| o.shards.map(|n| (q.clone(), n)))
+                .collect(),
+        )
+    }
+
+    /// The broker names of `queue` in this deployment, with its shard count.
+    pub fn queue_names(&self, queue: &str) -> crate::broker::QueueNames {
+        crate::broker::QueueNames::for_queue(&self.queue, queue)
+            .with_shards(self.shards().of(queue))
+    }
+
     /// The queues a worker consumes with their concurrency: `APIARY_QUEUES`, or the
     /// `default` queue with `APIARY_CONCURRENCY`.
     pub fn worker_queues(&self) -> Vec<(String, usize)> {
@@ -1162,6 +1201,24 @@ mod tests {
         EnvOnly::try_parse_from(["apiary", "--prefix", "q"])
             .expect("parses")
             .config
+    }
+
+    #[test]
+    fn shards_parse_within_their_range() {
+        let o = parse_queue_options("default:shards=4;emails:rate=5/s,shards=2").expect("parses");
+        let mut cfg = defaults();
+        cfg.queue_options = o;
+        assert_eq!(cfg.shards().of("default"), 4);
+        assert_eq!(cfg.shards().of("emails"), 2);
+        assert_eq!(cfg.shards().of("reports"), 1, "one unless told");
+        assert_eq!(
+            cfg.queue_names("emails").work_queues(),
+            ["q:emails", "q:emails~1"]
+        );
+        for bad in ["0", "65", "-1", "two", ""] {
+            let e = parse_queue_options(&format!("default:shards={bad}")).expect_err(bad);
+            assert!(e.contains("default shards") && e.contains("1 to 64"), "{e}");
+        }
     }
 
     #[test]

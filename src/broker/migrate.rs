@@ -92,23 +92,30 @@ pub async fn migrate_queues(
         .await
         .context("enabling confirms")?;
     for names in queues {
-        if let Some(q) = peek(conn, &names.work).await?
-            && q.consumer_count() > 0
-        {
-            return Err(MigrateError::Consumers {
-                queue: names.work.clone(),
-                consumers: q.consumer_count(),
-            });
+        for work in names.work_queues() {
+            if let Some(q) = peek(conn, &work).await?
+                && q.consumer_count() > 0
+            {
+                return Err(MigrateError::Consumers {
+                    queue: work,
+                    consumers: q.consumer_count(),
+                });
+            }
         }
     }
     let mut out = Vec::new();
     for names in queues {
-        // Delay tiers first: what expires in them moves into the work queue.
-        let mut order: Vec<String> = topology::DELAY_TIERS_MS
-            .iter()
-            .map(|t| names.delay(*t))
-            .collect();
-        order.push(names.work.clone());
+        // Each shard's delay tiers first: what expires in them moves into the shard's work
+        // queue, which must still be there.
+        let mut order: Vec<String> = Vec::new();
+        for k in 0..names.shards {
+            order.extend(
+                topology::DELAY_TIERS_MS
+                    .iter()
+                    .map(|t| names.shard_delay(k, *t)),
+            );
+            order.push(names.shard_work(k));
+        }
         order.push(names.dead.clone());
         for queue in order {
             let converted = !has_type(conn, names, &queue, to).await?;

@@ -42,14 +42,21 @@ pub struct Outgoing {
 
 impl Outgoing {
     /// A job message for a recorded job, routed by the job's own queue and deployment (the
-    /// job's `prefix`, or `prefix` for a job recorded before deployments were) to the work
-    /// queue or, if it is not due yet, to a delay tier. It carries [`RECORDED_HEADER`], so a
-    /// copy that outlives its job's row (pruned) is recognised and never recorded again.
-    pub fn job(prefix: &str, job: &WireJob) -> Outgoing {
-        let names = QueueNames::shared(job.prefix.as_deref().unwrap_or(prefix), job.queue_name());
+    /// job's `prefix`, or `prefix` for a job recorded before deployments were) to its shard's
+    /// work queue (of the queue's `shards`) or, if it is not due yet, to that shard's delay
+    /// tier. It carries [`RECORDED_HEADER`], so a copy that outlives its job's row (pruned)
+    /// is recognised and never recorded again.
+    pub fn job(prefix: &str, job: &WireJob, shards: &topology::Shards) -> Outgoing {
+        let queue = job.queue_name();
+        let names = QueueNames::shared_sharded(
+            job.prefix.as_deref().unwrap_or(prefix),
+            queue,
+            shards.of(queue),
+        );
+        let shard = names.shard_for(job);
         let queue = match job.run_at {
-            Some(at) => names.next_hop((at - Utc::now()).num_milliseconds()),
-            None => names.work.clone(),
+            Some(at) => names.next_hop_in(shard, (at - Utc::now()).num_milliseconds()),
+            None => names.shard_work(shard),
         };
         Outgoing::recorded_to(names, queue, job)
     }
@@ -112,10 +119,13 @@ pub struct Publisher {
     channel: Mutex<Option<Channel>>,
     /// The deployment's prefix (`APIARY_QUEUE`): routes jobs that do not carry their own.
     prefix: String,
-    /// Work queues declared on the current channel, so each is declared once per channel.
-    declared: Mutex<HashSet<String>>,
+    /// Work queues declared on the current channel with their shard count, so each is
+    /// declared once per channel.
+    declared: Mutex<HashSet<(String, u16)>>,
     /// The type queues are declared with (`APIARY_QUEUE_TYPE`).
     queue_type: topology::QueueType,
+    /// Each queue's shard count (`shards=`): which work queue a job goes to.
+    shards: topology::Shards,
 }
 
 impl Publisher {
@@ -133,6 +143,7 @@ impl Publisher {
             prefix: prefix.to_string(),
             declared: Mutex::new(HashSet::new()),
             queue_type: topology::QueueType::Classic,
+            shards: topology::Shards::default(),
         }
     }
 
@@ -153,6 +164,7 @@ impl Publisher {
             prefix: prefix.to_string(),
             declared: Mutex::new(HashSet::new()),
             queue_type: topology::QueueType::Classic,
+            shards: topology::Shards::default(),
         })
     }
 
@@ -163,14 +175,25 @@ impl Publisher {
         self
     }
 
+    /// This publisher, spreading each queue's jobs over its shards (one each unless told).
+    pub fn with_shards(mut self, shards: topology::Shards) -> Publisher {
+        self.shards = shards;
+        self
+    }
+
+    /// Each queue's shard count this publisher routes by.
+    pub fn shards(&self) -> &topology::Shards {
+        &self.shards
+    }
+
     /// The deployment's prefix this publisher routes by.
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
 
-    /// The broker names of `queue` in this publisher's deployment.
+    /// The broker names of `queue` in this publisher's deployment, with its shards.
     pub fn names(&self, queue: &str) -> Arc<QueueNames> {
-        QueueNames::shared(&self.prefix, queue)
+        QueueNames::shared_sharded(&self.prefix, queue, self.shards.of(queue))
     }
 
     /// The open channel, opening a connection first if this publisher owns one.
@@ -213,7 +236,8 @@ impl Publisher {
     async fn declare_for(&self, messages: &[Outgoing]) -> Result<(), BrokerError> {
         let mut declared = self.declared.lock().await;
         for m in messages {
-            if declared.contains(&m.names.work) {
+            let key = (m.names.work.clone(), m.names.shards);
+            if declared.contains(&key) {
                 continue;
             }
             let source = self.source.lock().await;
@@ -228,7 +252,7 @@ impl Publisher {
                 .context("opening a channel to declare queues")?;
             topology::declare(conn, &ch, &m.names, self.queue_type).await?;
             let _ = ch.close(200, "declared".into()).await;
-            declared.insert(m.names.work.clone());
+            declared.insert(key);
         }
         Ok(())
     }
@@ -277,7 +301,7 @@ impl Publisher {
         let out: Vec<Outgoing> = jobs
             .into_iter()
             .map(|(j, trace)| {
-                let mut m = Outgoing::job(&self.prefix, j);
+                let mut m = Outgoing::job(&self.prefix, j, &self.shards);
                 if let (Some(t), Some(h)) = (trace, m.headers.as_mut()) {
                     t.write_headers(h);
                 }

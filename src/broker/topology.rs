@@ -11,6 +11,43 @@
 //!
 //! A queue name cannot hold `:`, so no queue's names can collide with another's.
 //!
+//! ## Shards
+//!
+//! A queue with `shards=N` (`APIARY_QUEUE_OPTIONS`, default 1) spreads its messages over N
+//! work queues. Shard 0 keeps the names above, so a queue with one shard is exactly the
+//! queue of earlier versions and raw producers publishing to `<work>` keep working. Shard
+//! `k` (1 to N-1) has its own work queue and its own delay tiers:
+//!
+//! | | `default` | any other queue `<q>` |
+//! |---|---|---|
+//! | work queue of shard `k` | `<prefix>~<k>` | `<prefix>:<q>~<k>` |
+//! | delay tier of shard `k` | `<prefix>~<k>.delay.<ms>` | `<prefix>:<q>~<k>:delay:<ms>` |
+//!
+//! A queue name cannot hold `~` either, and the `default` queue's names hold no `:`, so
+//! within a deployment no shard's name is another queue's (across deployments, a prefix
+//! chosen as another's `<prefix>~1` would collide, as one chosen as `<prefix>.dead` already
+//! would). The dead-letter queue stays one per queue:
+//! a dead letter waits for an operator, not a worker, and needs no spreading.
+//!
+//! - A job goes to shard `fnv1a64(key) % N`, where the key is its `concurrency_key`'s bytes
+//!   when it has one (so one key's jobs all stay on one shard, behind one another), else its
+//!   id's 16 bytes ([`shard_of`]). The hash is fixed, so every producer and worker agrees.
+//! - Each shard has its own delay tiers, dead-lettering back into that shard's work queue,
+//!   so a retry or a scheduled job comes back through the shard it was routed to. The
+//!   alternative, tiers shared per queue dead-lettering through an exchange that routes by
+//!   a shard header, would drop a message whose shard was removed meanwhile (nothing bound
+//!   for it); a tier of its own has nowhere to go but its shard.
+//! - Changing N never strands a message: a shard above N that still exists (found by passive
+//!   declares, [`leftover_shards`]) is consumed by workers too, and counted in the depths,
+//!   until an operator deletes it. A message drained from it is routed by the current N when
+//!   it has to wait again. Shards are never deleted by Apiary: a removed shard's tiers may
+//!   still hold messages bound for its work queue.
+//! - Quorum shards 1 to N-1 are declared with `x-queue-leader-locator: balanced` (RabbitMQ
+//!   3.10 and later; `client-local` is the default, which would put every shard's leader on
+//!   the node the declaring worker happens to be connected to). Shard 0 is declared as
+//!   before: adding an argument to an existing queue would make RabbitMQ refuse its
+//!   declaration (406).
+//!
 //! - Every queue is durable, never exclusive or auto-delete, and of the type
 //!   `APIARY_QUEUE_TYPE` names ([`QueueType`]), given as `x-queue-type`.
 //! - A classic work queue is declared with `x-max-priority` ([`MAX_PRIORITY`]): RabbitMQ
@@ -57,6 +94,10 @@ pub const MAX_PRIORITY: u8 = crate::job::MAX_PRIORITY;
 /// what cannot be claimed. A job's own attempts stay guarded by the claim; this only stops a
 /// message that never gets that far from circling for ever.
 pub const DELIVERY_LIMIT: i64 = crate::job::MAX_ATTEMPTS_LIMIT as i64;
+
+/// The most shards one queue may have (`shards=`). With the suffix `~63` a broker name
+/// stays within RabbitMQ's 255 bytes (see [`crate::config::MAX_PREFIX_BYTES`]).
+pub const MAX_SHARDS: u16 = 64;
 
 /// The kind of RabbitMQ queue a deployment's queues are (`APIARY_QUEUE_TYPE`).
 ///
@@ -114,6 +155,9 @@ pub struct QueueNames {
     pub dead: String,
     /// What a delay tier's name starts with; the tier's milliseconds follow.
     delay_prefix: String,
+    /// How many work queues the queue is spread over (`shards=`, at least 1). Shard 0 is
+    /// [`QueueNames::work`].
+    pub shards: u16,
 }
 
 impl QueueNames {
@@ -131,6 +175,7 @@ impl QueueNames {
                 work: prefix.to_string(),
                 dead: format!("{prefix}.dead"),
                 delay_prefix: format!("{prefix}.delay."),
+                shards: 1,
             }
         } else {
             QueueNames {
@@ -138,13 +183,25 @@ impl QueueNames {
                 work: format!("{prefix}:{queue}"),
                 dead: format!("{prefix}:{queue}:dead"),
                 delay_prefix: format!("{prefix}:{queue}:delay:"),
+                shards: 1,
             }
         }
     }
 
-    /// The names of `queue` in `prefix`'s deployment, shared: every message carries its
-    /// queue's names, and one copy per queue serves them all.
+    /// These names spread over `shards` work queues (at least 1, at most [`MAX_SHARDS`]).
+    pub fn with_shards(mut self, shards: u16) -> Self {
+        self.shards = shards.clamp(1, MAX_SHARDS);
+        self
+    }
+
+    /// The names of `queue` in `prefix`'s deployment with one shard, shared.
     pub fn shared(prefix: &str, queue: &str) -> std::sync::Arc<QueueNames> {
+        QueueNames::shared_sharded(prefix, queue, 1)
+    }
+
+    /// The names of `queue` in `prefix`'s deployment over `shards` work queues, shared: every
+    /// message carries its queue's names, and one copy per queue serves them all.
+    pub fn shared_sharded(prefix: &str, queue: &str, shards: u16) -> std::sync::Arc<QueueNames> {
         use std::collections::HashMap;
         use std::sync::{Arc, Mutex, OnceLock};
         // By prefix, then queue: a lookup borrows both names and allocates nothing, which
@@ -154,41 +211,134 @@ impl QueueNames {
         // Bounded: queue names come from producers, so an endless variety must not grow it.
         const MAX: usize = 4096;
         let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        let fresh = || Arc::new(QueueNames::for_queue(prefix, queue).with_shards(shards));
         let Ok(mut map) = cache.lock() else {
-            return Arc::new(QueueNames::for_queue(prefix, queue));
+            return fresh();
         };
-        if let Some(n) = map.get(prefix).and_then(|q| q.get(queue)) {
+        // A different shard count replaces the cached copy: the last configuration wins.
+        if let Some(n) = map.get(prefix).and_then(|q| q.get(queue))
+            && n.shards == shards.clamp(1, MAX_SHARDS)
+        {
             return n.clone();
         }
         if map.values().map(HashMap::len).sum::<usize>() >= MAX {
             map.clear();
         }
-        let n = Arc::new(QueueNames::for_queue(prefix, queue));
+        let n = fresh();
         map.entry(prefix.to_string())
             .or_default()
             .insert(queue.to_string(), n.clone());
         n
     }
 
-    /// The delay queue of a tier.
+    /// Shard 0's delay queue of a tier.
     pub fn delay(&self, tier_ms: u64) -> String {
-        format!("{}{tier_ms}", self.delay_prefix)
+        self.shard_delay(0, tier_ms)
     }
 
-    /// Every queue name, for declaring and deleting.
-    pub fn all(&self) -> Vec<String> {
-        let mut names = vec![self.work.clone(), self.dead.clone()];
-        names.extend(DELAY_TIERS_MS.iter().map(|t| self.delay(*t)));
+    /// The work queue of shard `k`: [`QueueNames::work`] for shard 0, `<work>~<k>` for the
+    /// others (see the module docs). `k` may be above [`QueueNames::shards`]: a shard left
+    /// over from a larger count.
+    pub fn shard_work(&self, k: u16) -> String {
+        if k == 0 {
+            self.work.clone()
+        } else {
+            format!("{}~{k}", self.work)
+        }
+    }
+
+    /// Shard `k`'s delay queue of a tier.
+    pub fn shard_delay(&self, k: u16, tier_ms: u64) -> String {
+        if k == 0 {
+            format!("{}{tier_ms}", self.delay_prefix)
+        } else if self.queue == crate::job::DEFAULT_QUEUE {
+            format!("{}~{k}.delay.{tier_ms}", self.work)
+        } else {
+            format!("{}~{k}:delay:{tier_ms}", self.work)
+        }
+    }
+
+    /// Every shard's work queue, shard 0 first.
+    pub fn work_queues(&self) -> Vec<String> {
+        (0..self.shards).map(|k| self.shard_work(k)).collect()
+    }
+
+    /// Every queue of shard `k`: its work queue, then its delay tiers, finest first.
+    pub fn shard_queues(&self, k: u16) -> Vec<String> {
+        let mut names = vec![self.shard_work(k)];
+        names.extend(DELAY_TIERS_MS.iter().map(|t| self.shard_delay(k, *t)));
         names
     }
 
-    /// Where a message due in `remaining_ms` goes next: the longest tier that does not
-    /// overshoot, or the work queue when the wait is shorter than the finest tier.
-    pub fn next_hop(&self, remaining_ms: i64) -> String {
-        match tier_for(remaining_ms) {
-            Some(tier) => self.delay(tier),
-            None => self.work.clone(),
+    /// Every queue name, for declaring and deleting: shard 0's work queue, the dead-letter
+    /// queue, shard 0's tiers, then the other shards' queues.
+    pub fn all(&self) -> Vec<String> {
+        let mut names = vec![self.work.clone(), self.dead.clone()];
+        names.extend(DELAY_TIERS_MS.iter().map(|t| self.delay(*t)));
+        for k in 1..self.shards {
+            names.extend(self.shard_queues(k));
         }
+        names
+    }
+
+    /// The shard a job goes to: see [`shard_of`].
+    pub fn shard_for(&self, job: &crate::wire::WireJob) -> u16 {
+        shard_of(job.id, job.concurrency_key.as_deref(), self.shards)
+    }
+
+    /// Shard 0's next hop: see [`QueueNames::next_hop_in`].
+    pub fn next_hop(&self, remaining_ms: i64) -> String {
+        self.next_hop_in(0, remaining_ms)
+    }
+
+    /// Where a message of shard `k` due in `remaining_ms` goes next: the shard's longest
+    /// tier that does not overshoot, or its work queue when the wait is shorter than the
+    /// finest tier.
+    pub fn next_hop_in(&self, k: u16, remaining_ms: i64) -> String {
+        match tier_for(remaining_ms) {
+            Some(tier) => self.shard_delay(k, tier),
+            None => self.shard_work(k),
+        }
+    }
+}
+
+/// The shard of `shards` a job goes to: FNV-1a (64 bits) of its concurrency key's UTF-8
+/// bytes when it has one, so every job of a key lands on the same shard, else of its id's 16
+/// bytes, modulo `shards`. Stable across versions and processes: producers and workers with
+/// the same `shards=` agree without talking, and a producer in another language can do the
+/// same arithmetic.
+pub fn shard_of(id: crate::job::JobId, concurrency_key: Option<&str>, shards: u16) -> u16 {
+    if shards <= 1 {
+        return 0;
+    }
+    let hash = match concurrency_key {
+        Some(key) => fnv1a64(key.as_bytes()),
+        None => fnv1a64(id.as_bytes()),
+    };
+    // The remainder is below `shards`, a u16.
+    (hash % u64::from(shards)) as u16
+}
+
+/// FNV-1a, 64 bits: tiny, fixed, and well spread for short keys.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Shard counts by queue (`shards=` of `APIARY_QUEUE_OPTIONS`); a queue not named has one.
+///
+/// See the crate's [guarantees](crate#guarantees).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shards(pub std::collections::HashMap<String, u16>);
+
+impl Shards {
+    /// How many shards `queue` has.
+    pub fn of(&self, queue: &str) -> u16 {
+        self.0.get(queue).copied().unwrap_or(1).clamp(1, MAX_SHARDS)
     }
 }
 
@@ -217,7 +367,8 @@ pub struct QueueSpec {
 }
 
 /// Every queue of a deployment with the arguments it is declared with as `kind`: the work
-/// queue, the dead-letter queue, then the delay tiers, finest first.
+/// queue, the dead-letter queue, then the delay tiers, finest first; then each further
+/// shard's work queue and tiers.
 pub fn specs(names: &QueueNames, kind: QueueType) -> Vec<QueueSpec> {
     let mut dead = FieldTable::default();
     dead.insert("x-queue-type".into(), kind.arg());
@@ -235,6 +386,22 @@ pub fn specs(names: &QueueNames, kind: QueueType) -> Vec<QueueSpec> {
             declaring: "declaring the dead-letter queue",
         },
     ];
+    out.extend(tier_specs(names, 0, kind));
+    for k in 1..names.shards {
+        out.push(QueueSpec {
+            name: names.shard_work(k),
+            args: shard_work_args(names, k, kind),
+            declaring: "declaring a shard's work queue",
+        });
+        out.extend(tier_specs(names, k, kind));
+    }
+    out
+}
+
+/// The specs of shard `k`'s delay tiers, finest first: each dead-letters into the shard's
+/// own work queue.
+fn tier_specs(names: &QueueNames, k: u16, kind: QueueType) -> Vec<QueueSpec> {
+    let mut out = Vec::with_capacity(DELAY_TIERS_MS.len());
     for tier in DELAY_TIERS_MS {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), kind.arg());
@@ -249,6 +416,9 @@ pub fn specs(names: &QueueNames, kind: QueueType) -> Vec<QueueSpec> {
                 "x-overflow".into(),
                 AMQPValue::LongString("reject-publish".into()),
             );
+            if k > 0 {
+                balance_leaders(&mut args);
+            }
         }
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier as i64));
         args.insert(
@@ -257,15 +427,36 @@ pub fn specs(names: &QueueNames, kind: QueueType) -> Vec<QueueSpec> {
         );
         args.insert(
             "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(names.work.as_str().into()),
+            AMQPValue::LongString(names.shard_work(k).as_str().into()),
         );
         out.push(QueueSpec {
-            name: names.delay(tier),
+            name: names.shard_delay(k, tier),
             args,
             declaring: "declaring a delay queue",
         });
     }
     out
+}
+
+/// Asks RabbitMQ to place a new quorum queue's leader on the node with the fewest leaders
+/// (`balanced`, RabbitMQ 3.10 and later), so a queue's shards spread over the cluster. Only
+/// for queues earlier versions never declared: an existing queue declared with an argument
+/// it lacks is refused.
+fn balance_leaders(args: &mut FieldTable) {
+    args.insert(
+        "x-queue-leader-locator".into(),
+        AMQPValue::LongString("balanced".into()),
+    );
+}
+
+/// The arguments of shard `k`'s work queue: shard 0's are [`work_args`]; a further quorum
+/// shard also asks for a balanced leader.
+pub fn shard_work_args(names: &QueueNames, k: u16, kind: QueueType) -> FieldTable {
+    let mut args = work_args(names, kind);
+    if k > 0 && kind == QueueType::Quorum {
+        balance_leaders(&mut args);
+    }
+    args
 }
 
 /// The options every queue is declared with.
@@ -344,9 +535,18 @@ pub async fn declare(
     names: &QueueNames,
     kind: QueueType,
 ) -> Result<Declared, BrokerError> {
-    let declared = declare_work(conn, names, kind).await?;
+    let mut without = std::collections::HashSet::new();
+    let mut declared = None;
+    for k in 0..names.shards {
+        let d = declare_work(conn, names, k, kind).await?;
+        if d == Declared::WithoutPriorities {
+            without.insert(names.shard_work(k));
+        }
+        // Shard 0 answers for the queue: further shards are always new.
+        declared.get_or_insert(d);
+    }
     for spec in specs(names, kind) {
-        let args = if spec.name == names.work && declared == Declared::WithoutPriorities {
+        let args = if without.contains(&spec.name) {
             work_args_without_priorities()
         } else {
             spec.args
@@ -358,25 +558,27 @@ pub async fn declare(
             return Err(mismatch_or(conn, names, &spec.name, kind, e, spec.declaring).await);
         }
     }
-    Ok(declared)
+    Ok(declared.unwrap_or(Declared::WithPriorities))
 }
 
-/// Declares the work queue on a channel of its own, falling back to a classic queue as it
-/// exists when RabbitMQ refuses its priority levels.
+/// Declares shard `k`'s work queue on a channel of its own, falling back to a classic queue
+/// as it exists when RabbitMQ refuses its priority levels.
 async fn declare_work(
     conn: &lapin::Connection,
     names: &QueueNames,
+    k: u16,
     kind: QueueType,
 ) -> Result<Declared, BrokerError> {
+    let work = names.shard_work(k);
     let probe = conn
         .create_channel()
         .await
         .context("opening a channel to declare a work queue")?;
     let result = probe
         .queue_declare(
-            names.work.as_str().into(),
+            work.as_str().into(),
             durable(),
-            work_args(names, kind),
+            shard_work_args(names, k, kind),
         )
         .await;
     let e = match result {
@@ -390,26 +592,52 @@ async fn declare_work(
         Err(e) if is_precondition_failed(&e) => e,
         Err(e) => return Err(e).context("declaring the work queue"),
     };
-    match mismatch_or(
-        conn,
-        names,
-        &names.work,
-        kind,
-        e,
-        "declaring the work queue",
-    )
-    .await
-    {
+    match mismatch_or(conn, names, &work, kind, e, "declaring the work queue").await {
         mismatch @ BrokerError::QueueTypeMismatch { .. } => Err(mismatch),
         _ if kind == QueueType::Classic => {
             tracing::warn!(
-                queue = %names.work,
+                queue = %work,
                 "the work queue exists without priority levels (declared by an earlier Apiary); using it as it is, so priorities are ignored for it"
             );
             Ok(Declared::WithoutPriorities)
         }
         other => Err(other),
     }
+}
+
+/// The shards of `names` above [`QueueNames::shards`] that still exist (left over from a
+/// larger `shards=`), found by passive declares of their work queues, each on a throwaway
+/// channel (a 404 closes it), from shard N up to the first one missing. Workers consume
+/// them and the depths count them, so shrinking N strands no message. Empty when the broker
+/// cannot be asked.
+pub async fn leftover_shards(conn: &lapin::Connection, names: &QueueNames) -> Vec<u16> {
+    let mut out = Vec::new();
+    for k in names.shards..MAX_SHARDS {
+        let Ok(ch) = conn.create_channel().await else {
+            break;
+        };
+        let found = exists(&ch, &names.shard_work(k)).await;
+        let _ = ch.close(200, "probed".into()).await;
+        if !found {
+            break;
+        }
+        out.push(k);
+    }
+    out
+}
+
+/// Whether `queue` exists, by a passive declare on `channel`, which the broker closes when
+/// the answer is no.
+pub async fn exists(channel: &Channel, queue: &str) -> bool {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .is_ok()
 }
 
 /// The type `queue` (one of `names`) exists with, found by declaring it as Apiary declares
@@ -426,7 +654,7 @@ pub async fn probe_type(
             .filter(|s| s.name == queue)
             .map(|s| s.args)
             .collect();
-        if kind == QueueType::Classic && queue == names.work {
+        if kind == QueueType::Classic && names.work_queues().iter().any(|w| w == queue) {
             candidates.push(work_args_without_priorities());
         }
         for args in candidates {
@@ -538,8 +766,18 @@ impl QueueDepths {
     }
 }
 
-/// Reads the depths with passive declares (which also fail if a queue is missing).
+/// Reads the depths of every shard of `names`, and of the `leftover` shards above them,
+/// added up, with passive declares (which also fail if a queue is missing).
 pub async fn depths(channel: &Channel, names: &QueueNames) -> Result<QueueDepths, BrokerError> {
+    depths_with(channel, names, &[]).await
+}
+
+/// [`depths`], counting the `leftover` shards ([`leftover_shards`]) too.
+pub async fn depths_with(
+    channel: &Channel,
+    names: &QueueNames,
+    leftover: &[u16],
+) -> Result<QueueDepths, BrokerError> {
     let passive = QueueDeclareOptions {
         passive: true,
         durable: true,
@@ -551,15 +789,17 @@ pub async fn depths(channel: &Channel, names: &QueueNames) -> Result<QueueDepths
             .await
             .context("reading a queue's depth")
     };
-    let work = count(names.work.clone()).await?;
     let mut d = QueueDepths {
-        ready: work.message_count(),
-        consumers: work.consumer_count(),
+        dead: count(names.dead.clone()).await?.message_count(),
         ..QueueDepths::default()
     };
-    d.dead = count(names.dead.clone()).await?.message_count();
-    for tier in DELAY_TIERS_MS {
-        d.delayed += count(names.delay(tier)).await?.message_count();
+    for k in (0..names.shards).chain(leftover.iter().copied()) {
+        let work = count(names.shard_work(k)).await?;
+        d.ready += work.message_count();
+        d.consumers += work.consumer_count();
+        for tier in DELAY_TIERS_MS {
+            d.delayed += count(names.shard_delay(k, tier)).await?.message_count();
+        }
     }
     Ok(d)
 }
@@ -618,6 +858,53 @@ mod tests {
         );
         assert_eq!(QueueType::parse("quorum"), Some(QueueType::Quorum));
         assert_eq!(QueueType::parse("stream"), None);
+    }
+
+    #[test]
+    fn shards_have_names_of_their_own() {
+        let d = QueueNames::new("p").with_shards(3);
+        assert_eq!(d.work_queues(), ["p", "p~1", "p~2"]);
+        assert_eq!(d.shard_delay(2, 100), "p~2.delay.100");
+        assert_eq!(d.next_hop_in(1, 30_000), "p~1.delay.25000");
+        assert_eq!(d.next_hop_in(1, 10), "p~1");
+        assert_eq!(d.delay(100), "p.delay.100", "shard 0 keeps the old names");
+        let n = QueueNames::for_queue("p", "emails").with_shards(2);
+        assert_eq!(n.work_queues(), ["p:emails", "p:emails~1"]);
+        assert_eq!(n.shard_delay(1, 100), "p:emails~1:delay:100");
+        assert_eq!(n.all().len(), 2 * (1 + DELAY_TIERS_MS.len()) + 1);
+        let all = n.all();
+        let unique: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(unique.len(), all.len());
+        // Every tier of a shard dead-letters into that shard.
+        for spec in specs(&n, QueueType::Quorum) {
+            if let Some(AMQPValue::LongString(to)) =
+                spec.args.inner().get("x-dead-letter-routing-key")
+                && spec.name.contains(":delay:")
+            {
+                let shard = if spec.name.contains("~1") { 1 } else { 0 };
+                assert_eq!(to.to_string(), n.shard_work(shard), "{}", spec.name);
+            }
+            let balanced = spec.args.inner().contains_key("x-queue-leader-locator");
+            assert_eq!(balanced, spec.name.contains("~1"), "{}", spec.name);
+        }
+        assert_eq!(QueueNames::new("p").with_shards(0).shards, 1);
+        assert_eq!(QueueNames::new("p").with_shards(999).shards, MAX_SHARDS);
+    }
+
+    #[test]
+    fn a_key_stays_on_one_shard_and_ids_spread() {
+        let ids: Vec<crate::job::JobId> = (0..400).map(|_| uuid::Uuid::new_v4()).collect();
+        let keyed: std::collections::HashSet<u16> = ids
+            .iter()
+            .map(|id| shard_of(*id, Some("acct-7"), 4))
+            .collect();
+        assert_eq!(keyed.len(), 1);
+        let spread: std::collections::HashSet<u16> =
+            ids.iter().map(|id| shard_of(*id, None, 4)).collect();
+        assert_eq!(spread.len(), 4);
+        assert!(ids.iter().all(|id| shard_of(*id, None, 1) == 0));
+        // Fixed: FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c.
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[test]

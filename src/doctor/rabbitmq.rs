@@ -97,14 +97,7 @@ pub(super) async fn check_rabbitmq(cfg: &Config) -> Vec<Finding> {
     )];
     // Every queue the configuration names (`default`, `APIARY_QUEUES`, the kinds' queues).
     for queue in cfg.configured_queues() {
-        out.extend(
-            check_queues(
-                &conn,
-                &QueueNames::for_queue(&cfg.queue, &queue),
-                cfg.queue_type,
-            )
-            .await,
-        );
+        out.extend(check_queues(&conn, &cfg.queue_names(&queue), cfg.queue_type).await);
     }
     let _ = conn.close(200, "doctor done".into()).await;
     out
@@ -233,7 +226,7 @@ async fn check_queues(
             }
             // A work queue from before priorities: it works, without them.
             Err(e) if amqp_code(&e) == Some(406)
-                && spec.name == names.work
+                && names.work_queues().contains(&spec.name)
                 && amqp_message(&e).contains("x-max-priority") =>
             {
                 out.push(Finding::bad(

@@ -483,7 +483,9 @@ fn hop_message(inc: &Incoming, remaining_ms: i64) -> crate::broker::publish::Out
         job.run_at
             .unwrap_or_else(|| Utc::now() + chrono::Duration::milliseconds(remaining_ms)),
     );
-    let queue = names.next_hop(remaining_ms);
+    // Routed by the current shard count, not the shard it came from: a job drained from a
+    // shard left over from a larger count waits in a shard that is still consumed.
+    let queue = names.next_hop_in(names.shard_for(&job), remaining_ms);
     crate::broker::publish::Outgoing::recorded_to(names, queue, &job)
 }
 

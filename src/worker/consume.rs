@@ -24,16 +24,24 @@ use crate::broker::consume::Acks;
 use crate::broker::{BrokerError, Context as _};
 use crate::wire::{RECORDED_HEADER, WireJob};
 
-/// The consumer tag of this worker: its id, so `rabbitmqctl list_consumers` names it.
-pub(crate) fn consumer_tag(shared: &Shared) -> String {
-    format!("apiary-{}", shared.id)
+/// The consumer tag of this worker on `queue`, one of `lane`'s shards: its id, so
+/// `rabbitmqctl list_consumers` names it, and for shards past 0 the shard's number, since
+/// a tag may be used once per channel and every shard of a lane shares the lane's channel.
+pub(crate) fn consumer_tag(shared: &Shared, lane: &Lane, queue: &str) -> String {
+    match queue.strip_prefix(lane.names.work.as_str()) {
+        Some(shard) if !shard.is_empty() => format!("apiary-{}{shard}", shared.id),
+        _ => format!("apiary-{}", shared.id),
+    }
 }
 
-/// Consumes `lane` on `channel` until the drain begins (returns `None`), `session_lost` fires
-/// (another lane's channel broke; returns `None`), or this channel breaks (returns the error).
+/// Consumes `queue`, one of `lane`'s shards, on `channel` until the drain begins (returns
+/// `None`), `session_lost` fires (another consumer's channel broke; returns `None`), or this
+/// channel breaks (returns the error). Every shard of a lane has a consumer of its own on
+/// the lane's channel, and all of them feed the lane's one claimer and slots.
 pub(crate) async fn consume_lane(
     shared: &Arc<Shared>,
     lane: &Arc<Lane>,
+    queue: &str,
     channel: &Channel,
     acks: &Acks,
     session_lost: &CancellationToken,
@@ -50,8 +58,8 @@ pub(crate) async fn consume_lane(
         }
         let consumer = channel
             .basic_consume(
-                lane.names.work.as_str().into(),
-                consumer_tag(shared).as_str().into(),
+                queue.into(),
+                consumer_tag(shared, lane, queue).as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -61,15 +69,15 @@ pub(crate) async fn consume_lane(
             Ok(c) => c,
             Err(e) => return Some(e),
         };
-        lane.consuming.store(true, Ordering::Relaxed);
+        lane.consuming.fetch_add(1, Ordering::Relaxed);
         let why = deliver(shared, lane, &mut consumer, acks, session_lost, &mut paused).await;
         match why {
             Stop::Lost(e) => {
-                lane.consuming.store(false, Ordering::Relaxed);
+                lane.consuming.fetch_sub(1, Ordering::Relaxed);
                 return Some(e);
             }
             Stop::SessionLost => {
-                lane.consuming.store(false, Ordering::Relaxed);
+                lane.consuming.fetch_sub(1, Ordering::Relaxed);
                 return None;
             }
             Stop::Drain | Stop::Pause => {
@@ -81,7 +89,7 @@ pub(crate) async fn consume_lane(
                     tracing::warn!(queue = %lane.queue(), "the broker did not confirm the consumer's cancellation in time");
                 }
                 hand_back_buffered(shared, acks, &mut consumer);
-                lane.consuming.store(false, Ordering::Relaxed);
+                lane.consuming.fetch_sub(1, Ordering::Relaxed);
                 if matches!(why, Stop::Drain) {
                     return None;
                 }

@@ -4,7 +4,7 @@
 //! wait in RabbitMQ, untouched and uncharged, until it is resumed.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -34,9 +34,14 @@ pub(crate) struct Lane {
     pub(crate) claim_tx: mpsc::UnboundedSender<Incoming>,
     /// Whether the queue is paused, as last read from Postgres.
     pub(crate) paused: watch::Sender<bool>,
-    /// Whether the lane's consumer is registered with the broker right now. Deliveries held
-    /// by a paused lane go back only once it is not, so they go to no one until the resume.
-    pub(crate) consuming: AtomicBool,
+    /// How many of the lane's consumers (one per shard) are registered with the broker right
+    /// now. Deliveries held by a paused lane go back only once none is, so they go to no one
+    /// until the resume.
+    pub(crate) consuming: AtomicUsize,
+    /// Shards above the queue's count that still exist, found when the session opened: the
+    /// lane consumes them too, and counts them in its depths (see
+    /// [`crate::broker::topology::leftover_shards`]).
+    pub(crate) leftover: std::sync::Mutex<Vec<u16>>,
 }
 
 impl Lane {
@@ -44,20 +49,22 @@ impl Lane {
     pub(crate) fn new(
         prefix: &str,
         queue: &str,
+        shards: u16,
         concurrency: usize,
         prefetch: u16,
         rate: Option<crate::config::Rate>,
     ) -> (Arc<Lane>, mpsc::UnboundedReceiver<Incoming>) {
         let (claim_tx, claim_rx) = mpsc::unbounded_channel();
         let lane = Lane {
-            names: QueueNames::shared(prefix, queue),
+            names: QueueNames::shared_sharded(prefix, queue, shards),
             concurrency,
             prefetch,
             rate,
             slots: Arc::new(Semaphore::new(concurrency)),
             claim_tx,
             paused: watch::Sender::new(false),
-            consuming: AtomicBool::new(false),
+            consuming: AtomicUsize::new(0),
+            leftover: std::sync::Mutex::new(Vec::new()),
         };
         (Arc::new(lane), claim_rx)
     }
@@ -72,9 +79,14 @@ impl Lane {
         *self.paused.borrow()
     }
 
-    /// Whether the consumer is registered.
+    /// Whether any of its consumers is registered.
     pub(crate) fn is_consuming(&self) -> bool {
-        self.consuming.load(Ordering::Relaxed)
+        self.consuming.load(Ordering::Relaxed) > 0
+    }
+
+    /// The shards left over from a larger count, as last found.
+    pub(crate) fn leftover(&self) -> Vec<u16> {
+        self.leftover.lock().map(|l| l.clone()).unwrap_or_default()
     }
 }
 

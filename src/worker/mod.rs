@@ -112,7 +112,8 @@ impl Worker {
                 u16::try_from(concurrency.saturating_mul(2)).unwrap_or(u16::MAX)
             };
             let rate = cfg.queue_options.0.get(&queue).and_then(|o| o.rate);
-            let (lane, rx) = Lane::new(&cfg.queue, &queue, concurrency, prefetch, rate);
+            let shards = cfg.shards().of(&queue);
+            let (lane, rx) = Lane::new(&cfg.queue, &queue, shards, concurrency, prefetch, rate);
             lanes.push(lane);
             claim_rxs.push(rx);
         }

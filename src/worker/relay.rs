@@ -20,7 +20,7 @@ pub(crate) async fn relay_outbox(shared: &Shared) {
         .relay_outbox(shared.cfg.outbox_grace, 500, None, |items| async move {
             let out: Vec<Outgoing> = items
                 .iter()
-                .map(|i| outgoing(&shared.cfg.queue, i))
+                .map(|i| outgoing(&shared.cfg.queue, publisher.shards(), i))
                 .collect();
             publisher.publish(&out).await
         })
@@ -50,8 +50,10 @@ pub(crate) async fn flush_outbox(shared: &Shared, ids: &[JobId]) -> bool {
     let sent = shared
         .store
         .relay_outbox(Duration::ZERO, limit, Some(ids), |items| async move {
-            let out: Vec<crate::broker::publish::Outgoing> =
-                items.iter().map(|i| outgoing(prefix, i)).collect();
+            let out: Vec<crate::broker::publish::Outgoing> = items
+                .iter()
+                .map(|i| outgoing(prefix, publisher.shards(), i))
+                .collect();
             publisher.publish(&out).await
         })
         .await;
@@ -89,13 +91,14 @@ pub(crate) async fn flush_released(shared: &Shared, finished: &[JobId]) {
 /// recorded before deployments were.
 pub(crate) fn outgoing(
     prefix: &str,
+    shards: &crate::broker::topology::Shards,
     item: &crate::store::outbox::OutboxItem,
 ) -> crate::broker::publish::Outgoing {
     use crate::broker::QueueNames;
     use crate::broker::publish::Outgoing;
     use crate::store::outbox::OutboxItem;
     match item {
-        OutboxItem::Job(job) => Outgoing::job(prefix, job),
+        OutboxItem::Job(job) => Outgoing::job(prefix, job, shards),
         OutboxItem::DeadLetter {
             id,
             body,

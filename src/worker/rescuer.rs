@@ -388,7 +388,8 @@ async fn read_depths(shared: &Shared) {
     };
     let mut sum = crate::broker::topology::QueueDepths::default();
     for lane in &shared.lanes {
-        let read = crate::broker::topology::depths(&ch, &lane.names);
+        let leftover = lane.leftover();
+        let read = crate::broker::topology::depths_with(&ch, &lane.names, &leftover);
         match tokio::time::timeout(Duration::from_secs(5), read).await {
             Ok(Ok(d)) => sum.add(&d),
             _ => return,

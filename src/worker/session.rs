@@ -1,5 +1,7 @@
 //! Connecting: one RabbitMQ connection per session, with a publishing channel and a consuming
-//! channel per lane, each with its own prefetch. When any of them breaks the whole session is
+//! channel per lane, each with its own prefetch. A lane of a sharded queue has one consumer
+//! per shard on its channel (and one per shard left over from a larger count), its prefetch
+//! split between them. When any of them breaks the whole session is
 //! dropped and another opened with backoff; the deliveries it held are redelivered by the
 //! broker, and the claim keeps their effects single.
 
@@ -19,17 +21,18 @@ use crate::broker::consume::Acks;
 use crate::broker::topology::{self, Declared};
 use crate::broker::{BrokerError, Context as _, Publisher};
 
-/// An open session: the connection and each lane's consuming channel.
+/// An open session: the connection, and each lane's consuming channel with the broker
+/// queues (its shards) it consumes there.
 pub(crate) struct Session {
     pub(crate) conn: Arc<Connection>,
-    pub(crate) lanes: Vec<(Arc<Lane>, Channel, Acks)>,
+    pub(crate) lanes: Vec<(Arc<Lane>, Channel, Acks, Vec<String>)>,
 }
 
 impl Session {
     /// Flushes pending acks and closes every channel and the connection, each step bounded.
     pub(crate) async fn close(self) {
         let quick = Duration::from_secs(2);
-        for (_, channel, acks) in &self.lanes {
+        for (_, channel, acks, _) in &self.lanes {
             let _ = tokio::time::timeout(quick, acks.flush()).await;
             let _ = tokio::time::timeout(quick, channel.close(200, "worker stopping".into())).await;
         }
@@ -84,20 +87,26 @@ pub(crate) async fn keep_consuming(shared: &Arc<Shared>) -> Option<Session> {
     None
 }
 
-/// Consumes every lane of `session` at once. The first lane whose channel breaks ends the
-/// session for all of them.
+/// Consumes every shard of every lane of `session` at once. The first consumer whose channel
+/// breaks ends the session for all of them.
 async fn consume_all(shared: &Arc<Shared>, session: &Session) -> Option<BrokerError> {
     let lost = CancellationToken::new();
-    let lanes = session.lanes.iter().map(|(lane, channel, acks)| {
-        let lost = lost.clone();
-        async move {
-            let r = consume_lane(shared, lane, channel, acks, &lost).await;
-            if r.is_some() {
-                lost.cancel();
+    let lanes = session
+        .lanes
+        .iter()
+        .flat_map(|(lane, channel, acks, queues)| {
+            queues.iter().map(move |q| (lane, channel, acks, q))
+        })
+        .map(|(lane, channel, acks, queue)| {
+            let lost = lost.clone();
+            async move {
+                let r = consume_lane(shared, lane, queue, channel, acks, &lost).await;
+                if r.is_some() {
+                    lost.cancel();
+                }
+                r
             }
-            r
-        }
-    });
+        });
     futures_util::future::join_all(lanes)
         .await
         .into_iter()
@@ -121,7 +130,8 @@ async fn open(shared: &Arc<Shared>) -> Result<Session, BrokerError> {
     let publisher = Arc::new(
         Publisher::on(conn.clone(), &shared.cfg.queue)
             .await?
-            .with_queue_type(shared.cfg.queue_type),
+            .with_queue_type(shared.cfg.queue_type)
+            .with_shards(shared.cfg.shards()),
     );
     let mut lanes = Vec::with_capacity(shared.lanes.len());
     for lane in &shared.lanes {
@@ -134,12 +144,28 @@ async fn open(shared: &Arc<Shared>) -> Result<Session, BrokerError> {
         if declared == Declared::WithoutPriorities {
             tracing::warn!(queue = %lane.queue(), "priorities are ignored for this queue until its work queue is declared again with them (see the README)");
         }
+        // Shards left over from a larger count are consumed until someone deletes them, so
+        // no message in them is stranded when `shards=` shrinks.
+        let leftover = topology::leftover_shards(&conn, &lane.names).await;
+        if !leftover.is_empty() {
+            tracing::info!(queue = %lane.queue(), shards = lane.names.shards, leftover = ?leftover, "also consuming shards left over from a larger shards= count; delete them once empty");
+        }
+        let mut queues = lane.names.work_queues();
+        queues.extend(leftover.iter().map(|k| lane.names.shard_work(*k)));
+        if let Ok(mut l) = lane.leftover.lock() {
+            *l = leftover;
+        }
+        // Per consumer (RabbitMQ applies a non-global prefetch to each consumer of the
+        // channel; quorum queues support no other), so the lane's prefetch is split between
+        // its shards. The lane's slots bound what runs, whatever the shards hold.
+        let consumers = u16::try_from(queues.len()).unwrap_or(u16::MAX).max(1);
+        let prefetch = lane.prefetch.div_ceil(consumers).max(1);
         channel
-            .basic_qos(lane.prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .context("setting prefetch")?;
         let (acks, _task) = Acks::spawn(channel.clone());
-        lanes.push((lane.clone(), channel, acks));
+        lanes.push((lane.clone(), channel, acks, queues));
     }
     *shared.publisher.write().await = Some(publisher);
     *shared.stats_channel.write().await = Some(

@@ -104,13 +104,14 @@ impl TestEnv {
         env
     }
 
+    /// The broker names of the `default` queue in this world, with its shards.
     pub fn names(&self) -> QueueNames {
-        QueueNames::new(&self.cfg.queue)
+        self.cfg.queue_names(apiary::job::DEFAULT_QUEUE)
     }
 
-    /// The broker names of `queue` in this world.
+    /// The broker names of `queue` in this world, with its shards.
     pub fn names_of(&self, queue: &str) -> QueueNames {
-        QueueNames::for_queue(&self.cfg.queue, queue)
+        self.cfg.queue_names(queue)
     }
 
     /// `APIARY_QUEUES` for a spawned process, from this world's queues.
