@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt as _;
 use std::time::{Duration, Instant};
 
 use apiary::{JobStatus, NewJob};
@@ -78,7 +79,10 @@ impl Browser {
             return None;
         }
         let port = free_port();
+        // Its own process group, so the browser it starts goes with it, even when a test
+        // panics (`Drop`).
         let driver = std::process::Command::new(CHROMEDRIVER)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -196,9 +200,17 @@ impl Browser {
         }
     }
 
-    async fn close(mut self) {
+    async fn close(self) {
         let _ = self.client.clone().close().await;
-        let _ = self.driver.kill();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // The whole group: chromedriver and every Chromium process it started.
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.driver.id())])
+            .status();
         let _ = self.driver.wait();
     }
 }

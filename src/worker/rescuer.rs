@@ -113,7 +113,9 @@ async fn requeue_lost(shared: &Shared) {
         if lane.is_paused() {
             continue;
         }
-        let read = crate::broker::topology::depths(&ch, &lane.names);
+        // Every shard, leftover ones too: a job may sit in any of them.
+        let leftover = lane.leftover();
+        let read = crate::broker::topology::depths_with(&ch, &lane.names, &leftover);
         if let Ok(Ok(d)) = tokio::time::timeout(Duration::from_secs(5), read).await
             && d.ready == 0
             && d.delayed == 0
