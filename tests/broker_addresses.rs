@@ -119,26 +119,13 @@ async fn a_worker_whose_connection_is_closed_connects_again_and_keeps_consuming(
     env.assert_invariants_quiescent().await;
 }
 
-/// Spawns `apiary api` on a free local port and returns it with its base URL.
-async fn spawn_api(env: &TestEnv, extra: &[(&str, &str)]) -> (common::Proc, String) {
-    let mut vars = vec![("APIARY_HTTP_ADDR", "127.0.0.1:0")];
-    vars.extend_from_slice(extra);
-    let api = env.spawn(&["api"], &vars);
-    let line = api.wait_for_log("api listening", T).await;
-    let addr = line
-        .split("addr=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect("the api's address in its log")
-        .to_string();
-    (api, format!("http://{addr}"))
-}
-
 #[tokio::test]
 async fn the_apis_publisher_connects_again_from_the_next_address() {
     let mut env = TestEnv::new().await;
     env.cfg.amqp_url = format!("{AMQP},{DEAD},{AMQP}");
-    let (mut api, base) = spawn_api(&env, &[("RUST_LOG", "info,apiary::broker=debug")]).await;
+    let (mut api, base) = env
+        .spawn_api(&[("RUST_LOG", "info,apiary::broker=debug")])
+        .await;
     let worker = env.start_worker();
     let http = reqwest::Client::new();
     let post = |n: usize| {

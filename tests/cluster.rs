@@ -432,22 +432,6 @@ impl Producer {
     }
 }
 
-/// Spawns `apiary api` on a free port; returns it with its base URL.
-async fn spawn_api(env: &TestEnv) -> (Proc, String) {
-    let api = env.spawn(
-        &["api"],
-        &[("APIARY_HTTP_ADDR", "127.0.0.1:0"), ("NO_COLOR", "1")],
-    );
-    let line = api.wait_for_log("api listening", T).await;
-    let addr = line
-        .split("addr=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect("the api's address in its log")
-        .to_string();
-    (api, format!("http://{addr}"))
-}
-
 /// Fails the test if any process exited on its own.
 fn assert_alive(procs: &mut [(&str, &mut Proc)]) {
     for (what, p) in procs.iter_mut() {
@@ -826,7 +810,7 @@ async fn broker_node_dies() {
         .and_then(|s| s.parse::<usize>().ok())
     };
 
-    let (mut api, base) = spawn_api(&env).await;
+    let (mut api, base) = env.spawn_api(&[("NO_COLOR", "1")]).await;
     // Each worker starts from another node, so a node's death cuts one worker, not all.
     let mut workers: Vec<Proc> = (0..3)
         .map(|k| {
@@ -985,7 +969,7 @@ async fn postgres_restarts() {
         .unwrap_or_else(|| panic!("a server URL: {url}"))
         .to_string();
     let env = TestEnv::on(common::AMQP, &root, QueueType::Classic).await;
-    let (mut api, base) = spawn_api(&env).await;
+    let (mut api, base) = env.spawn_api(&[("NO_COLOR", "1")]).await;
     let mut workers: Vec<Proc> = (0..3).map(|_| env.spawn(&["worker"], WORKER_ENV)).collect();
     for w in &workers {
         w.wait_for_log("worker starting", T).await;

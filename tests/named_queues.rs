@@ -53,19 +53,6 @@ async fn delayed(names: &QueueNames) -> u32 {
         .await
 }
 
-/// Spawns `apiary api` on a free local port and returns it with its base URL.
-async fn spawn_api(env: &TestEnv) -> (common::Proc, String) {
-    let api = env.spawn(&["api"], &[("APIARY_HTTP_ADDR", "127.0.0.1:0")]);
-    let line = api.wait_for_log("api listening", T).await;
-    let addr = line
-        .split("addr=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect("the api's address in its log")
-        .to_string();
-    (api, format!("http://{addr}"))
-}
-
 /// A job as the API shows it.
 async fn api_job(base: &str, id: JobId) -> Value {
     let (status, body) = common::http_get(&format!("{base}/v1/jobs/{id}")).await;
@@ -85,7 +72,7 @@ impl Drop for Queues {
 #[tokio::test]
 async fn a_worker_consumes_only_its_queues() {
     let env = TestEnv::with_queues(&[("default", 4), ("emails", 4), ("reports", 2)]).await;
-    let (mut api, base) = spawn_api(&env).await;
+    let (mut api, base) = env.spawn_api(&[]).await;
     let client = env.client();
     let by_client = |q: Option<&str>, i: i32| {
         let job = NewJob::new("echo", json!({"n": i}));

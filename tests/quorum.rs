@@ -19,29 +19,24 @@ const T: Duration = Duration::from_secs(60);
 /// Each queue of the broker whose name starts with `prefix`: its type and its arguments, as
 /// `rabbitmqctl list_queues` shows them.
 async fn queue_types(prefix: &str) -> HashMap<String, (String, String)> {
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "list_queues",
-            "name",
-            "type",
-            "arguments",
-            "--no-table-headers",
-            "-q",
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("rabbitmqctl");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.split('\t');
-            let name = parts.next()?.to_string();
-            let kind = parts.next()?.to_string();
-            let args = parts.next().unwrap_or("").to_string();
-            name.starts_with(prefix).then_some((name, (kind, args)))
-        })
-        .collect()
+    common::rabbitmqctl(&[
+        "list_queues",
+        "name",
+        "type",
+        "arguments",
+        "--no-table-headers",
+        "-q",
+    ])
+    .await
+    .lines()
+    .filter_map(|l| {
+        let mut parts = l.split('\t');
+        let name = parts.next()?.to_string();
+        let kind = parts.next()?.to_string();
+        let args = parts.next().unwrap_or("").to_string();
+        name.starts_with(prefix).then_some((name, (kind, args)))
+    })
+    .collect()
 }
 
 /// Fails unless every broker queue of `env`'s default queue exists with type `kind`.

@@ -377,20 +377,15 @@ async fn quorum_shards_ask_for_balanced_leaders() {
     let by_shard = ready_by_shard(&names, 3).await;
     assert_eq!(by_shard.iter().sum::<u32>(), 60, "{by_shard:?}");
     // As the broker shows them: shards 1 and 2 with the locator, shard 0 as it always was.
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "list_queues",
-            "name",
-            "type",
-            "arguments",
-            "--no-table-headers",
-            "-q",
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("rabbitmqctl");
-    let listing = String::from_utf8_lossy(&out.stdout);
+    let listing = common::rabbitmqctl(&[
+        "list_queues",
+        "name",
+        "type",
+        "arguments",
+        "--no-table-headers",
+        "-q",
+    ])
+    .await;
     for k in 0..3 {
         let work = names.shard_work(k);
         let line = listing

@@ -42,6 +42,9 @@ pub(crate) struct Lane {
     /// lane consumes them too, and counts them in its depths (see
     /// [`crate::broker::topology::leftover_shards`]).
     pub(crate) leftover: std::sync::Mutex<Vec<u16>>,
+    /// The broker's depths of the lane's queues (every shard, leftover ones too), as the
+    /// heartbeat last read them; `None` when that read failed.
+    pub(crate) depths: std::sync::Mutex<Option<crate::broker::topology::QueueDepths>>,
 }
 
 impl Lane {
@@ -64,6 +67,7 @@ impl Lane {
             claim_tx,
             paused: watch::Sender::new(false),
             consuming: AtomicUsize::new(0),
+            depths: std::sync::Mutex::new(None),
             leftover: std::sync::Mutex::new(Vec::new()),
         };
         (Arc::new(lane), claim_rx)

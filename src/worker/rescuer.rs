@@ -105,24 +105,21 @@ pub const LOST_AFTER_LEASES: u32 = 3;
 /// Finds the queues this worker serves that the broker holds nothing of (not paused, nothing
 /// ready, nothing delayed), and has the jobs Postgres says are due in them published again.
 async fn requeue_lost(shared: &Shared) {
-    let Some(ch) = shared.stats_channel.read().await.clone() else {
-        return;
-    };
-    let mut empty = Vec::new();
-    for lane in &shared.lanes {
-        if lane.is_paused() {
-            continue;
-        }
-        // Every shard, leftover ones too: a job may sit in any of them.
-        let leftover = lane.leftover();
-        let read = crate::broker::topology::depths_with(&ch, &lane.names, &leftover);
-        if let Ok(Ok(d)) = tokio::time::timeout(Duration::from_secs(5), read).await
-            && d.ready == 0
-            && d.delayed == 0
-        {
-            empty.push(lane.queue().to_string());
-        }
-    }
+    // The depths the heartbeat read moments ago (every shard, leftover ones too: a job may
+    // sit in any of them); a lane whose read failed is left for the next pass.
+    let empty: Vec<String> = shared
+        .lanes
+        .iter()
+        .filter(|lane| !lane.is_paused())
+        .filter(|lane| {
+            lane.depths
+                .lock()
+                .ok()
+                .and_then(|d| *d)
+                .is_some_and(|d| d.ready == 0 && d.delayed == 0)
+        })
+        .map(|lane| lane.queue().to_string())
+        .collect();
     if empty.is_empty() {
         return;
     }
@@ -386,16 +383,34 @@ fn hostname() -> String {
 
 async fn read_depths(shared: &Shared) {
     let Some(ch) = shared.stats_channel.read().await.clone() else {
+        // Between sessions nothing is known of the broker: no lane counts as empty.
+        for lane in &shared.lanes {
+            if let Ok(mut last) = lane.depths.lock() {
+                *last = None;
+            }
+        }
         return;
     };
     let mut sum = crate::broker::topology::QueueDepths::default();
+    let mut complete = true;
     for lane in &shared.lanes {
         let leftover = lane.leftover();
         let read = crate::broker::topology::depths_with(&ch, &lane.names, &leftover);
-        match tokio::time::timeout(Duration::from_secs(5), read).await {
-            Ok(Ok(d)) => sum.add(&d),
-            _ => return,
+        let read = match tokio::time::timeout(Duration::from_secs(5), read).await {
+            Ok(Ok(d)) => Some(d),
+            _ => None,
+        };
+        if let Ok(mut last) = lane.depths.lock() {
+            *last = read;
         }
+        match read {
+            Some(d) => sum.add(&d),
+            None => complete = false,
+        }
+    }
+    // A partial sum would understate the backlog: keep the last whole one.
+    if !complete {
+        return;
     }
     if let Ok(mut depths) = shared.depths.lock() {
         *depths = sum;

@@ -192,6 +192,24 @@ impl TestEnv {
         }
     }
 
+    /// A real `apiary api` on a free local port, plus `extra` variables, once it listens;
+    /// returned with its base URL (read from its log).
+    pub async fn spawn_api(&self, extra: &[(&str, &str)]) -> (Proc, String) {
+        let mut vars = vec![("APIARY_HTTP_ADDR", "127.0.0.1:0")];
+        vars.extend_from_slice(extra);
+        let api = self.spawn(&["api"], &vars);
+        let line = api
+            .wait_for_log("api listening", Duration::from_secs(30))
+            .await;
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .expect("the api's address in its log")
+            .to_string();
+        (api, format!("http://{addr}"))
+    }
+
     /// Runs `apiary args...` to completion and returns its stdout.
     pub async fn run(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_apiary"))
@@ -1107,24 +1125,17 @@ pub async fn passive_declare(queue: &str) -> lapin::Queue {
 /// Closes the RabbitMQ connections of the OS process `pid`, found by the pid in their
 /// connection name; returns how many.
 pub async fn close_rabbit_connections_of(pid: i32) -> usize {
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "list_connections",
-            "pid",
-            "client_properties",
-            "--no-table-headers",
-            "-q",
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("rabbitmqctl");
+    let listing = rabbitmqctl(&[
+        "list_connections",
+        "pid",
+        "client_properties",
+        "--no-table-headers",
+        "-q",
+    ])
+    .await;
     let needle = format!("pid {pid}\"");
     let mut closed = 0;
-    for line in String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(&needle))
-    {
+    for line in listing.lines().filter(|l| l.contains(&needle)) {
         let Some(cpid) = line.split('\t').next() else {
             continue;
         };
@@ -1137,4 +1148,16 @@ pub async fn close_rabbit_connections_of(pid: i32) -> usize {
         closed += usize::from(status.success());
     }
     closed
+}
+
+/// What `rabbitmqctl ARGS` prints on the shared broker (it reads standard input, so it gets
+/// none).
+pub async fn rabbitmqctl(args: &[&str]) -> String {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
