@@ -339,8 +339,9 @@ async fn replay_a_dead_job_and_see_it_succeed() {
     };
     let env = TestEnv::new().await;
     let d = deploy(&env, None).await;
-    // Dies at once; once its cause is gone (`until`), a replay succeeds.
-    let fixed_at = chrono::Utc::now() + chrono::Duration::seconds(3);
+    // Dies at once; once its cause is gone (`until`), a replay succeeds. The margin is wide:
+    // a loaded machine may start the handler seconds after the claim.
+    let fixed_at = chrono::Utc::now() + chrono::Duration::seconds(10);
     let id = env
         .enqueue(NewJob::new(
             "fail",
@@ -634,7 +635,7 @@ async fn children_and_replay_by_kind() {
     assert_eq!(code, 404);
 
     // Two dead `fail` jobs and one dead job of another kind: replaying `fail` takes two.
-    let fixed_at = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let fixed_at = chrono::Utc::now() + chrono::Duration::seconds(10);
     let mut dead = Vec::new();
     for _ in 0..2 {
         dead.push(
