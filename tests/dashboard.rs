@@ -446,6 +446,9 @@ async fn a_read_token_signs_in_and_sees_but_actions_need_admin() {
     b.click("#sign-out").await;
     b.type_into("#token", ADMIN).await;
     b.click("#login button").await;
+    // The login checks the token, then goes to the overview: wait for that before leaving,
+    // or its late redirect would take the browser away from the queues page.
+    b.wait_text("#tiles", |t| t.contains("ready")).await;
     b.goto(&format!("{}/queues", d.base)).await;
     b.click_confirmed(&format!("{row} button[data-action=pause]"))
         .await;
