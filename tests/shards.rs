@@ -194,7 +194,9 @@ async fn one_key_keeps_to_one_shard_through_delays_retries_and_dead_letters() {
         .enqueue(
             tally("later")
                 .with_concurrency_key(key)
-                .with_run_at(chrono::Utc::now() + chrono::Duration::seconds(15)),
+                // Far enough out to still wait in a tier when the retries do, however long a
+                // loaded machine takes to start the worker.
+                .with_run_at(chrono::Utc::now() + chrono::Duration::seconds(30)),
         )
         .await;
     for k in 0..4 {
