@@ -4,7 +4,10 @@
 //! the error text to fail with, and `{"ms": N}` works N milliseconds before each attempt ends
 //! (stopping early if cancelled), so tests can fail long jobs. `{"until": "<RFC 3339>"}` fails
 //! every attempt before that instant (permanently with `"permanent": true`) and succeeds after
-//! it: a handler whose cause was fixed, for replaying dead jobs.
+//! it: a handler whose cause was fixed, for replaying dead jobs. `{"retry_after_ms": N}` asks
+//! for the next attempt N milliseconds later instead of the worker's jittered backoff.
+
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -30,6 +33,8 @@ struct Args {
     ms: u64,
     #[serde(default)]
     until: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default)]
+    retry_after_ms: Option<u64>,
 }
 
 impl Handler for Fail {
@@ -39,7 +44,7 @@ impl Handler for Fail {
         let args: Args = ctx.payload()?;
         if args.ms > 0 {
             tokio::select! {
-                () = tokio::time::sleep(std::time::Duration::from_millis(args.ms)) => {}
+                () = tokio::time::sleep(Duration::from_millis(args.ms)) => {}
                 () = ctx.cancelled().cancelled() => return Err(HandlerError::retry("interrupted")),
             }
         }
@@ -66,13 +71,17 @@ impl Handler for Fail {
             ));
         }
         if ctx.attempt() <= args.times {
-            return Err(HandlerError::retry(args.message.unwrap_or_else(|| {
+            let message = args.message.unwrap_or_else(|| {
                 format!(
                     "failing attempt {} of the first {}, as asked",
                     ctx.attempt(),
                     args.times
                 )
-            })));
+            });
+            return Err(match args.retry_after_ms {
+                Some(ms) => HandlerError::retry_after(message, Duration::from_millis(ms)),
+                None => HandlerError::retry(message),
+            });
         }
         Ok(json!({ "attempts": ctx.attempt() }))
     }
