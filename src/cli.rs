@@ -680,7 +680,8 @@ fn parse_queue_type_arg(s: &str) -> Result<crate::broker::topology::QueueType, S
 }
 
 /// `apiary migrate-queues --to TYPE`: every queue the deployment knows (configured, paused,
-/// or consumed by a recent worker), moved by [`broker::migrate`].
+/// or consumed by a recent worker), with the shards each has ever had, moved by
+/// [`broker::migrate`].
 async fn migrate_queues(
     cfg: &Config,
     to: crate::broker::topology::QueueType,
@@ -693,7 +694,14 @@ async fn migrate_queues(
             std::time::Duration::from_secs(86_400),
         )
         .await?;
-    let names: Vec<QueueNames> = known.iter().map(|q| cfg.queue_names(q)).collect();
+    // Shards left over from a larger count are moved too: they may still hold messages.
+    let mut names: Vec<QueueNames> = Vec::with_capacity(known.len());
+    for q in &known {
+        let n = cfg.queue_names(q);
+        let recorded = store.recorded_shards(&n.work).await?;
+        let shards = n.shards.max(recorded);
+        names.push(n.with_shards(shards));
+    }
     let conn = broker::connect(&cfg.amqp_url, "apiary migrate-queues")
         .await
         .context("connecting to RabbitMQ")?;
@@ -750,8 +758,10 @@ async fn migrate(cfg: &Config, progress: &ProgressArgs) -> anyhow::Result<()> {
         .await
         .context("connecting to RabbitMQ")?;
     let channel = conn.create_channel().await.context("opening a channel")?;
+    let ledger = store::Store::connect_lazy(&cfg.database_url, 1)?;
     for queue in cfg.configured_queues() {
         let names = cfg.queue_names(&queue);
+        ledger.record_shards(&names.work, names.shards).await?;
         broker::topology::declare(&conn, &channel, &names, cfg.queue_type)
             .await
             .context("declaring queues")?;

@@ -238,7 +238,8 @@ impl Client {
         let publisher = Arc::new(
             Publisher::new(&cfg.amqp_url, &name, &cfg.queue)
                 .with_queue_type(cfg.queue_type)
-                .with_shards(cfg.shards()),
+                .with_shards(cfg.shards())
+                .with_ledger(store.clone()),
         );
         Ok(Client::from_parts(store, publisher, cfg))
     }

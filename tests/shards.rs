@@ -404,3 +404,113 @@ async fn quorum_shards_ask_for_balanced_leaders() {
     worker.stop().await;
     assert_eq!(env.tally("q").await, Some(60));
 }
+
+/// A spawned worker of `env` on `n` shards, once it has run `jobs` of its own (so it is
+/// consuming), enqueued through a client on `n` shards too.
+async fn spawned_worker_on(env: &TestEnv, n: u16, jobs: usize) -> common::Proc {
+    let options = format!("default:shards={n}");
+    let worker = env.spawn(&["worker"], &[("APIARY_QUEUE_OPTIONS", &options)]);
+    let before = env.tally("moved").await.unwrap_or(0);
+    enqueue_with(
+        &with_shards(&env.cfg, n),
+        (0..jobs).map(|_| tally("moved")).collect(),
+    )
+    .await;
+    let want = before + i64::try_from(jobs).expect("few");
+    env.wait_until("the worker to run its jobs", T, || async {
+        (env.tally("moved").await == Some(want)).then_some(())
+    })
+    .await;
+    worker
+}
+
+/// Deletes shard `k`'s work queue and tiers, as an operator would once they are empty.
+async fn delete_shard(names: &QueueNames, k: u16) {
+    let conn = apiary::broker::connect(common::AMQP, "test delete shard")
+        .await
+        .expect("rabbitmq");
+    let ch = conn.create_channel().await.expect("channel");
+    for q in names.shard_queues(k) {
+        ch.queue_delete(
+            q.as_str().into(),
+            lapin::options::QueueDeleteOptions {
+                if_empty: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("delete an empty shard queue");
+    }
+    let _ = conn.close(200, "deleted".into()).await;
+}
+
+/// What the broker says when a channel asks for a queue that does not exist; lapin logs it.
+const PROBE_MISS: &str = "NOT_FOUND";
+
+#[tokio::test]
+async fn leftover_shards_are_looked_for_only_where_the_record_says_they_may_be() {
+    let env = TestEnv::new().await;
+    let names = with_shards(&env.cfg, 4).queue_names("default");
+    let _shards = Shards(names.clone());
+    let store = apiary::store::Store::connect_lazy(&env.cfg.database_url, 2).expect("store");
+
+    // Two shards and nothing ever larger: no shard is looked for above them.
+    let mut worker = spawned_worker_on(&env, 2, 20).await;
+    assert_eq!(store.recorded_shards(&names.work).await.expect("read"), 2);
+    assert!(
+        !worker.log_text().contains(PROBE_MISS),
+        "{}",
+        worker.log_text()
+    );
+    worker.signal("TERM");
+    worker.wait(T).await;
+
+    // A producer on four shards records four before it declares them; a worker on two, when
+    // it connects, consumes shards 2 and 3 as leftovers, without a probe that misses.
+    let ids = enqueue_with(
+        &with_shards(&env.cfg, 4),
+        (0..40).map(|_| tally("moved")).collect(),
+    )
+    .await;
+    assert_eq!(store.recorded_shards(&names.work).await.expect("read"), 4);
+    let by_shard = ready_by_shard(&names, 4).await;
+    assert!(by_shard[2] > 0 && by_shard[3] > 0, "{by_shard:?}");
+    let mut worker = spawned_worker_on(&env, 2, 0).await;
+    env.wait_until("the leftover shards' jobs to run", T, || async {
+        (env.tally("moved").await == Some(60)).then_some(())
+    })
+    .await;
+    assert_eq!(ready_by_shard(&names, 4).await, vec![0; 4]);
+    let log = worker.log_text();
+    assert!(log.contains("leftover=[2, 3]"), "{log}");
+    assert!(!log.contains(PROBE_MISS), "{log}");
+    worker.signal("TERM");
+    worker.wait(T).await;
+    for id in ids {
+        assert_eq!(
+            env.job(id).await.map(|j| j.status()),
+            Some(JobStatus::Succeeded)
+        );
+    }
+
+    // An operator deletes the emptied shard 3. The next worker finds it gone (one probe
+    // misses), lowers the record to three, and the one after it misses nothing.
+    delete_shard(&names, 3).await;
+    let mut worker = spawned_worker_on(&env, 2, 10).await;
+    assert_eq!(store.recorded_shards(&names.work).await.expect("read"), 3);
+    assert!(worker.log_text().contains("leftover shards were deleted"));
+    worker.signal("TERM");
+    worker.wait(T).await;
+    let mut worker = spawned_worker_on(&env, 2, 10).await;
+    let log = worker.log_text();
+    assert!(log.contains("leftover=[2]"), "{log}");
+    assert!(!log.contains(PROBE_MISS), "{log}");
+    worker.signal("TERM");
+    worker.wait(T).await;
+    assert_eq!(
+        env.tally("moved").await,
+        Some(80),
+        "none lost, none doubled"
+    );
+    env.assert_invariants_quiescent().await;
+}

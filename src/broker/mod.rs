@@ -63,6 +63,10 @@ pub enum BrokerError {
         /// What `APIARY_QUEUE_TYPE` asks for.
         wanted: topology::QueueType,
     },
+    /// A queue's shard count could not be recorded in Postgres before its shards were
+    /// declared ([`crate::store::shards`]); nothing was published.
+    #[error("recording the queue's shard count before declaring its shards: {0}")]
+    ShardRecord(#[source] std::sync::Arc<crate::store::StoreError>),
 }
 
 /// Adds context to a lapin result.

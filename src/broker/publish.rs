@@ -126,6 +126,9 @@ pub struct Publisher {
     queue_type: topology::QueueType,
     /// Each queue's shard count (`shards=`): which work queue a job goes to.
     shards: topology::Shards,
+    /// Where shard counts are recorded before shards are declared, and read to find leftover
+    /// shards ([`crate::store::shards`]). Without it, leftovers are found by probing.
+    ledger: Option<crate::store::Store>,
 }
 
 impl Publisher {
@@ -144,6 +147,7 @@ impl Publisher {
             declared: Mutex::new(HashSet::new()),
             queue_type: topology::QueueType::Classic,
             shards: topology::Shards::default(),
+            ledger: None,
         }
     }
 
@@ -165,6 +169,7 @@ impl Publisher {
             declared: Mutex::new(HashSet::new()),
             queue_type: topology::QueueType::Classic,
             shards: topology::Shards::default(),
+            ledger: None,
         })
     }
 
@@ -178,6 +183,13 @@ impl Publisher {
     /// This publisher, spreading each queue's jobs over its shards (one each unless told).
     pub fn with_shards(mut self, shards: topology::Shards) -> Publisher {
         self.shards = shards;
+        self
+    }
+
+    /// This publisher, recording each queue's shard count in `store` before it declares the
+    /// shards, and reading it there to find leftover shards.
+    pub fn with_ledger(mut self, store: crate::store::Store) -> Publisher {
+        self.ledger = Some(store);
         self
     }
 
@@ -246,6 +258,12 @@ impl Publisher {
                 Source::Lent(c) => c,
                 Source::Own { conn: None, .. } => return Err(BrokerError::Disconnected),
             };
+            if let Some(store) = &self.ledger {
+                store
+                    .record_shards(&m.names.work, m.names.shards)
+                    .await
+                    .map_err(|e| BrokerError::ShardRecord(std::sync::Arc::new(e)))?;
+            }
             let ch = conn
                 .create_channel()
                 .await
@@ -255,6 +273,59 @@ impl Publisher {
             declared.insert(key);
         }
         Ok(())
+    }
+
+    /// The shards of `names` above its count that still exist: left over from a larger
+    /// `shards=`, still holding messages that are the queue's. With a ledger, only the shards
+    /// below the recorded count are looked for, and a count whose top shards were deleted is
+    /// lowered; without one, or when Postgres cannot say, shards are probed upward until one
+    /// is missing. Each probe is a passive declare on a throwaway channel (a missing queue
+    /// closes it). Empty when the broker cannot be asked.
+    pub async fn leftover_shards(&self, names: &QueueNames) -> Vec<u16> {
+        let recorded = match &self.ledger {
+            Some(store) => match store.recorded_shards(&names.work).await {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::warn!(queue = %names.work, error = %e, "could not read the recorded shard count; probing for leftover shards");
+                    None
+                }
+            },
+            None => None,
+        };
+        let upto = recorded.unwrap_or(topology::MAX_SHARDS);
+        let mut found = Vec::new();
+        for k in names.shards..upto {
+            let Ok(ch) = self.throwaway_channel().await else {
+                return found;
+            };
+            let exists = topology::exists(&ch, &names.shard_work(k)).await;
+            let _ = ch.close(200, "probed".into()).await;
+            if !exists {
+                if let (Some(store), Some(from)) = (&self.ledger, recorded) {
+                    tracing::info!(queue = %names.work, deleted_from = k, "leftover shards were deleted; no longer looking for them");
+                    if let Err(e) = store.lower_shards(&names.work, from, k).await {
+                        tracing::warn!(queue = %names.work, error = %e, "could not lower the recorded shard count");
+                    }
+                }
+                break;
+            }
+            found.push(k);
+        }
+        found
+    }
+
+    /// A fresh channel on whichever connection this publisher uses, its own or a lent one.
+    async fn throwaway_channel(&self) -> Result<Channel, BrokerError> {
+        if matches!(&*self.source.lock().await, Source::Own { .. }) {
+            self.ensure_connected().await?;
+        }
+        let source = self.source.lock().await;
+        match &*source {
+            Source::Own { conn: Some(c), .. } => c.create_channel().await,
+            Source::Lent(c) => c.create_channel().await,
+            Source::Own { conn: None, .. } => return Err(BrokerError::Disconnected),
+        }
+        .context("opening a channel")
     }
 
     /// A fresh channel on this publisher's own connection, for one-off work such as sweeping

@@ -37,9 +37,13 @@
 //!   alternative, tiers shared per queue dead-lettering through an exchange that routes by
 //!   a shard header, would drop a message whose shard was removed meanwhile (nothing bound
 //!   for it); a tier of its own has nowhere to go but its shard.
-//! - Changing N never strands a message: a shard above N that still exists (found by passive
-//!   declares, [`leftover_shards`]) is consumed by workers too, and counted in the depths,
-//!   until an operator deletes it. A message drained from it is routed by the current N when
+//! - Changing N never strands a message: a shard above N that still exists is consumed by
+//!   workers too, and counted in the depths, until an operator deletes it. Every process
+//!   records a queue's count in Postgres before declaring its shards
+//!   ([`crate::store::shards`]), so the leftover shards are looked for only between the
+//!   current count and the largest ever recorded
+//!   ([`crate::broker::Publisher::leftover_shards`]), never by probing for shards that were
+//!   never made. A message drained from it is routed by the current N when
 //!   it has to wait again. Shards are never deleted by Apiary: a removed shard's tiers may
 //!   still hold messages bound for its work queue.
 //! - Quorum shards 1 to N-1 are declared with `x-queue-leader-locator: balanced` (RabbitMQ
@@ -605,27 +609,6 @@ async fn declare_work(
     }
 }
 
-/// The shards of `names` above [`QueueNames::shards`] that still exist (left over from a
-/// larger `shards=`), found by passive declares of their work queues, each on a throwaway
-/// channel (a 404 closes it), from shard N up to the first one missing. Workers consume
-/// them and the depths count them, so shrinking N strands no message. Empty when the broker
-/// cannot be asked.
-pub async fn leftover_shards(conn: &lapin::Connection, names: &QueueNames) -> Vec<u16> {
-    let mut out = Vec::new();
-    for k in names.shards..MAX_SHARDS {
-        let Ok(ch) = conn.create_channel().await else {
-            break;
-        };
-        let found = exists(&ch, &names.shard_work(k)).await;
-        let _ = ch.close(200, "probed".into()).await;
-        if !found {
-            break;
-        }
-        out.push(k);
-    }
-    out
-}
-
 /// Whether `queue` exists, by a passive declare on `channel`, which the broker closes when
 /// the answer is no.
 pub async fn exists(channel: &Channel, queue: &str) -> bool {
@@ -772,7 +755,8 @@ pub async fn depths(channel: &Channel, names: &QueueNames) -> Result<QueueDepths
     depths_with(channel, names, &[]).await
 }
 
-/// [`depths`], counting the `leftover` shards ([`leftover_shards`]) too.
+/// [`depths`], counting the `leftover` shards
+/// ([`crate::broker::Publisher::leftover_shards`]) too.
 pub async fn depths_with(
     channel: &Channel,
     names: &QueueNames,

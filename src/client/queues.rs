@@ -160,7 +160,7 @@ impl Client {
     /// queue missing means the deployment was never migrated, which is the error it was.
     async fn depths_of(&self, queue: &str) -> Result<QueueDepths, BrokerError> {
         let names = self.inner.publisher.names(queue);
-        let leftover = self.leftover_shards(&names).await;
+        let leftover = self.inner.publisher.leftover_shards(&names).await;
         let channel = self.inner.publisher.open_channel().await?;
         let depths = topology::depths_with(&channel, &names, &leftover).await;
         // Already closed by the broker after a 404; closing again only fails.
@@ -173,24 +173,5 @@ impl Client {
             }
             other => other,
         }
-    }
-
-    /// The shards of `names` above its count that still exist, as workers find them
-    /// ([`topology::leftover_shards`]): what they hold is still the queue's. One throwaway
-    /// channel per probe, since a 404 closes it.
-    async fn leftover_shards(&self, names: &crate::broker::QueueNames) -> Vec<u16> {
-        let mut out = Vec::new();
-        for k in names.shards..topology::MAX_SHARDS {
-            let Ok(channel) = self.inner.publisher.open_channel().await else {
-                break;
-            };
-            let found = topology::exists(&channel, &names.shard_work(k)).await;
-            let _ = channel.close(200, "probed".into()).await;
-            if !found {
-                break;
-            }
-            out.push(k);
-        }
-        out
     }
 }

@@ -21,6 +21,7 @@ pub mod rescue_job;
 pub mod schedules;
 pub mod schema;
 pub mod series;
+pub mod shards;
 pub mod stats;
 pub mod workers;
 

@@ -40,7 +40,7 @@ pub(crate) struct Lane {
     pub(crate) consuming: AtomicUsize,
     /// Shards above the queue's count that still exist, found when the session opened: the
     /// lane consumes them too, and counts them in its depths (see
-    /// [`crate::broker::topology::leftover_shards`]).
+    /// [`crate::broker::Publisher::leftover_shards`]).
     pub(crate) leftover: std::sync::Mutex<Vec<u16>>,
     /// The broker's depths of the lane's queues (every shard, leftover ones too), as the
     /// heartbeat last read them; `None` when that read failed.

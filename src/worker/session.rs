@@ -76,6 +76,10 @@ pub(crate) async fn keep_consuming(shared: &Arc<Shared>) -> Option<Session> {
                     said_mismatch = true;
                 }
             }
+            // Postgres, not the broker, is what failed: the shards are declared once it answers.
+            Err(e @ BrokerError::ShardRecord(_)) => {
+                tracing::warn!(error = %e, "cannot declare the queues' shards until Postgres answers; retrying with backoff");
+            }
             Err(e) => shared.rabbit.down(&e),
         }
         let wait = delays.next().unwrap_or(Duration::from_secs(5));
@@ -131,7 +135,8 @@ async fn open(shared: &Arc<Shared>) -> Result<Session, BrokerError> {
         Publisher::on(conn.clone(), &shared.cfg.queue)
             .await?
             .with_queue_type(shared.cfg.queue_type)
-            .with_shards(shared.cfg.shards()),
+            .with_shards(shared.cfg.shards())
+            .with_ledger(shared.store.clone()),
     );
     let mut lanes = Vec::with_capacity(shared.lanes.len());
     for lane in &shared.lanes {
@@ -139,6 +144,11 @@ async fn open(shared: &Arc<Shared>) -> Result<Session, BrokerError> {
             .create_channel()
             .await
             .context("opening a consume channel")?;
+        shared
+            .store
+            .record_shards(&lane.names.work, lane.names.shards)
+            .await
+            .map_err(|e| BrokerError::ShardRecord(std::sync::Arc::new(e)))?;
         let declared =
             topology::declare(&conn, &channel, &lane.names, shared.cfg.queue_type).await?;
         if declared == Declared::WithoutPriorities {
@@ -146,7 +156,7 @@ async fn open(shared: &Arc<Shared>) -> Result<Session, BrokerError> {
         }
         // Shards left over from a larger count are consumed until someone deletes them, so
         // no message in them is stranded when `shards=` shrinks.
-        let leftover = topology::leftover_shards(&conn, &lane.names).await;
+        let leftover = publisher.leftover_shards(&lane.names).await;
         if !leftover.is_empty() {
             tracing::info!(queue = %lane.queue(), shards = lane.names.shards, leftover = ?leftover, "also consuming shards left over from a larger shards= count; delete them once empty");
         }
