@@ -17,10 +17,12 @@ use anyhow::Context as _;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::broker::{self, QueueNames};
+use crate::broker;
+
+mod components;
 use crate::client::Client;
 use crate::config::Config;
-use crate::job::NewJob;
+use crate::job::{DEFAULT_QUEUE, NewJob};
 
 /// How the work arrives.
 ///
@@ -161,6 +163,10 @@ pub struct Report {
     /// `--vacuum-every`, in seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vacuum_every_s: Option<f64>,
+    /// What RabbitMQ and Postgres spent per job while the workers ran (backlog: the drain;
+    /// live: the whole run, publishing included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub components: Option<components::Components>,
 }
 
 /// One sample of a `--duration` run.
@@ -244,7 +250,8 @@ pub async fn run(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     {
         let conn = broker::connect(&cfg.amqp_url, "apiary bench setup").await?;
         let ch = conn.create_channel().await.context("channel")?;
-        broker::topology::declare(&conn, &ch, &QueueNames::new(&cfg.queue), cfg.queue_type).await?;
+        broker::topology::declare(&conn, &ch, &cfg.queue_names(DEFAULT_QUEUE), cfg.queue_type)
+            .await?;
         let _ = conn.close(200, "".into()).await;
     }
     let result = measure(&cfg, args).await;
@@ -284,7 +291,7 @@ impl Scratch {
         if let Ok(conn) = broker::connect(&self.cfg.amqp_url, "apiary bench cleanup").await
             && let Ok(ch) = conn.create_channel().await
         {
-            for q in QueueNames::new(&self.cfg.queue).all() {
+            for q in self.cfg.queue_names(DEFAULT_QUEUE).all() {
                 let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
             }
             let _ = conn.close(200, "".into()).await;
@@ -306,6 +313,9 @@ impl Workers {
                 .env("DATABASE_URL", &cfg.database_url)
                 .env("AMQP_URL", &cfg.amqp_url)
                 .env("APIARY_QUEUE", &cfg.queue)
+                // Given as flags to the bench, these are not in its environment to inherit.
+                .env("APIARY_QUEUE_TYPE", cfg.queue_type.as_str())
+                .env("APIARY_QUEUE_OPTIONS", cfg.queue_options.to_string())
                 .env("APIARY_WORKER_HTTP_ADDR", "127.0.0.1:0")
                 .env("RUST_LOG", "warn")
                 .stdin(Stdio::null())
@@ -372,7 +382,9 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     let payload = json!({ "data": "x".repeat(args.payload_bytes.saturating_sub(12)) });
     let mut workers = None;
     let mut workers_started = None;
+    let mut window_start = None;
     if args.mode == Mode::Live {
+        window_start = Some(components::snapshot(&pool).await?);
         let w = Workers::start(cfg, args)?;
         wait_for_consumers(cfg, args.workers).await?;
         workers_started = Some(chrono::Utc::now());
@@ -570,6 +582,7 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
                             .execute(&pool)
                             .await
                             .context("analyzing the scratch job table")?;
+                        window_start = Some(components::snapshot(&pool).await?);
                         workers_started = Some(chrono::Utc::now());
                         workers = Some(Workers::start(cfg, args)?);
                     }
@@ -600,6 +613,10 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
             ),
         }
     }
+    let window_end = match window_start {
+        Some(_) => Some(components::snapshot(&pool).await?),
+        None => None,
+    };
     counter.abort();
     if let Some(v) = &vacuum {
         v.abort();
@@ -627,6 +644,7 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
             steady: None,
             autovacuum: None,
             vacuum_every_s: None,
+            components: None,
         });
     }
     let Some(workers) = workers else {
@@ -692,8 +710,16 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     };
     let pids = workers.pids();
     let (peak, cpu) = proc_stats(&pids);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Backends flush their statistics at most once a second: read the commits after that.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let idle = pids.iter().map(|p| rss_now(*p)).fold(0.0, f64::max);
+    let components = match (&window_start, &window_end) {
+        (Some(from), Some(to)) => {
+            let stats = components::snapshot(&pool).await?;
+            Some(components::between(from, to, &stats, jobs))
+        }
+        _ => None,
+    };
     workers.stop().await;
     let steady = sampling.then(|| steadiness(&samples, args.retention));
     Ok(Report {
@@ -720,6 +746,7 @@ async fn measure(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
         steady,
         autovacuum,
         vacuum_every_s: args.vacuum_every.map(|d| d.as_secs_f64()),
+        components,
     })
 }
 
@@ -828,9 +855,12 @@ async fn wait_for_consumers(cfg: &Config, n: usize) -> anyhow::Result<()> {
     let conn = broker::connect(&cfg.amqp_url, "apiary bench probe").await?;
     let ch = conn.create_channel().await.context("channel")?;
     let deadline = Instant::now() + Duration::from_secs(30);
+    let names = cfg.queue_names(DEFAULT_QUEUE);
+    // One consumer per shard per worker.
+    let want = n * usize::from(names.shards);
     loop {
-        let d = broker::topology::depths(&ch, &QueueNames::new(&cfg.queue)).await?;
-        if d.consumers as usize >= n {
+        let d = broker::topology::depths(&ch, &names).await?;
+        if d.consumers as usize >= want {
             break;
         }
         anyhow::ensure!(
@@ -922,6 +952,17 @@ fn print_report(r: &Report) {
             "  worker CPU                   {:.2} s ({:.1} µs/job)",
             r.worker_cpu_seconds, r.worker_cpu_us_per_job
         );
+    }
+    if let Some(c) = &r.components {
+        println!(
+            "  broker / postgres CPU        {:.1} / {:.1} µs/job",
+            c.broker_cpu_us_per_job, c.postgres_cpu_us_per_job
+        );
+        println!(
+            "  postgres commits             {:.0}/s ({:.3} per job), WAL syncs {:.0}/s, WAL {:.0} B/job",
+            c.pg_commits_per_s, c.pg_commits_per_job, c.pg_wal_syncs_per_s, c.wal_bytes_per_job
+        );
+        println!("  machine CPU busy             {:.0} %", c.box_cpu_busy_pct);
     }
     if !r.samples.is_empty() {
         println!("\n{}", sample_header());

@@ -675,6 +675,31 @@ pub struct QueueOptions {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueOptionSettings(pub std::collections::HashMap<String, QueueOptions>);
 
+/// Written back as `APIARY_QUEUE_OPTIONS` takes it (queues sorted), for a process that passes
+/// its settings on to the workers it starts.
+impl std::fmt::Display for QueueOptionSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut queues: Vec<_> = self.0.iter().collect();
+        queues.sort_by(|a, b| a.0.cmp(b.0));
+        for (i, (queue, o)) in queues.into_iter().enumerate() {
+            let mut settings = Vec::new();
+            if let Some(r) = &o.rate {
+                settings.push(format!(
+                    "rate={}/{}",
+                    r.count,
+                    humantime::format_duration(r.period)
+                ));
+            }
+            if let Some(n) = o.shards {
+                settings.push(format!("shards={n}"));
+            }
+            let sep = if i == 0 { "" } else { ";" };
+            write!(f, "{sep}{queue}:{}", settings.join(","))?;
+        }
+        Ok(())
+    }
+}
+
 /// Parses `queue:key=value,...;queue:...`. Errors start with `APIARY_QUEUE_OPTIONS:`.
 pub fn parse_queue_options(s: &str) -> Result<QueueOptionSettings, String> {
     let mut out = std::collections::HashMap::new();
@@ -1201,6 +1226,20 @@ mod tests {
         EnvOnly::try_parse_from(["apiary", "--prefix", "q"])
             .expect("parses")
             .config
+    }
+
+    #[test]
+    fn queue_options_are_written_back_as_they_parse() {
+        for s in [
+            "",
+            "default:shards=4",
+            "emails:rate=5/10s,shards=2;reports:rate=100/1m",
+        ] {
+            let o = parse_queue_options(s).expect(s);
+            assert_eq!(parse_queue_options(&o.to_string()).expect(s), o, "{s}");
+        }
+        let o = parse_queue_options("b:shards=3;a:rate=10/s").expect("parses");
+        assert_eq!(o.to_string(), "a:rate=10/1s;b:shards=3");
     }
 
     #[test]
