@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// Keep the scratch database and queues afterwards (to inspect them).
     #[arg(long)]
     pub keep: bool,
+    /// Classic queues only: declare the work queues without priority levels first, as an
+    /// Apiary before priorities did, to measure what RabbitMQ's priority queues cost.
+    #[arg(long)]
+    pub without_priorities: bool,
     /// Give up after this long (counted from the end of publishing with --duration).
     #[arg(long, default_value = "10m", value_parser = crate::config::parse_duration)]
     pub timeout: Duration,
@@ -250,8 +254,23 @@ pub async fn run(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     {
         let conn = broker::connect(&cfg.amqp_url, "apiary bench setup").await?;
         let ch = conn.create_channel().await.context("channel")?;
-        broker::topology::declare(&conn, &ch, &cfg.queue_names(DEFAULT_QUEUE), cfg.queue_type)
-            .await?;
+        let names = cfg.queue_names(DEFAULT_QUEUE);
+        if args.without_priorities {
+            anyhow::ensure!(
+                cfg.queue_type == broker::topology::QueueType::Classic,
+                "--without-priorities is for classic queues"
+            );
+            for work in names.work_queues() {
+                ch.queue_declare(
+                    work.as_str().into(),
+                    broker::topology::durable(),
+                    broker::topology::work_args_without_priorities(),
+                )
+                .await
+                .context("declaring a work queue without priorities")?;
+            }
+        }
+        broker::topology::declare(&conn, &ch, &names, cfg.queue_type).await?;
         let _ = conn.close(200, "".into()).await;
     }
     let result = measure(&cfg, args).await;

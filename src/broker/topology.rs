@@ -504,7 +504,7 @@ pub fn work_args(names: &QueueNames, kind: QueueType) -> FieldTable {
 
 /// The arguments of a classic work queue declared by a version before priorities: the
 /// queue type alone.
-fn work_args_without_priorities() -> FieldTable {
+pub fn work_args_without_priorities() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), QueueType::Classic.arg());
     args
