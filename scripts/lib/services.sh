@@ -15,7 +15,8 @@
 readonly WAIT_SECS=60
 readonly COMPOSE_FILE=docker/compose.services.yaml
 
-step() { printf '==> %s\n' "$*"; }
+# Each step says how long the script has run, so a slow run shows where its time went.
+step() { printf '==> %s (at %ds)\n' "$*" "$SECONDS"; }
 note() { printf '    %s\n' "$*"; }
 die() {
     printf 'error: %s\n' "$*" >&2
