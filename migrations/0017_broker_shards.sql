@@ -10,3 +10,6 @@ CREATE TABLE IF NOT EXISTS apiary_broker_shards (
     shards     smallint    NOT NULL CHECK (shards BETWEEN 2 AND 64),
     changed_at timestamptz NOT NULL DEFAULT now()
 );
+
+COMMENT ON TABLE apiary_broker_shards IS
+    'The largest shards= count each queue (by its shard-0 work queue) was ever declared with; written before the shards are declared.';
