@@ -134,6 +134,10 @@ pub struct Claims {
     pub db_now: Option<DateTime<Utc>>,
 }
 
+/// One job the claim statement took: its id, the attempt it starts, its budget, and
+/// Postgres's `now()`.
+pub(crate) type Claimed = (Uuid, i32, i32, DateTime<Utc>);
+
 /// Postgres's view of one delivery that claimed nothing.
 #[derive(sqlx::FromRow)]
 struct Unclaimed {
@@ -170,7 +174,7 @@ impl Store {
     pub(crate) async fn resolve_claims(
         &self,
         inputs: &[ClaimInput<'_>],
-        claimed: Vec<(Uuid, i32, i32, DateTime<Utc>)>,
+        claimed: Vec<Claimed>,
     ) -> Result<Claims, StoreError> {
         let mut db_now = claimed.first().map(|c| c.3);
         let by_id: std::collections::HashMap<Uuid, (i32, i32)> = claimed
@@ -516,7 +520,7 @@ pub(crate) async fn claim_statement<'c, E: sqlx::PgExecutor<'c>>(
     inputs: &[ClaimInput<'_>],
     worker: Uuid,
     lease: std::time::Duration,
-) -> Result<Vec<(Uuid, i32, i32, DateTime<Utc>)>, StoreError> {
+) -> Result<Vec<Claimed>, StoreError> {
     let ids: Vec<Uuid> = inputs.iter().map(|i| i.job.id).collect();
     let kinds: Vec<&str> = inputs.iter().map(|i| i.job.kind.as_str()).collect();
     let payloads: Vec<&str> = inputs.iter().map(|i| i.job.payload.get()).collect();

@@ -109,7 +109,51 @@ impl Store {
     ) -> Result<(Vec<Finished>, Vec<JobId>), StoreError> {
         finish_rows(self.pool(), worker, batch, false).await
     }
+
+    /// [`Store::finish_jobs_following`] for `batch`, then the claim statement for each of
+    /// `claims`, all in one transaction: a worker's hot path pays one commit (one WAL flush)
+    /// for the attempts that finished and the deliveries that arrived meanwhile. The
+    /// statements and their fences are those of the separate calls; committing them together
+    /// changes no outcome, and a failure of any rolls back all. Returns the finish's answer
+    /// and, per claim, the rows it took, for [`Store::resolve_claims`].
+    pub(crate) async fn finish_and_claim(
+        &self,
+        worker: Uuid,
+        batch: &[Finish],
+        claims: &[Vec<super::claim_job::ClaimInput<'_>>],
+        lease: std::time::Duration,
+    ) -> Result<FinishedAndClaimed, StoreError> {
+        if batch.is_empty() && claims.len() == 1 {
+            // A lone claim commits on its own, as one statement: no BEGIN, no COMMIT.
+            let rows =
+                super::claim_job::claim_statement(self.pool(), &claims[0], worker, lease).await?;
+            return Ok(((Vec::new(), Vec::new()), vec![rows]));
+        }
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .context("beginning a finish-and-claim")?;
+        let finished = if batch.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            finish_rows(&mut *tx, worker, batch, false).await?
+        };
+        let mut claimed = Vec::with_capacity(claims.len());
+        for inputs in claims {
+            claimed.push(super::claim_job::claim_statement(&mut *tx, inputs, worker, lease).await?);
+        }
+        tx.commit().await.context("committing a finish-and-claim")?;
+        Ok((finished, claimed))
+    }
 }
+
+/// What [`Store::finish_and_claim`] wrote: the finished attempts and the jobs they may have
+/// released, then the rows each claim took.
+pub(crate) type FinishedAndClaimed = (
+    (Vec<Finished>, Vec<JobId>),
+    Vec<Vec<super::claim_job::Claimed>>,
+);
 
 /// [`Store::finish_jobs`] on any executor. A handler's own transaction passes its connection
 /// with `with_handler_writes`, so the job's completion commits together with the handler's

@@ -210,7 +210,7 @@ async fn claim_plain(
     permits: Vec<OwnedSemaphorePermit>,
 ) {
     let refs: Vec<&Incoming> = batch.iter().collect();
-    let Some(claims) = claim_isolating(shared, &refs).await else {
+    let Some(claims) = claim_batch(shared, &refs).await else {
         return hand_back(shared, batch.into_iter().map(|i| i.delivery));
     };
     for ((inc, claim), permit) in batch.into_iter().zip(claims).zip(permits) {
@@ -256,6 +256,32 @@ fn bury_refused(shared: &Arc<Shared>, inc: Incoming, refusal: String) {
         )
         .await
     });
+}
+
+/// Claims `batch` in the committer's next commit, together with the outcomes that finished
+/// meanwhile; if that commit fails, on its own ([`claim_isolating`]).
+async fn claim_batch(
+    shared: &Arc<Shared>,
+    batch: &[&Incoming],
+) -> Option<Vec<Result<Claim, String>>> {
+    if let Some(rows) = super::commit::claim_jointly(shared, batch).await {
+        let inputs: Vec<ClaimInput<'_>> = batch.iter().map(|i| claim_input(shared, i)).collect();
+        // The claim is committed; what remains reads why the others claimed nothing.
+        match shared
+            .with_store(|| shared.store.resolve_claims(&inputs, rows.clone()))
+            .await
+        {
+            Ok(c) => {
+                shared.observe_db_now(c.db_now);
+                return Some(c.claims.into_iter().map(Ok).collect());
+            }
+            Err(Failed::Interrupted) => return None,
+            // Read again by the separate path, which isolates what Postgres refuses; a job
+            // claimed above is found running under this worker's own claim.
+            Err(Failed::Refused(_)) => {}
+        }
+    }
+    claim_isolating(shared, batch).await
 }
 
 /// Claims `batch`; if Postgres refuses the statement because of one job's data, claims the

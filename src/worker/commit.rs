@@ -2,6 +2,12 @@
 //! commit is in flight and the next commit takes them all: one statement and one
 //! multiple-ack for a burst, and no waiting at all when a job finishes alone.
 //!
+//! The claimers hand their claims to this same loop ([`ClaimRequest`]), so the claims that
+//! arrive while a commit is in flight commit together with the next batch of outcomes: one
+//! transaction, one WAL flush, for both halves of the hot path. Should that transaction fail
+//! for one item's data, or the worker be interrupted, each half is redone on its own by the
+//! paths that isolate a refused item ([`finish_isolating`] here, the claimer's own).
+//!
 //! The order is the guarantee: the outcome commits first, together with an outbox row for
 //! whatever message must carry the job on (a retry, a long job handed back, a dead letter);
 //! then those messages are published; then the delivery is acked. A crash before the commit
@@ -11,13 +17,14 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::shared::{DeliveryRef, Failed, Shared};
 use crate::broker::consume::Settle;
 use crate::job::{JobId, JobStatus};
-use crate::store::finish_job::{Finish, Outcome};
+use crate::store::claim_job::{ClaimInput, Claimed};
+use crate::store::finish_job::{Finish, Finished, Outcome};
 use crate::wire::WireJob;
 
 /// A finished attempt on its way to the database.
@@ -27,29 +34,135 @@ pub(crate) struct Completion {
     pub(crate) delivery: DeliveryRef,
 }
 
+/// A claim for the committer's next commit: the deliveries' jobs with their budgets, and
+/// where to send the rows the claim took. `None` there means "claim them yourself": the
+/// joint commit failed, or the committer has stopped.
+pub(crate) struct ClaimRequest {
+    /// Each job with its attempt budget and whether its message says it was recorded.
+    pub(crate) jobs: Vec<(Arc<WireJob>, i32, bool)>,
+    pub(crate) reply: oneshot::Sender<Option<Vec<Claimed>>>,
+}
+
+/// Asks the committer to claim `batch` in its next commit. `None` if the caller should
+/// claim it itself.
+pub(crate) async fn claim_jointly(
+    shared: &Shared,
+    batch: &[&super::claim::Incoming],
+) -> Option<Vec<Claimed>> {
+    let (reply, answer) = oneshot::channel();
+    let jobs = batch
+        .iter()
+        .map(|i| {
+            let input = super::claim::claim_input(shared, i);
+            (i.job.clone(), input.budget, input.recorded)
+        })
+        .collect();
+    shared.claim_tx.send(ClaimRequest { jobs, reply }).ok()?;
+    answer.await.ok().flatten()
+}
+
 /// Runs until `stop` fires and everything queued before it is written.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<Completion>,
+    mut claims_rx: mpsc::UnboundedReceiver<ClaimRequest>,
     stop: CancellationToken,
 ) {
     let max = shared.cfg.batch;
     loop {
-        let first = tokio::select! {
-            c = rx.recv() => c,
-            () = stop.cancelled() => rx.try_recv().ok(),
-        };
-        let Some(first) = first else { return };
         let mut batch = Vec::with_capacity(max.min(64));
-        batch.push(first);
+        let mut claims = Vec::new();
+        tokio::select! {
+            c = rx.recv() => match c {
+                Some(c) => batch.push(c),
+                None => return,
+            },
+            Some(r) = claims_rx.recv(), if !stop.is_cancelled() => claims.push(r),
+            () = stop.cancelled() => match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => return,
+            },
+        }
         while batch.len() < max {
             match rx.try_recv() {
                 Ok(c) => batch.push(c),
                 Err(_) => break,
             }
         }
-        flush(&shared, batch).await;
+        // Stopping, the claimers are done: whatever they still asked for, they claim (or
+        // hand back) themselves.
+        while let Ok(r) = claims_rx.try_recv() {
+            claims.push(r);
+        }
+        if claims.is_empty() {
+            flush(&shared, batch).await;
+        } else {
+            flush_with_claims(&shared, batch, claims).await;
+        }
     }
+}
+
+/// Commits `batch`'s outcomes and `claims` together, answers the claimers, then does what
+/// follows the outcomes' commit. If the joint commit fails, the claimers claim on their own
+/// and the outcomes go the separate way ([`flush`]).
+async fn flush_with_claims(shared: &Shared, batch: Vec<Completion>, claims: Vec<ClaimRequest>) {
+    let finishes: Vec<Finish> = batch.iter().map(|c| c.finish.clone()).collect();
+    let inputs: Vec<Vec<ClaimInput<'_>>> = claims
+        .iter()
+        .map(|r| {
+            r.jobs
+                .iter()
+                .map(|(job, budget, recorded)| ClaimInput {
+                    job,
+                    budget: *budget,
+                    recorded: *recorded,
+                    prefix: &shared.cfg.queue,
+                })
+                .collect()
+        })
+        .collect();
+    let joint = shared
+        .with_store(|| {
+            shared
+                .store
+                .finish_and_claim(shared.id, &finishes, &inputs, shared.cfg.lease)
+        })
+        .await;
+    drop(inputs);
+    let ((done, released), claimed) = match joint {
+        Ok(j) => j,
+        Err(_) => {
+            for r in claims {
+                let _ = r.reply.send(None);
+            }
+            if !batch.is_empty() {
+                flush(shared, batch).await;
+            }
+            return;
+        }
+    };
+    // The claimers first: their jobs start while the outcomes' messages go out.
+    for (r, rows) in claims.into_iter().zip(claimed) {
+        let _ = r.reply.send(Some(rows));
+    }
+    if batch.is_empty() {
+        return;
+    }
+    let webhooks = done.iter().filter_map(|d| d.webhook).collect();
+    let applied = applied_of(&finishes, &done);
+    after_commit(shared, batch, applied, released, webhooks).await;
+}
+
+/// Per finish, the status its row ended in, or `None` where its claim no longer held.
+fn applied_of(finishes: &[Finish], done: &[Finished]) -> Vec<Option<JobStatus>> {
+    finishes
+        .iter()
+        .map(|f| {
+            done.iter()
+                .find(|d| d.id == f.id && d.attempt == f.attempt)
+                .map(|d| d.status)
+        })
+        .collect()
 }
 
 async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
@@ -66,7 +179,18 @@ async fn flush(shared: &Shared, mut batch: Vec<Completion>) {
         }
         return;
     };
+    after_commit(shared, batch, applied, follow, webhooks).await;
+}
 
+/// What follows a commit of outcomes: the messages it recorded go out, then the deliveries
+/// are settled and counted.
+async fn after_commit(
+    shared: &Shared,
+    batch: Vec<Completion>,
+    applied: Vec<Option<JobStatus>>,
+    follow: Vec<JobId>,
+    webhooks: Vec<JobId>,
+) {
     // The outcomes are written: from here on these attempts are not this worker's to renew (a
     // heartbeat now would take a committed retry for a lost claim).
     for c in &batch {
@@ -182,16 +306,7 @@ async fn finish_isolating(
         Ok((done, released)) => {
             follow.extend(released);
             webhooks.extend(done.iter().filter_map(|d| d.webhook));
-            Some(
-                finishes
-                    .iter()
-                    .map(|f| {
-                        done.iter()
-                            .find(|d| d.id == f.id && d.attempt == f.attempt)
-                            .map(|d| d.status)
-                    })
-                    .collect(),
-            )
+            Some(applied_of(&finishes, &done))
         }
         Err(Failed::Interrupted) => None,
         Err(Failed::Refused(e)) if batch.len() == 1 => {

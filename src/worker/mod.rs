@@ -83,6 +83,7 @@ pub struct Summary {
 pub struct Worker {
     shared: Arc<Shared>,
     done_rx: mpsc::UnboundedReceiver<Completion>,
+    claim_req_rx: mpsc::UnboundedReceiver<commit::ClaimRequest>,
     claim_rxs: Vec<mpsc::UnboundedReceiver<claim::Incoming>>,
     shutdown: Shutdown,
 }
@@ -103,6 +104,7 @@ impl Worker {
             .chain(cfg.kinds.0.keys().cloned())
             .collect();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (claim_tx, claim_req_rx) = mpsc::unbounded_channel();
         let mut lanes = Vec::new();
         let mut claim_rxs = Vec::new();
         for (queue, concurrency) in cfg.worker_queues() {
@@ -140,6 +142,7 @@ impl Worker {
             running: std::sync::Mutex::new(HashMap::new()),
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
             done_tx,
+            claim_tx,
             publisher: RwLock::new(None),
             stop_taking: shutdown.drain.clone(),
             consuming_stopped: CancellationToken::new(),
@@ -159,6 +162,7 @@ impl Worker {
         Ok(Worker {
             shared,
             done_rx,
+            claim_req_rx,
             claim_rxs,
             shutdown,
         })
@@ -179,6 +183,7 @@ impl Worker {
         let Worker {
             shared,
             done_rx,
+            claim_req_rx,
             claim_rxs,
             shutdown,
         } = self;
@@ -237,7 +242,12 @@ impl Worker {
             })
             .collect();
         let committer_stop = CancellationToken::new();
-        let committer = tokio::spawn(commit::run(shared.clone(), done_rx, committer_stop.clone()));
+        let committer = tokio::spawn(commit::run(
+            shared.clone(),
+            done_rx,
+            claim_req_rx,
+            committer_stop.clone(),
+        ));
         let background_stop = CancellationToken::new();
         let background = vec![
             tokio::spawn(rescuer::run(shared.clone(), background_stop.clone())),

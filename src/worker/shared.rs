@@ -94,6 +94,8 @@ pub(crate) struct Shared {
     pub(crate) clock_offset_ms: std::sync::atomic::AtomicI64,
     /// Finished attempts, to the completer. Closed when the completer stops, after the drain.
     pub(crate) done_tx: mpsc::UnboundedSender<Completion>,
+    /// Claims for the committer to fold into its next commit ([`super::commit`]).
+    pub(crate) claim_tx: mpsc::UnboundedSender<super::commit::ClaimRequest>,
     /// The current session's publisher; `None` while RabbitMQ is unreachable.
     pub(crate) publisher: RwLock<Option<Arc<Publisher>>>,
     /// Fires when the worker stops taking work (the drain begins).
