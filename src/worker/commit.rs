@@ -89,8 +89,8 @@ pub(crate) async fn run(
                 Err(_) => break,
             }
         }
-        // Stopping, the claimers are done: whatever they still asked for, they claim (or
-        // hand back) themselves.
+        // Every claim waiting now joins this commit (claimers each wait for their answer, so
+        // at most one per lane is queued).
         while let Ok(r) = claims_rx.try_recv() {
             claims.push(r);
         }
